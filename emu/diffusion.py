@@ -1,0 +1,167 @@
+"""DDPM: the noise schedule, the training loss, and two samplers (DDPM ancestral and DDIM).
+
+Notation (Ho et al. 2020): beta_t is the variance added at step t, alpha_bar_t = prod_{s<=t} (1 - beta_s),
+and the forward process in closed form is
+
+    x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps,   eps ~ N(0, I).
+
+The model predicts either eps ("eps") or v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x_0 ("v").
+Timesteps are integers 0..T-1; t = 0 is the least noisy.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from emu.text import TextEmbedding
+
+
+def make_betas(schedule, num_timesteps):
+    """The per-step variances beta_t as a float64 tensor of length `num_timesteps`.
+
+    linear:        DDPM's 1e-4 .. 0.02 (scaled so any T gives the same curve).
+    scaled_linear: Stable Diffusion's latent schedule, linear in sqrt(beta) from 0.00085 to 0.012.
+    cosine:        Nichol & Dhariwal's alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), beta <= 0.999.
+    """
+    T = num_timesteps
+    if schedule == "linear":
+        scale = 1000 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        s = 0.008
+        f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+        return torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=torch.float64)
+    raise ValueError(f"unknown noise schedule {schedule!r} (choose linear, scaled_linear or cosine)")
+
+
+def sample_noise(x, offset=0.0, generator=None):
+    """Gaussian noise shaped like x, plus `offset` times a per-(image, channel) constant.
+
+    The noise offset (Guttenberg 2023) lets the model change the mean brightness of a channel,
+    which plain N(0, I) noise barely touches at high t; it gives high-contrast images.
+    noise = randn_like(x) + offset * randn(B, C, 1, 1).
+    """
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if offset:
+        B, C = x.shape[:2]
+        noise = noise + offset * torch.randn(B, C, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    return noise
+
+
+class GaussianDiffusion:
+    """Holds the schedule and does the maths: q_sample, the loss, and the sampling steps."""
+
+    def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction type {prediction!r} (choose eps or v)")
+        self.schedule, self.num_timesteps, self.prediction = schedule, num_timesteps, prediction
+        self.betas = make_betas(schedule, num_timesteps)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, decreasing
+
+    def _ab(self, t, x):
+        """alpha_bar at timesteps t (B,), shaped (B, 1, 1, 1) like x; t = -1 means alpha_bar = 1 (clean)."""
+        ab = torch.where(t >= 0, self.alphas_cumprod.to(t.device)[t.clamp(min=0)], torch.ones((), dtype=torch.float64, device=t.device))
+        return ab.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """Jump straight to step t of the forward process: sqrt(ab) x0 + sqrt(1 - ab) noise."""
+        ab = self._ab(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def target(self, x0, t, noise):
+        """What the model is trained to output at (x0, t, noise)."""
+        if self.prediction == "eps":
+            return noise
+        ab = self._ab(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def training_loss(self, model, x0, text, noise_offset=0.0, generator=None):
+        """Mean squared error between the model output and its target at a random timestep.
+
+        :param model: called as model(x_t, t, text).
+        :param x0: (B, C, H, W) clean latents.
+        :param text: the batch's emu.text.TextEmbedding (captions already dropped for CFG).
+        """
+        B = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
+        noise = sample_noise(x0, noise_offset, generator)
+        out = model(self.q_sample(x0, t, noise), t, text)
+        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+
+    def predict_x0_eps(self, model_out, x_t, t):
+        """Turn the model output into (x0, eps) estimates at x_t."""
+        ab = self._ab(t, x_t)
+        if self.prediction == "eps":
+            eps = model_out
+            x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        else:
+            x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * model_out
+            eps = (1 - ab).sqrt() * x_t + ab.sqrt() * model_out
+        return x0, eps
+
+    def ddpm_step(self, x0, x_t, t, s, generator=None):
+        """One ancestral step x_t -> x_s (s < t) sampling the posterior q(x_s | x_t, x0).
+
+        On a respaced schedule (fewer steps), the step's beta is 1 - ab_t / ab_s; the posterior is
+        N(c0 x0 + ct x_t, beta_tilde) with c0 = sqrt(ab_s) beta / (1 - ab_t),
+        ct = sqrt(1 - beta) (1 - ab_s) / (1 - ab_t), beta_tilde = beta (1 - ab_s) / (1 - ab_t).
+        """
+        ab_t, ab_s = self._ab(t, x_t), self._ab(s, x_t)
+        beta = 1 - ab_t / ab_s
+        mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t) * x_t
+        var = beta * (1 - ab_s) / (1 - ab_t)
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return mean + var.sqrt() * noise * (s >= 0).view(-1, *([1] * (x_t.dim() - 1)))
+
+    def ddim_step(self, x0, eps, x_t, t, s, eta=0.0, generator=None):
+        """One DDIM step x_t -> x_s (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM."""
+        ab_t, ab_s = self._ab(t, x_t), self._ab(s, x_t)
+        sigma = eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
+        x_s = ab_s.sqrt() * x0 + (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_s = x_s + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        return x_s
+
+    def timesteps(self, steps):
+        """`steps` evenly spaced timesteps from T-1 down to 0, then -1 (the clean image)."""
+        ts = torch.linspace(self.num_timesteps - 1, 0, steps).round().long()
+        return torch.cat([ts, torch.tensor([-1])])
+
+    @torch.no_grad()
+    def sample(self, model_fn, noise, steps=50, sampler="ddim", eta=0.0, generator=None, clip_x0=None):
+        """Run the reverse process from `noise` (B, C, H, W) and return the final x_0.
+
+        :param model_fn: called as model_fn(x_t, t) -> model output (guidance already applied).
+        :param sampler: "ddim" (with `eta`) or "ddpm" (ancestral).
+        :param clip_x0: clamp the x0 estimate to [-clip_x0, clip_x0] at every step (None: off).
+        """
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r} (choose ddim or ddpm)")
+        x = noise
+        ts = self.timesteps(steps).to(noise.device)
+        for t_now, t_next in zip(ts[:-1], ts[1:]):
+            t = t_now.expand(x.shape[0])
+            s = t_next.expand(x.shape[0])
+            x0, eps = self.predict_x0_eps(model_fn(x, t), x, t)
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
+            if sampler == "ddpm":
+                x = self.ddpm_step(x0, x, t, s, generator)
+            else:
+                x = self.ddim_step(x0, eps, x, t, s, eta, generator)
+        return x
+
+
+def classifier_free_guidance(model, x, t, text, uncond, scale):
+    """Guided model output: out_uncond + scale * (out_cond - out_uncond), in one batched call.
+
+    :param text: the prompts' TextEmbedding (B rows); uncond: the empty prompt's (B rows).
+    :param scale: 1.0 is plain conditional sampling; larger trades diversity for faithfulness.
+    """
+    if scale == 1.0:
+        return model(x, t, text)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), TextEmbedding.cat([text, uncond]))
+    cond, unc = out.chunk(2)
+    return unc + scale * (cond - unc)

@@ -1,0 +1,134 @@
+"""Layers shared by the autoencoder and the U-Net.
+
+Small helpers in the style of improved-diffusion's nn.py: timestep embeddings, zero-initialised
+modules, group norm, and the residual / resampling / attention blocks both models are built from.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu.attention import attention
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps.
+
+    :param t: (B,) tensor of timesteps.
+    :param dim: output width.
+    :return: (B, dim) float tensor.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def zero_module(module):
+    """Zero every parameter of `module` and return it (output layers start as the identity/zero)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def normalization(channels, max_groups=32):
+    """GroupNorm with the largest group count <= max_groups that divides `channels`."""
+    groups = math.gcd(channels, max_groups)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with a skip connection.
+
+    With `emb_dim` set (the U-Net), a conditioning vector is projected to a per-channel scale and
+    shift applied after the second norm (FiLM, as in improved-diffusion's use_scale_shift_norm).
+    Without it (the autoencoder), the block is a plain residual block.
+    """
+
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
+        super().__init__()
+        self.norm1 = normalization(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
+        self.norm2 = normalization(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)) if emb_dim else nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.emb is not None:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 convolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling then a convolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention, or cross-attention when `context_dim` is given.
+
+    :param dim: query width.
+    :param heads: number of heads (dim must divide evenly).
+    :param context_dim: key/value source width for cross-attention (None: self-attention).
+    """
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
+        self.heads = heads
+        kv_dim = context_dim or dim
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(kv_dim, dim, bias=False)
+        self.v = nn.Linear(kv_dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, context_mask=None):
+        """:param x: (B, N, dim); context: (B, M, context_dim); context_mask: (B, M) bool."""
+        B, N, C = x.shape
+        context = x if context is None else context
+        split = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, H, L, D)
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        h = attention(q, k, v, key_padding_mask=context_mask)  # (B, H, N, D)
+        return self.out(h.transpose(1, 2).reshape(B, N, C))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (the autoencoder's mid block)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = normalization(ch)
+        self.attn = MultiHeadAttention(ch, heads=1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        h = self.attn(h).transpose(1, 2).view(B, C, H, W)
+        return x + h

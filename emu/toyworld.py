@@ -1,0 +1,275 @@
+"""The toy world: a seeded procedural image-caption generator that fits a laptop CPU.
+
+Each scene is `count` objects of one `shape` and `color`, grouped at a `position`, on a
+`background` colour. The caption says exactly that ("two red circles on the left on a teal
+background"). On top of the content, every image has hidden photographic qualities named after the
+paper's curation guidelines (emu_paper.txt, section 3.3), each in [0, 1] with 1 the best:
+
+    composition  subject placed well and whole; low values push it off-centre, shrink it, cut it
+    exposure     balanced light; low values under- or over-expose the whole frame
+    contrast     vibrant colour and strong contrast; low values wash the image out to grey
+    sharpness    crisp edges; low values blur the frame
+    noise        clean pixels; low values add sensor noise
+    clutter      clean background; low values scatter small distracting objects behind the subject
+
+A "haystack" is what the web gives: mostly mediocre images with noisy alt-text captions, and a
+few photogenic "needles" whose qualities are all high. The hidden qualities are written to each
+image's metadata for analysis only: no model, filter or judge reads them.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = {  # object colours, RGB in [0, 1]
+    "red": (0.86, 0.12, 0.12),
+    "orange": (0.96, 0.55, 0.06),
+    "yellow": (0.95, 0.86, 0.12),
+    "green": (0.12, 0.70, 0.22),
+    "blue": (0.12, 0.30, 0.92),
+    "purple": (0.56, 0.16, 0.76),
+}
+BACKGROUNDS = {
+    "white": (0.92, 0.92, 0.90),
+    "black": (0.07, 0.07, 0.09),
+    "gray": (0.50, 0.50, 0.50),
+    "teal": (0.08, 0.45, 0.46),
+    "pink": (0.95, 0.70, 0.76),
+}
+POSITIONS = {  # anchor of the subject group, as fractions of (x, y)
+    "left": (0.30, 0.50),
+    "right": (0.70, 0.50),
+    "top": (0.50, 0.30),
+    "bottom": (0.50, 0.70),
+    "center": (0.50, 0.50),
+}
+POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
+                    "bottom": "at the bottom", "center": "in the center"}
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+QUALITIES = ("composition", "exposure", "contrast", "sharpness", "noise", "clutter")
+ATTRIBUTES = ("shape", "color", "count", "position", "background")
+
+
+@dataclass
+class Scene:
+    shape: str
+    color: str
+    count: int
+    position: str
+    background: str
+    qualities: dict = field(default_factory=dict)
+
+    @property
+    def photogenic_score(self):
+        """Mean of the hidden qualities: the toy world's ground truth of photographic quality."""
+        return float(np.mean([self.qualities[q] for q in QUALITIES]))
+
+
+# -----------------------------------------------------------------------------
+# captions
+
+def caption(scene):
+    """The canonical, accurate caption of a scene (what a careful human would write)."""
+    noun = scene.shape + ("s" if scene.count > 1 else "")
+    return (f"{COUNT_WORDS[scene.count]} {scene.color} {noun} {POSITION_PHRASES[scene.position]}"
+            f" on a {scene.background} background")
+
+
+WEB_PREFIXES = ("", "", "", "photo of ", "stock image: ", "img ", "picture of ", "cheap ")
+
+
+def web_caption(scene, rng):
+    """A noisy alt-text caption, as scraped from the web: parts missing, sometimes a wrong colour,
+    sometimes junk around it. Pretraining sees these; quality-tuning uses accurate captions, as
+    the paper's curated set had handwritten ones."""
+    color = scene.color
+    if rng.random() < 0.15:  # a wrong colour word
+        color = rng.choice([c for c in COLORS if c != scene.color])
+    noun = scene.shape + ("s" if scene.count > 1 else "")
+    count = COUNT_WORDS[scene.count] if rng.random() < 0.7 else ("some" if scene.count > 1 else "a")
+    parts = [f"{count} {color} {noun}"]
+    if rng.random() < 0.6:
+        parts.append(POSITION_PHRASES[scene.position])
+    if rng.random() < 0.6:
+        parts.append(f"on a {scene.background} background")
+    text = WEB_PREFIXES[rng.integers(len(WEB_PREFIXES))] + " ".join(parts)
+    if rng.random() < 0.2:
+        text += f" {rng.integers(100, 9999)}"
+    return text
+
+
+def parse_caption(text):
+    """Read the attributes a caption states; attributes it does not mention are None.
+
+    >>> parse_caption("two red circles on the left on a teal background")["count"]
+    2
+    """
+    words = text.lower().replace(",", " ").split()
+    found = dict.fromkeys(ATTRIBUTES)
+    for i, w in enumerate(words):
+        if w.rstrip("s") in SHAPES:
+            found["shape"] = w.rstrip("s")
+        elif w in COLORS and found["color"] is None:
+            found["color"] = w
+        elif w in BACKGROUNDS and i + 1 < len(words) and words[i + 1].startswith("background"):
+            found["background"] = w
+        elif w in ("a", "one", "an") and found["count"] is None and i + 2 < len(words) and words[i + 1] in COLORS:
+            found["count"] = 1
+        elif w == "two":
+            found["count"] = 2
+        elif w == "three":
+            found["count"] = 3
+    for pos, phrase in POSITION_PHRASES.items():
+        if phrase in " ".join(words):
+            found["position"] = pos
+    return found
+
+
+# -----------------------------------------------------------------------------
+# scenes and rendering
+
+def sample_scene(rng, photogenic):
+    """Draw a scene. Needles have every quality in [0.85, 1]; haystack images draw each quality
+    from a wide, mediocre-centred distribution, so a web image is rarely good at everything."""
+    if photogenic:
+        qualities = {q: float(rng.uniform(0.85, 1.0)) for q in QUALITIES}
+    else:
+        qualities = {q: float(rng.beta(3.0, 2.0)) for q in QUALITIES}
+    return Scene(shape=str(rng.choice(SHAPES)), color=str(rng.choice(list(COLORS))),
+                 count=int(rng.integers(1, 4)), position=str(rng.choice(list(POSITIONS))),
+                 background=str(rng.choice(list(BACKGROUNDS))), qualities=qualities)
+
+
+def _shape_mask(shape, xs, ys, cx, cy, r):
+    """Boolean mask of one shape of 'radius' r centred at (cx, cy) on the grid (xs, ys)."""
+    dx, dy = xs - cx, ys - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= 0.82 * r) & (np.abs(dy) <= 0.82 * r)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.1 * r
+    # triangle pointing up: inside the three half-planes of its edges
+    top, base = cy - r, cy + 0.8 * r
+    half_width = (ys - top) / (base - top) * r
+    return (ys >= top) & (ys <= base) & (np.abs(dx) <= half_width)
+
+
+def _group_offsets(count, position, r):
+    """Where the `count` objects sit relative to the group anchor (side by side, or a triangle)."""
+    gap = 2.3 * r
+    if count == 1:
+        return [(0.0, 0.0)]
+    vertical = position in ("left", "right")  # stack along the free axis so the group stays put
+    if count == 2:
+        return [(0.0, -gap / 2), (0.0, gap / 2)] if vertical else [(-gap / 2, 0.0), (gap / 2, 0.0)]
+    if vertical:
+        return [(-gap / 2.2, -gap), (gap / 2.2, 0.0), (-gap / 2.2, gap)]
+    return [(-gap, gap / 2.2), (0.0, -gap / 2.2), (gap, gap / 2.2)]
+
+
+def _gaussian_blur(img, sigma):
+    """Separable Gaussian blur of an (H, W, 3) float image with reflect padding."""
+    if sigma < 0.05:
+        return img
+    radius = max(1, int(3 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    for axis in (0, 1):
+        pad = [(radius, radius) if a == axis else (0, 0) for a in range(3)]
+        padded = np.pad(img, pad, mode="reflect")
+        img = sum(k[i] * np.take(padded, np.arange(i, i + img.shape[axis]), axis=axis) for i in range(len(k)))
+    return img
+
+
+def render(scene, size, rng, supersample=4):
+    """Draw a scene as an (size, size, 3) uint8 image. Shapes are antialiased by supersampling."""
+    q = scene.qualities
+    S = size * supersample
+    ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
+    # background with a soft light from the top left
+    bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    light = 1.0 + 0.10 * (1.0 - (xs + ys) / S)
+    img = np.clip(bg[None, None, :] * light[..., None], 0, 1)
+    # clutter: small objects of random shapes and colours scattered behind the subject
+    for _ in range(int(round((1.0 - q["clutter"]) * 8))):
+        cx, cy = rng.uniform(0, S, size=2)
+        rr = S * rng.uniform(0.03, 0.05)
+        mask = _shape_mask(str(rng.choice(SHAPES)), xs, ys, cx, cy, rr)
+        img[mask] = rng.uniform(0.1, 0.95, size=3)
+    # the subject: composition moves the group towards the frame edge and shrinks it
+    bad = 1.0 - q["composition"]
+    r = S * {1: 0.15, 2: 0.11, 3: 0.09}[scene.count] * (1.0 - 0.35 * bad)
+    ax, ay = POSITIONS[scene.position]
+    out = np.array([ax - 0.5, ay - 0.5])
+    out = out / np.linalg.norm(out) if np.linalg.norm(out) > 0 else rng.normal(size=2) / np.sqrt(2)
+    cx, cy = (np.array([ax, ay]) + out * 0.25 * bad + rng.normal(0, 0.02, size=2)) * S
+    color = np.array(COLORS[scene.color], dtype=np.float32)
+    for ox, oy in _group_offsets(scene.count, scene.position, r):
+        mask = _shape_mask(scene.shape, xs, ys, cx + ox, cy + oy, r)
+        img[mask] = color
+    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # antialias
+    # photographic degradations, in the order a camera and its processing would apply them
+    img = _gaussian_blur(img, 1.1 * (1.0 - q["sharpness"]))
+    grey = img.mean(axis=2, keepdims=True)
+    img = grey + (img - grey) * (0.3 + 0.7 * q["contrast"])  # saturation
+    img = img.mean() + (img - img.mean()) * (0.5 + 0.5 * q["contrast"])  # contrast
+    stops = (1.0 - q["exposure"]) * 1.3 * (1 if rng.random() < 0.5 else -1)
+    img = img * 2.0 ** stops if stops < 0 else 1.0 - (1.0 - img) * 2.0 ** -stops
+    img = img + rng.normal(0, 0.07 * (1.0 - q["noise"]), size=img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# data sets
+
+def make_example(index, seed, size, photogenic):
+    """One image with its web caption and metadata; fully determined by (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng, photogenic)
+    image = render(scene, size, rng)
+    likes = int(np.exp(2.0 + 3.0 * scene.photogenic_score + rng.normal(0, 0.5)))
+    meta = {"attributes": {a: getattr(scene, a) for a in ATTRIBUTES}, "qualities": scene.qualities,
+            "photogenic_score": scene.photogenic_score, "needle": bool(photogenic), "likes": likes,
+            "true_caption": caption(scene)}
+    return image, web_caption(scene, rng), meta
+
+
+def make_haystack(n, seed=0, size=32, needle_fraction=0.05):
+    """`n` examples, a `needle_fraction` of them photogenic, the rest mediocre, in shuffled order."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_needles = int(round(n * needle_fraction))
+    return [make_example(i, seed, size, photogenic=bool(order[i] < n_needles)) for i in range(n)]
+
+
+def write_folder(root, examples):
+    """Write examples in the image-folder layout emu reads: key.png, key.txt, key.json."""
+    os.makedirs(root, exist_ok=True)
+    for i, (image, text, meta) in enumerate(examples):
+        key = os.path.join(root, f"{i:06d}")
+        Image.fromarray(image).save(key + ".png")
+        with open(key + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(key + ".json", "w") as f:
+            json.dump(meta, f)
+
+
+def random_prompts(n, seed):
+    """`n` canonical captions of random scenes, as (prompt, category) pairs for evaluation."""
+    rng = np.random.default_rng([seed, 7919])
+    prompts = []
+    for _ in range(n):
+        scene = sample_scene(rng, photogenic=False)
+        category = "Counting" if scene.count > 1 else "Basic"
+        prompts.append((caption(scene), category))
+    return prompts
+
+
+def scene_from_attributes(attributes, qualities=None):
+    """A Scene from a parsed attribute dict (missing qualities default to photogenic 1.0)."""
+    qualities = qualities or dict.fromkeys(QUALITIES, 1.0)
+    return Scene(**{a: attributes[a] for a in ATTRIBUTES}, qualities=qualities)

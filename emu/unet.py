@@ -1,0 +1,183 @@
+"""The denoising U-Net of the latent diffusion model, conditioned on text.
+
+Layout (improved-diffusion / Stable Diffusion style):
+
+    latents (B, C, H, W) -> conv_in
+      down: per level, `num_res_blocks` x [ResBlock -> SpatialTransformer?], then Downsample
+      middle: ResBlock -> SpatialTransformer -> ResBlock
+      up: per level, `num_res_blocks + 1` x [concat skip -> ResBlock -> SpatialTransformer?], Upsample
+    -> GroupNorm -> SiLU -> conv_out (zero-initialised, so the untrained model predicts 0)
+
+Conditioning (emu_paper.txt, section 3.1: CLIP ViT-L and T5-XXL text embeddings):
+  * the timestep embedding, plus the pooled CLIP text embedding, drives every ResBlock (FiLM);
+  * the token embeddings of both towers, each projected to `context_dim` and concatenated along
+    the sequence (with their padding masks), are the keys/values of every cross-attention layer.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu.nn import Downsample, MultiHeadAttention, ResBlock, Upsample, normalization, timestep_embedding, zero_module
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 16          # latent channels of the autoencoder
+    model_channels: int = 64       # width of the first level
+    channel_mult: tuple = (1, 2)   # width multiplier per level; each level after the first halves H, W
+    num_res_blocks: int = 1        # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple = (0, 1)  # levels that get a self+cross-attention transformer after each ResBlock
+    transformer_depth: int = 1     # transformer blocks per SpatialTransformer
+    head_dim: int = 32             # width of one attention head
+    context_dim: int = 128         # width the text tokens are projected to
+    clip_dim: int = 64             # CLIP token width (768 for ViT-L/14)
+    t5_dim: int = 64               # T5 token width (4096 for T5-XXL)
+    pooled_dim: int = 64           # pooled CLIP embedding width (768 for ViT-L/14)
+    dropout: float = 0.0
+
+
+PRESETS = {
+    # A few million parameters: trains on 8x8 toy latents on a laptop CPU in minutes.
+    "toy": UNetConfig(),
+    # The paper's scale: "a large U-Net with 2.8B trainable parameters" with wider channels and more
+    # residual blocks per stage than SDXL; the exact widths are not published, these give ~2.8B.
+    "emu": UNetConfig(in_channels=16, model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=3,
+                      attention_levels=(1, 2, 3), transformer_depth=2, head_dim=64, context_dim=1024,
+                      clip_dim=768, t5_dim=4096, pooled_dim=768),
+}
+
+
+# -----------------------------------------------------------------------------
+# transformer blocks
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: (x W1) * gelu(x W2), then project back."""
+
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x):
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention over pixels, cross-attention to text, feed-forward."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), MultiHeadAttention(dim, heads)
+        self.norm2, self.cross_attn = nn.LayerNorm(dim), MultiHeadAttention(dim, heads, context_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim)
+
+    def forward(self, x, context, context_mask):
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context, context_mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Flatten a feature map to tokens, run transformer blocks, and add the result back."""
+
+    def __init__(self, ch, heads, depth, context_dim):
+        super().__init__()
+        self.norm = normalization(ch)
+        self.proj_in = nn.Linear(ch, ch)
+        self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(ch, ch))  # the block starts as the identity
+
+    def forward(self, x, context, context_mask):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
+        for block in self.blocks:
+            h = block(h, context, context_mask)
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Stage(nn.Module):
+    """A ResBlock optionally followed by a SpatialTransformer: one step of the U-Net."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, cfg, attend):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout)
+        self.attn = SpatialTransformer(out_ch, out_ch // cfg.head_dim, cfg.transformer_depth, cfg.context_dim) if attend else None
+
+    def forward(self, x, emb, context, context_mask):
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, context, context_mask)
+
+
+# -----------------------------------------------------------------------------
+# the U-Net
+
+class UNet(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.model_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim)
+        self.clip_proj = nn.Linear(cfg.clip_dim, cfg.context_dim)
+        self.t5_proj = nn.Linear(cfg.t5_dim, cfg.context_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down, skip_chs = nn.ModuleList(), [ch]
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Stage(ch, mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels))
+                ch = mult * cfg.model_channels
+                skip_chs.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.down.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        self.mid = nn.ModuleList([Stage(ch, ch, emb_dim, cfg, attend=True), Stage(ch, ch, emb_dim, cfg, attend=False)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                self.up.append(Stage(ch + skip_chs.pop(), mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels))
+                ch = mult * cfg.model_channels
+            if level != 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = normalization(ch)
+        self.conv_out = zero_module(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x, t, text):
+        """Predict the noise (or v) in `x`.
+
+        :param x: (B, C, H, W) noisy latents.
+        :param t: (B,) timesteps.
+        :param text: an emu.text.TextEmbedding for the batch.
+        :return: (B, C, H, W)
+        """
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + self.pooled_proj(text.pooled)  # (B, E)
+        context = torch.cat([self.clip_proj(text.clip), self.t5_proj(text.t5)], dim=1)  # (B, Lc + Lt, ctx)
+        context_mask = torch.cat([text.clip_mask, text.t5_mask], dim=1)  # (B, Lc + Lt)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb, context, context_mask)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb, context, context_mask)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(cfg):
+    """Build the U-Net on the meta device (no memory) and count its parameters."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    return sum(p.numel() for p in model.parameters())

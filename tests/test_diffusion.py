@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from emu.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample_noise
+from emu.text import TextEmbedding
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_alphas_cumprod_is_monotone_and_in_range(schedule):
+    d = GaussianDiffusion(schedule, 1000)
+    ab = d.alphas_cumprod
+    assert torch.all(ab[1:] < ab[:-1])
+    assert 0 < ab[-1] < ab[0] < 1
+
+
+def test_schedule_endpoints():
+    assert make_betas("linear", 1000)[[0, -1]].tolist() == pytest.approx([1e-4, 0.02])
+    assert make_betas("scaled_linear", 1000)[[0, -1]].tolist() == pytest.approx([0.00085, 0.012])
+    assert make_betas("cosine", 1000).max() <= 0.999
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        make_betas("quadratic", 10)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_q_sample_matches_iterated_forward_process_in_distribution(schedule):
+    d = GaussianDiffusion(schedule, 1000)
+    torch.manual_seed(0)
+    x0 = torch.tensor([1.0, -0.5, 0.25]).repeat(40000, 1)  # many copies of one point
+    t = 300
+    x = x0.clone().double()
+    for beta in d.betas[: t + 1]:
+        x = (1 - beta).sqrt() * x + beta.sqrt() * torch.randn_like(x)
+    closed = d.q_sample(x0, torch.full((len(x0),), t), torch.randn_like(x0))
+    ab = d.alphas_cumprod[t].item()
+    assert x.mean(0).float().tolist() == pytest.approx((ab ** 0.5 * x0[0]).tolist(), abs=0.02)
+    assert closed.mean(0).tolist() == pytest.approx((ab ** 0.5 * x0[0]).tolist(), abs=0.02)
+    assert x.std(0).float().tolist() == pytest.approx([(1 - ab) ** 0.5] * 3, abs=0.02)
+    assert closed.std(0).tolist() == pytest.approx([(1 - ab) ** 0.5] * 3, abs=0.02)
+
+
+def test_noise_offset_changes_only_the_per_channel_mean():
+    x = torch.zeros(4, 3, 8, 8)
+    plain = sample_noise(x, 0.0, torch.Generator().manual_seed(1))
+    offset = sample_noise(x, 0.1, torch.Generator().manual_seed(1))
+    diff = offset - plain  # (B, C, H, W), constant over H and W
+    assert torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff))
+    assert diff.abs().max() > 0
+    big = sample_noise(torch.zeros(20000, 1, 2, 2), 0.5, torch.Generator().manual_seed(2))
+    per_map_mean = big.mean(dim=(2, 3)).flatten()
+    # each map's mean carries the offset: variance 0.5^2 from the offset plus 1/4 from the 4 pixels
+    assert per_map_mean.var().item() == pytest.approx(0.25 + 0.25, rel=0.05)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_prediction_target_inverts_to_x0_and_eps(prediction):
+    d = GaussianDiffusion("scaled_linear", 1000, prediction)
+    x0, noise = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat, eps_hat = d.predict_x0_eps(d.target(x0, t, noise), x_t, t)
+    assert torch.allclose(x0_hat, x0, atol=1e-3) and torch.allclose(eps_hat, noise, atol=1e-4)
+
+
+def test_ddim_with_eta_one_matches_ddpm_posterior():
+    d = GaussianDiffusion("scaled_linear", 1000)
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 3).expand(50000, 3)
+    x_t = d.q_sample(x0[:1], torch.tensor([600]), torch.randn(1, 3)).expand(50000, 3)
+    t, s = torch.full((50000,), 600), torch.full((50000,), 400)
+    eps = (x_t - d._ab(t, x_t).sqrt() * x0) / (1 - d._ab(t, x_t)).sqrt()
+    a = d.ddpm_step(x0, x_t, t, s, torch.Generator().manual_seed(1))
+    b = d.ddim_step(x0, eps, x_t, t, s, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(a.mean(0), b.mean(0), atol=0.01) and torch.allclose(a.std(0), b.std(0), atol=0.01)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sampler_with_oracle_model_recovers_a_single_point_data_set(sampler, prediction):
+    # for data that is one point x*, the ideal model output is known in closed form
+    d = GaussianDiffusion("scaled_linear", 1000, prediction)
+    target = torch.tensor([[0.7, -1.2, 0.3]])
+
+    def oracle(x, t):
+        ab = d._ab(t, x)
+        eps = (x - ab.sqrt() * target) / (1 - ab).sqrt()
+        return d.target(target.expand_as(x), t, eps)
+
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    out = d.sample(oracle, noise, steps=10, sampler=sampler, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, target.expand_as(out), atol=1e-4)
+
+
+def _text(batch, value):
+    return TextEmbedding(clip=torch.full((batch, 3, 2), value), clip_mask=torch.ones(batch, 3, dtype=torch.bool),
+                         t5=torch.full((batch, 2, 2), value), t5_mask=torch.ones(batch, 2, dtype=torch.bool),
+                         pooled=torch.full((batch, 2), value))
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional():
+    calls = []
+
+    def model(x, t, text):
+        calls.append(len(x))
+        return x + text.pooled[:, :1, None, None]  # depends on the text
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    cond, uncond = _text(2, 3.0), _text(2, 1.0)
+    out = classifier_free_guidance(model, x, t, cond, uncond, scale=4.0)
+    assert torch.allclose(out, torch.full_like(out, 1.0 + 4.0 * (3.0 - 1.0)))
+    assert calls == [4]  # conditional and unconditional in one batched call
+    assert torch.allclose(classifier_free_guidance(model, x, t, cond, uncond, scale=1.0), torch.full_like(out, 3.0))
