@@ -1,0 +1,42 @@
+"""Make the toy world on disk: the haystack, and tiny text towers in the Hugging Face layout.
+
+    python data/make_toy.py                       # runs/toy/haystack + runs/towers/{clip,t5}
+    python data/make_toy.py --n 20000 --size 64   # a bigger toy world
+
+The haystack is written as key.png + key.txt (the web caption) + key.json (hidden qualities and
+the accurate caption), the layout every script reads. The towers are random-initialised and
+frozen; their tokenizers are trained on the toy captions. Their files have the same names and
+keys as the public CLIP ViT-L/14 and T5 v1.1 checkpoints, so the real ones load the same way.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from emu import toyworld  # noqa: E402
+from emu.text import make_toy_towers  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=4000, help="haystack size")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--needles", type=float, default=0.05, help="fraction of photogenic needles in the haystack")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
+    p.add_argument("--towers", default="runs/towers", help="where to write the toy text towers")
+    return p.parse_args(argv)
+
+
+def main(args):
+    examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles)
+    toyworld.write_folder(args.out, examples)
+    print(f"wrote {len(examples)} images ({sum(m['needle'] for _, _, m in examples)} needles) to {args.out}")
+    captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
+    clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed)
+    print(f"wrote toy text towers to {clip_dir} and {t5_dir}")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,91 @@
+"""Pretrain the latent diffusion U-Net on a large, mediocre "haystack" of image-caption pairs.
+
+This is Emu's knowledge-learning stage (emu_paper.txt, section 3.2): the model learns what things
+look like and how captions map to them, from a big noisy web-like set. The autoencoder and both
+text towers are frozen; only the U-Net trains.
+
+    python data/make_toy.py && python train_ae.py   # once
+    python pretrain.py                               # toy defaults: a few minutes on a CPU
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from emu import EmuError
+from emu.data import EpochBatches, ImageCaptionFolder, collate
+from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
+from emu.training import add_training_flags, make_ema, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+from emu.unet import PRESETS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs (the haystack)")
+    p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints")
+    p.add_argument("--ae", default="runs/ae", help="trained autoencoder directory (from train_ae.py)")
+    p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
+    p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
+    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net size")
+    p.add_argument("--steps", type=int, default=1200, help="training steps")
+    p.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"], help="noise schedule")
+    p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the U-Net predicts")
+    p.add_argument("--noise-offset", type=float, default=0.02,
+                   help="noise offset; the paper uses 0.02 in the final pretraining stage (section 3.2)")
+    p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
+    add_training_flags(p)
+    return p.parse_args(argv)
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+
+    # frozen parts, data and model
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device)
+    if not os.path.isdir(args.data):
+        raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
+    data = ImageCaptionFolder(args.data, args.image_size)
+    unet = build_unet(args.preset, ae, text_encoder).to(device)
+    ema = make_ema(unet)
+    diffusion = diffusion_from_args(args)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = warmup_schedule(opt, args.warmup)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; data: {len(data)} images")
+
+    step = 0
+    ckpt_path = resume_path(args.resume, args.out)
+    if ckpt_path:
+        step = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    loader = torch.utils.data.DataLoader(data, batch_sampler=EpochBatches(len(data), args.bs, args.seed, start_step=step),
+                                         num_workers=args.workers, collate_fn=collate)
+
+    # train
+    unet.train()
+    t0, losses = time.time(), []
+    for batch in loader:
+        if step >= args.steps:
+            break
+        losses.append(train_step(unet, ae, text_encoder, diffusion, batch, opt, sched, gen, args))
+        update_ema(ema, unet, args.ema_decay)
+        step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            print(f"step {step}/{args.steps}  loss {sum(losses) / len(losses):.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
+            losses, t0 = [], time.time()
+        if step % args.save_every == 0 or step == args.steps:
+            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args)
+    print(f"saved {os.path.join(args.out, 'ckpt.pt')}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except EmuError as e:
+        raise SystemExit(f"error: {e}")

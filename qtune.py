@@ -1,0 +1,157 @@
+"""Quality-tune a pretrained model on a few photogenic "needles" picked from the haystack.
+
+Emu's second stage (emu_paper.txt, sections 3.3-3.4): the pretrained model can already draw
+appealing images but is not steered towards them. Fine-tuning on a small set of exceptional
+images, with accurate captions, restricts its outputs to that high-quality subset.
+
+  1. curate: score every haystack image with an automatic aesthetic filter and keep the top few
+     (the paper's full funnel adds human stages; here the automatic stage stands in for all of it);
+  2. fine-tune: small batch (64), noise offset, a hard cap on iterations (15K in the paper), and
+     early stopping on a held-out part of the curated set, because a small set overfits fast.
+
+    python qtune.py                      # toy defaults, after pretrain.py
+    python qtune.py --iters 15000 --bs 64 --data /path/to/curated-or-haystack ...
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from emu import EmuError
+from emu.checkpoint import load_checkpoint, load_state_dict_checked
+from emu.data import EpochBatches, ImageCaptionFolder, collate, to_uint8
+from emu.diffusion import sample_noise
+from emu.judges import appeal_score
+from emu.pipeline import diffusion_from_args, load_frozen_parts, unet_from_checkpoint
+from emu.training import add_training_flags, make_ema, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt", help="pretraining checkpoint to start from")
+    p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt (+ key.json) to curate from")
+    p.add_argument("--out", default="runs/qtune", help="output directory")
+    p.add_argument("--curate-top", type=int, default=200, help="how many images the aesthetic filter keeps (the paper keeps 2000)")
+    p.add_argument("--caption-field", default="true_caption",
+                   help="metadata field with the curated images' accurate captions ('' to use key.txt)")
+    p.add_argument("--holdout", type=int, default=24, help="curated images held out for early stopping")
+    p.add_argument("--iters", type=int, default=400, help="hard cap on fine-tuning iterations (paper: at most 15K)")
+    p.add_argument("--noise-offset", type=float, default=0.1,
+                   help="noise offset while quality-tuning; the paper's text drops the number, its published value is 0.1")
+    p.add_argument("--eval-every", type=int, default=25, help="held-out check every N iterations")
+    p.add_argument("--patience", type=int, default=4, help="stop after this many held-out checks without improvement")
+    p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
+    add_training_flags(p)
+    p.set_defaults(bs=64, lr=1e-4, warmup=20, ema_decay=0.98)  # paper: batch size 64
+    return p.parse_args(argv)
+
+
+def curate(data_dir, image_size, top, caption_field):
+    """Score every image with the automatic aesthetic filter; return the keys of the best `top`."""
+    haystack = ImageCaptionFolder(data_dir, image_size)
+    if top > len(haystack):
+        raise EmuError(f"{data_dir}: --curate-top {top} but only {len(haystack)} images")
+    scores = torch.cat([torch.as_tensor(appeal_score(to_uint8(haystack.load_all(i, i + 512))))
+                        for i in range(0, len(haystack), 512)])
+    best = scores.argsort(descending=True)[:top].tolist()
+    keys = [haystack.keys[i] for i in best]
+    report = {"kept": top, "of": len(haystack), "threshold": float(scores[best[-1]]),
+              "images": [{"key": haystack.keys[i], "score": float(scores[i])} for i in best]}
+    needles = [m.get("needle") for m in haystack.meta]
+    if all(n is not None for n in needles):  # toy world only: how many true needles the filter found
+        found = sum(needles[i] for i in best)
+        report["needle_precision"], report["needle_recall"] = found / top, found / max(1, sum(needles))
+    return keys, report
+
+
+@torch.no_grad()
+def heldout_loss(unet, ae, text_encoder, diffusion, images, captions, seed=1234):
+    """Denoising loss on held-out images with fixed timesteps and noise, so checks are comparable."""
+    device = next(unet.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    latents = ae.encode(images.to(device))
+    text = text_encoder.encode(captions).to(device)
+    total = 0.0
+    for t_value in torch.linspace(50, diffusion.num_timesteps - 50, 8).long():
+        t = t_value.expand(len(latents)).to(device)
+        noise = sample_noise(latents, 0.0, gen)
+        target = diffusion.target(latents, t, noise)
+        total += torch.nn.functional.mse_loss(unet(diffusion.q_sample(latents, t, noise), t, text), target).item()
+    return total / 8
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+
+    # the pretrained model and the frozen parts it was trained with
+    pre = load_checkpoint(args.pretrained)
+    if "unet_config" not in pre or "args" not in pre:
+        raise EmuError(f"{args.pretrained}: not a pretraining checkpoint (no unet_config/args)")
+    pre_args = pre["args"]
+    for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
+        setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device)
+    diffusion = diffusion_from_args(args)
+    unet = unet_from_checkpoint(pre, args.pretrained, weights="ema").to(device).requires_grad_(True)
+
+    # curate the needles, split off a held-out check set
+    keys, report = curate(args.data, args.image_size, args.curate_top, args.caption_field)
+    with open(os.path.join(args.out, "curated.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
+          + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
+    train_keys, check_keys = keys[args.holdout:], keys[:args.holdout]
+    field = args.caption_field or None
+    train_data = ImageCaptionFolder(args.data, args.image_size, keys=train_keys, caption_field=field)
+    check_data = ImageCaptionFolder(args.data, args.image_size, keys=check_keys, caption_field=field)
+    check_images, check_captions = check_data.load_all(), check_data.captions
+
+    ema = make_ema(unet)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = warmup_schedule(opt, args.warmup)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions), "best_step": 0, "bad": 0}
+    ckpt_path = resume_path(args.resume, args.out)
+    if ckpt_path:
+        ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
+        step, stop = ckpt["step"], ckpt["early_stop"]
+        print(f"resumed from {ckpt_path} at iteration {step}")
+    else:
+        save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
+    print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=EpochBatches(len(train_data), min(args.bs, len(train_data)), args.seed, start_step=step),
+                                         num_workers=args.workers, collate_fn=collate)
+
+    # fine-tune with early stopping
+    unet.train()
+    t0 = time.time()
+    for batch in loader:
+        if step >= args.iters or stop["bad"] >= args.patience:
+            break
+        loss = train_step(unet, ae, text_encoder, diffusion, batch, opt, sched, gen, args)
+        update_ema(ema, unet, args.ema_decay)
+        step += 1
+        if step % args.eval_every == 0 or step == args.iters:
+            check = heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions)
+            improved = check < stop["best"]
+            stop = {"best": check, "best_step": step, "bad": 0} if improved else {**stop, "bad": stop["bad"] + 1}
+            print(f"iter {step}/{args.iters}  loss {loss:.4f}  held-out {check:.4f}{'  *best' if improved else ''}  "
+                  f"{(time.time() - t0) / args.eval_every:.3f}s/iter")
+            t0 = time.time()
+            if improved:
+                save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
+            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
+    reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
+    print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
+          f" -> {os.path.join(args.out, 'best.pt')}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except EmuError as e:
+        raise SystemExit(f"error: {e}")

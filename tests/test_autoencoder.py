@@ -1,0 +1,274 @@
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emu import EmuError
+from emu.autoencoder import (PRESETS, AELoss, Autoencoder, FourierFeatures, PatchDiscriminator, hinge_discriminator_loss,
+                             load_autoencoder, save_autoencoder)
+from emu.metrics import psnr, ssim
+from emu.perceptual import PerceptualLoss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    """The toy preset, narrower still, so tests run in milliseconds."""
+    return dataclasses.replace(PRESETS["toy"], base_channels=8, **overrides)
+
+
+def images(n=2, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# autoencoder
+
+@pytest.mark.parametrize("latent_channels", [4, 8, 16])
+@pytest.mark.parametrize("fourier", [True, False])
+def test_latent_and_image_shapes(latent_channels, fourier):
+    ae = Autoencoder(small_config(latent_channels=latent_channels, fourier=fourier))
+    x = images()
+    f = ae.downsample_factor
+    assert f == 4
+    z = ae.encode(x)
+    assert z.shape == (2, latent_channels, 32 // f, 32 // f)
+    assert ae.decode(z).shape == x.shape
+    recon, mean, logvar = ae(x)
+    assert recon.shape == x.shape and mean.shape == logvar.shape == z.shape
+
+
+def test_emu_shaped_autoencoder_downsamples_by_8():
+    ae = Autoencoder(small_config(channel_mult=PRESETS["emu"].channel_mult))
+    assert ae.downsample_factor == 8
+    assert ae.encode(images()).shape == (2, 16, 4, 4)
+
+
+def test_encode_is_deterministic_and_scaled():
+    ae = Autoencoder(small_config()).eval()
+    x = images()
+    z = ae.encode(x)
+    assert torch.equal(z, ae.encode(x))  # the posterior mean, no sampling
+    ae.scale_factor.fill_(0.5)
+    assert torch.allclose(ae.encode(x), 0.5 * z)
+    assert torch.allclose(ae.decode(ae.encode(x)), ae.decoder(z), atol=1e-5)  # decode undoes the scale
+
+
+def test_fourier_features_are_fixed_and_seeded():
+    ff = FourierFeatures(num_features=5, scale=1.0, seed=0)
+    assert list(ff.parameters()) == [] and ff.state_dict() == {}
+    x = images()
+    y = ff(x)
+    assert y.shape == (2, 3 + 2 * 5, 32, 32) and ff.out_channels == 13
+    assert torch.equal(y[:, :3], x)  # the RGB input is kept alongside the sinusoids
+    assert torch.equal(y, FourierFeatures(5, 1.0, seed=0)(x))
+    assert not torch.allclose(y, FourierFeatures(5, 1.0, seed=1)(x))
+
+
+def test_fourier_transform_is_not_in_the_autoencoder_state_dict():
+    ae = Autoencoder(small_config(fourier=True))
+    assert not any(k.startswith("fourier") for k in ae.state_dict())
+    assert "scale_factor" in ae.state_dict()
+
+
+# -----------------------------------------------------------------------------
+# saving and loading
+
+def test_save_load_round_trip_gives_identical_decode(tmp_path):
+    ae = Autoencoder(small_config()).eval()
+    ae.scale_factor.fill_(0.7)
+    save_autoencoder(ae, tmp_path / "ae")
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.scale_factor.item() == pytest.approx(0.7)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), ae.encode(x))
+        z = torch.randn(2, 16, 8, 8)
+        assert torch.equal(loaded.decode(z), ae.decode(z))
+
+
+def test_load_with_wrong_latent_channels_names_the_file(tmp_path):
+    save_autoencoder(Autoencoder(small_config(latent_channels=16)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["latent_channels"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EmuError, match=r"model\.safetensors: shape mismatch"):
+        load_autoencoder(tmp_path)
+
+
+def test_load_missing_pieces_name_the_file(tmp_path):
+    with pytest.raises(EmuError, match=r"nope: autoencoder directory not found"):
+        load_autoencoder(tmp_path / "nope")
+    save_autoencoder(Autoencoder(small_config()), tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(EmuError, match=r"model\.safetensors: weights file not found"):
+        load_autoencoder(tmp_path)
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(EmuError, match=r"config\.json: autoencoder config not found"):
+        load_autoencoder(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def test_hinge_discriminator_loss_on_known_logits():
+    real = torch.tensor([2.0, 0.5])   # relu(1 - real) = [0, 0.5], mean 0.25
+    fake = torch.tensor([-2.0, 0.5])  # relu(1 + fake) = [0, 1.5], mean 0.75
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.5)
+    assert hinge_discriminator_loss(torch.full((4,), 3.0), torch.full((4,), -3.0)).item() == 0.0
+
+
+def test_patch_discriminator_gives_a_grid_of_logits():
+    disc = PatchDiscriminator(3, channels=8, num_layers=2)
+    assert disc(images()).shape == (2, 1, 6, 6)
+
+
+def test_adversarial_terms_are_zero_before_disc_start():
+    torch.manual_seed(0)
+    ae = Autoencoder(small_config())
+    loss_fn = AELoss(PatchDiscriminator(3, 8, 2), kl_weight=1e-6, disc_weight=0.5, disc_start=10)
+    x = images()
+    recon, mean, logvar = ae(x)
+    last = ae.decoder.conv_out.weight
+    loss, logs = loss_fn.generator_loss(x, recon, mean, logvar, last, step=9)
+    assert logs["adv_weight"] == 0.0 and logs["gen"] == 0.0
+    expected = (x - recon).abs().mean() + 1e-6 * 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    assert torch.allclose(loss, expected)
+    assert loss_fn.discriminator_loss(x, recon, step=9).item() == 0.0
+    _, logs = loss_fn.generator_loss(x, recon, mean, logvar, last, step=10)
+    assert logs["adv_weight"] > 0.0
+    assert loss_fn.discriminator_loss(x, recon, step=10).item() > 0.0
+
+
+# -----------------------------------------------------------------------------
+# perceptual loss
+
+def write_random_perceptual_weights(path, drop=None, reshape=None):
+    """A random-weight file in PerceptualLoss's documented layout (plus an ignored extra key)."""
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in PerceptualLoss().state_dict().items()}
+    for k in state:
+        if k.startswith("lin"):
+            state[k] = state[k].abs()  # LPIPS's linear heads are non-negative
+    state["classifier.0.weight"] = torch.zeros(2, 2)
+    if drop:
+        del state[drop]
+    if reshape:
+        state[reshape] = torch.zeros(1)
+    save_file(state, str(path))
+    return path
+
+
+def test_perceptual_loss_from_a_file_in_the_layout(tmp_path):
+    path = write_random_perceptual_weights(tmp_path / "lpips.safetensors")
+    loss = PerceptualLoss.from_file(path)
+    assert not any(p.requires_grad for p in loss.parameters())
+    assert sorted(k for k in loss.state_dict() if k.startswith("features"))[:2] == ["features.0.bias", "features.0.weight"]
+    x, y = images(seed=0), images(seed=1)
+    assert torch.equal(loss(x, x), torch.zeros(2))
+    d = loss(x, y)
+    assert d.shape == (2,) and (d > 0).all()
+
+
+def test_perceptual_loss_gives_gradients_to_the_input(tmp_path):
+    loss = PerceptualLoss.from_file(write_random_perceptual_weights(tmp_path / "lpips.safetensors"))
+    y = images(seed=1).requires_grad_()
+    loss(images(seed=0), y).sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+def test_perceptual_loss_file_errors_name_the_file(tmp_path):
+    with pytest.raises(EmuError, match=r"absent\.safetensors: weights file not found"):
+        PerceptualLoss.from_file(tmp_path / "absent.safetensors")
+    path = write_random_perceptual_weights(tmp_path / "no_lin.safetensors", drop="lin3.weight")
+    with pytest.raises(EmuError, match=r"no_lin\.safetensors: .*missing 1: \['lin3.weight'\]"):
+        PerceptualLoss.from_file(path)
+    path = write_random_perceptual_weights(tmp_path / "bad.safetensors", reshape="features.28.weight")
+    with pytest.raises(EmuError, match=r"bad\.safetensors: shape mismatch for features\.28\.weight"):
+        PerceptualLoss.from_file(path)
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_identical_images_have_ssim_1_and_infinite_psnr():
+    x = images(4)
+    assert torch.allclose(ssim(x, x), torch.ones(4))
+    assert torch.isinf(psnr(x, x)).all()
+
+
+def test_psnr_of_a_constant_offset():
+    x = images(3) * 0.8  # stays inside [-1, 1] after the offset
+    y = x + 0.2  # 0.1 on the [0, 1] scale: MSE 0.01, PSNR 20 dB
+    assert torch.allclose(psnr(x, y), torch.full((3,), 20.0), atol=1e-3)
+
+
+def test_ssim_decreases_with_noise():
+    x = torch.nn.functional.avg_pool2d(images(2, size=64), 4, stride=1, padding=0)  # (2, 3, 61, 61), smooth
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    values = [ssim(x, (x + s * noise).clamp(-1, 1)) for s in (0.02, 0.1, 0.4)]
+    assert (values[0] < 1).all() and (values[0] > values[1]).all() and (values[1] > values[2]).all()
+    assert psnr(x, x + 0.02 * noise).mean() > psnr(x, x + 0.1 * noise).mean()
+
+
+# -----------------------------------------------------------------------------
+# train_ae.py end to end
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    from emu import toyworld
+    root = tmp_path_factory.mktemp("toy") / "haystack"
+    toyworld.write_folder(str(root), toyworld.make_haystack(40, seed=0, size=32))
+    return root
+
+
+def run_train_ae(data, out, *flags):
+    import train_ae
+    args = train_ae.build_parser().parse_args(["--data", str(data), "--out", str(out), "--bs", "8", "--holdout", "8",
+                                               "--disc-start", "2", "--warmup", "2", "--log-every", "1",
+                                               "--eval-every", "2", "--save-every", "2", "--device", "cpu", *flags])
+    train_ae.main(args)
+
+
+def test_train_ae_writes_model_and_metrics_then_resumes_bitwise(toy_folder, tmp_path):
+    out = tmp_path / "ae"
+    run_train_ae(toy_folder, out, "--steps", "3")
+    for name in ("ckpt.pt", "config.json", "model.safetensors", "metrics.json"):
+        assert (out / name).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["latent_channels"] == 16 and metrics["fourier"] is True
+    assert math.isfinite(metrics["psnr"]) and 0 < metrics["ssim"] <= 1
+    ae = load_autoencoder(out)
+    assert ae.encode(images()).std().item() == pytest.approx(1.0, abs=0.5)  # scale_factor was set
+
+    run_train_ae(toy_folder, out, "--steps", "5", "--resume", "auto")
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 5 and json.loads((out / "metrics.json").read_text())["steps"] == 5
+
+    straight = tmp_path / "straight"
+    run_train_ae(toy_folder, straight, "--steps", "5")
+    unbroken = torch.load(straight / "ckpt.pt", weights_only=True)
+    for key in ("model", "disc"):
+        for name, value in unbroken[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_train_ae_flags_pick_the_table_1_variant(toy_folder, tmp_path):
+    run_train_ae(toy_folder, tmp_path, "--steps", "1", "--latent-channels", "4", "--no-fourier")
+    ae = load_autoencoder(tmp_path)
+    assert ae.cfg.latent_channels == 4 and ae.cfg.fourier is False
+    assert json.loads((tmp_path / "metrics.json").read_text())["latent_channels"] == 4
+
+
+def test_train_ae_without_data_says_how_to_make_it(tmp_path):
+    result = subprocess.run([sys.executable, "train_ae.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "ae")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "run python data/make_toy.py first" in result.stderr and "Traceback" not in result.stderr

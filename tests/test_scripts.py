@@ -1,0 +1,96 @@
+"""End-to-end smoke runs of every script on a tiny toy world, through their command lines."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*argv):
+    """Run a script from the repository root; fail with its output if it fails."""
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 96-image toy world, a 2-step autoencoder and a 6-step pretrained model, shared by the tests."""
+    w = tmp_path_factory.mktemp("world")
+    run("data/make_toy.py", "--n", "96", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
+    run("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
+    frozen = ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]
+    run("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "6", "--bs", "8", *frozen)
+    return w, frozen
+
+
+def test_pretrain_qtune_sample_eval_end_to_end(world):
+    w, _ = world
+    out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{w}/qt",
+              "--curate-top", "24", "--holdout", "8", "--bs", "8", "--iters", "4", "--eval-every", "2")
+    assert "curated 24 of 96 images" in out
+    curated = json.load(open(f"{w}/qt/curated.json"))
+    assert len(curated["images"]) == 24 and curated["images"][0]["score"] >= curated["images"][-1]["score"]
+    assert os.path.exists(f"{w}/qt/best.pt") and torch.load(f"{w}/qt/ckpt.pt", weights_only=True)["step"] == 4
+
+    run("sample.py", "--ckpt", f"{w}/qt/best.pt", "--prompt", "a red circle in the center on a white background",
+        "--n", "2", "--steps", "3", "--out", f"{w}/samples")
+    png = Image.open(f"{w}/samples/0001.png")
+    assert png.size == (32, 32)
+    assert png.text["prompt"] == "a red circle in the center on a white background" and png.text["seed"] == "1"
+    assert png.text["cfg"] == "5.0" and png.text["checkpoint"].endswith("best.pt")
+    assert Image.open(f"{w}/samples/grid.png").size == (64, 32)
+
+    prompts = w / "prompts.tsv"
+    prompts.write_text("Prompt\tCategory\n" + "".join(f"a blue square at the top on a pink background\tA\n"
+                                                      f"two green circles on the left on a black background\tB\n" for _ in range(3)))
+    run("eval_pairs.py", "--a", f"{w}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
+        "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{w}/eval")
+    results = json.load(open(f"{w}/eval/results.json"))
+    for task in ("visual appeal", "text faithfulness"):
+        rates = results["summary"]["all"][task]
+        assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0)
+    assert set(results["summary"]) == {"all", "A", "B"}
+    pairs = [json.loads(line) for line in open(f"{w}/eval/pairs.jsonl")]
+    assert len(pairs) == 6 and len(pairs[0]["visual appeal"]["votes"]) == 5 and len(pairs[0]["text faithfulness"]["votes"]) == 3
+    assert "| visual appeal |" in open(f"{w}/eval/results.md").read()
+
+
+def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
+    w, frozen = world
+    common = ["--data", f"{w}/haystack", "--bs", "8", "--save-every", "2", *frozen]
+    run("pretrain.py", *common, "--out", f"{tmp_path}/straight", "--steps", "4")
+    run("pretrain.py", *common, "--out", f"{tmp_path}/split", "--steps", "2")
+    run("pretrain.py", *common, "--out", f"{tmp_path}/split", "--steps", "4", "--resume", "auto")
+    a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
+    b = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_scripts_report_bad_input_in_one_line(world, tmp_path):
+    w, frozen = world
+    for argv, message in [
+        (["pretrain.py", "--data", f"{tmp_path}/none", *frozen], "data folder not found"),
+        (["pretrain.py", "--data", f"{w}/haystack", "--ae", f"{tmp_path}/no-ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"], "no-ae"),
+        (["sample.py", "--ckpt", f"{tmp_path}/missing.pt"], "missing.pt: checkpoint not found"),
+        (["qtune.py", "--pretrained", f"{w}/ae/model.safetensors"], "model.safetensors"),
+    ]:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0
+        err = proc.stderr.strip()
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("script", ["train_ae.py", "pretrain.py", "qtune.py", "sample.py", "eval_pairs.py", "data/make_toy.py"])
+def test_every_script_explains_its_flags(script):
+    out = run(script, "--help")
+    assert "usage:" in out and "--" in out

@@ -1,0 +1,195 @@
+"""Train the autoencoder that maps images to the latents the diffusion U-Net works in.
+
+Emu's autoencoder (emu_paper.txt, section 3.1) has 16 latent channels, a fixed Fourier feature
+transform on its input and an adversarial loss. Changing the flags gives the other rows of Table 1:
+
+    python data/make_toy.py                                  # once: the toy haystack
+    python train_ae.py                                       # toy Fourier-AE-16: about a minute on a CPU
+    python train_ae.py --latent-channels 4 --no-fourier --out runs/ae4    # AE-4
+
+The last --holdout images of the data folder are never trained on; PSNR and SSIM are measured on
+them, and so is the latent scale factor that gives the diffusion model unit-variance latents.
+Writes OUT/ckpt.pt (to resume), OUT/config.json + OUT/model.safetensors (the trained autoencoder,
+what the other scripts load) and OUT/metrics.json.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from emu import EmuError
+from emu.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, save_autoencoder
+from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
+from emu.data import EpochBatches, ImageCaptionFolder, collate
+from emu.metrics import psnr, ssim
+from emu.perceptual import PerceptualLoss
+from emu.training import resume_path
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs")
+    p.add_argument("--out", default="runs/ae", help="output directory (checkpoint, trained model, metrics)")
+    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    p.add_argument("--holdout", type=int, default=256, help="the last N images are held out for evaluation")
+    # model
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="autoencoder size (emu/autoencoder.py)")
+    p.add_argument("--latent-channels", type=int, default=None, help="latent channels, e.g. 4, 8 or 16 (default: the preset's)")
+    p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
+                   help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
+    # losses
+    p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term per latent element (default: the preset's)")
+    p.add_argument("--disc-start", type=int, default=400, help="step at which the adversarial loss and the discriminator start")
+    p.add_argument("--disc-weight", type=float, default=0.5, help="scale of the adaptive adversarial weight")
+    p.add_argument("--perceptual-weights", default=None,
+                   help="local safetensors file of LPIPS/VGG16 weights (layout in emu/perceptual.py); no perceptual loss without it")
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the perceptual loss")
+    # optimisation
+    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--bs", type=int, default=32, help="batch size")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (both networks)")
+    p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and posterior samples")
+    # bookkeeping
+    p.add_argument("--log-every", type=int, default=50, help="print the losses every N steps")
+    p.add_argument("--eval-every", type=int, default=200, help="measure held-out PSNR / SSIM every N steps")
+    p.add_argument("--save-every", type=int, default=500, help="write OUT/ckpt.pt every N steps")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    return p
+
+
+def learning_rate(step, args):
+    """Linear warm-up to --lr over --warmup steps, then constant (so a run can be continued to more steps)."""
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+
+
+@torch.no_grad()
+def reconstruct(ae, images, device, bs=64):
+    """decode(encode(x)) of (N, 3, H, W) images, in batches, clamped to [-1, 1], on the CPU."""
+    was_training = ae.training
+    ae.eval()
+    out = [ae.decode(ae.encode(images[i:i + bs].to(device))).clamp(-1, 1).cpu() for i in range(0, len(images), bs)]
+    ae.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def latent_std(ae, images, device, bs=64):
+    """Standard deviation of the (unscaled) posterior means of `images`: 1 / scale_factor."""
+    means = [ae.posterior(images[i:i + bs].to(device))[0].cpu() for i in range(0, len(images), bs)]
+    return torch.cat(means).std().item()
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+
+    # data: the last --holdout images are only ever evaluated on
+    if not os.path.isdir(args.data):
+        raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
+    data = ImageCaptionFolder(args.data, args.image_size)
+    n_train = len(data) - args.holdout
+    if n_train < args.bs or args.holdout < 1:
+        raise EmuError(f"{args.data}: {len(data)} images is too few for --holdout {args.holdout} and --bs {args.bs}")
+    train_set = torch.utils.data.Subset(data, range(n_train))
+    heldout = data.load_all(n_train)  # (holdout, 3, H, W)
+
+    # models, losses, optimisers
+    overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
+    cfg = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+    ae = Autoencoder(cfg).to(device)
+    if args.image_size % ae.downsample_factor:
+        raise EmuError(f"--image-size {args.image_size} is not a multiple of the downsampling factor {ae.downsample_factor}")
+    disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
+    perceptual = PerceptualLoss.from_file(args.perceptual_weights).to(device) if args.perceptual_weights else None
+    loss_fn = AELoss(disc, cfg.kl_weight, args.disc_weight, args.disc_start, perceptual, args.perceptual_weight)
+    opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # GAN-friendly betas, as in VQGAN
+    opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    print(f"autoencoder: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M parameters, latents "
+          f"({cfg.latent_channels}, {args.image_size // ae.downsample_factor}, {args.image_size // ae.downsample_factor}), "
+          f"fourier {'on' if cfg.fourier else 'off'}; data: {n_train} train + {args.holdout} held-out images")
+
+    step = 0
+    ckpt_path = resume_path(args.resume, args.out)
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)
+        load_state_dict_checked(ae, ckpt["model"], ckpt_path)
+        load_state_dict_checked(disc, ckpt["disc"], ckpt_path)
+        opt.load_state_dict(ckpt["opt"])
+        opt_disc.load_state_dict(ckpt["opt_disc"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    # The batch order depends only on (seed, step), so a resumed run reads what an unbroken run would.
+    # The loader gets its own generator: by default it draws a seed from the global RNG when it
+    # starts, which would put a resumed run's posterior noise out of step with an unbroken run's.
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=EpochBatches(n_train, args.bs, args.seed, start_step=step),
+                                         num_workers=args.workers, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
+
+    # train
+    ae.train()
+    t0, logs = time.time(), []
+    for images, _ in loader:
+        if step >= args.steps:
+            break
+        lr = learning_rate(step, args)
+        for group in opt.param_groups + opt_disc.param_groups:
+            group["lr"] = lr
+        x = images.to(device)  # (B, 3, H, W)
+        recon, mean, logvar = ae(x)
+
+        # autoencoder step (the generator loss also leaves gradients in the discriminator; they are
+        # cleared before the discriminator's own step)
+        loss, log = loss_fn.generator_loss(x, recon, mean, logvar, ae.decoder.conv_out.weight, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+        # discriminator step, from --disc-start on
+        disc_loss = loss_fn.discriminator_loss(x, recon, step)
+        if step >= args.disc_start:
+            opt_disc.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            opt_disc.step()
+        logs.append({**log, "disc": disc_loss.item()})
+        step += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            avg = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+            print(f"step {step}/{args.steps}  rec {avg['rec']:.4f}  kl {avg['kl']:.2f}  gen {avg['gen']:.3f}  "
+                  f"adv_weight {avg['adv_weight']:.3f}  disc {avg['disc']:.3f}  {(time.time() - t0) / len(logs):.3f}s/step")
+            t0, logs = time.time(), []
+        if step % args.eval_every == 0 and step < args.steps:
+            recon_held = reconstruct(ae, heldout, device)
+            print(f"step {step}: held-out PSNR {psnr(recon_held, heldout).mean():.2f} dB  SSIM {ssim(recon_held, heldout).mean():.4f}")
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
+                "model": ae.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
+                "opt_disc": opt_disc.state_dict(), "step": step, "args": vars(args), "rng": rng_state()})
+
+    # evaluate, set the latent scale, save
+    recon_held = reconstruct(ae, heldout, device)
+    metrics = {"psnr": psnr(recon_held, heldout).mean().item(), "ssim": ssim(recon_held, heldout).mean().item(),
+               "steps": step, "latent_channels": cfg.latent_channels, "fourier": cfg.fourier}
+    ae.scale_factor.fill_(1.0 / latent_std(ae, heldout, device))
+    metrics["scale_factor"] = ae.scale_factor.item()
+    save_autoencoder(ae, args.out)
+    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  scale_factor {metrics['scale_factor']:.4f}")
+    print(f"saved the autoencoder to {args.out}")
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    try:
+        main(args)
+    except EmuError as e:
+        raise SystemExit(f"error: {e}")
