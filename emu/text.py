@@ -578,6 +578,17 @@ class TextEmbedding:
     def __len__(self):
         return self.clip.shape[0]
 
+    def without_padding(self):
+        """The same batch with trailing padding columns cut: each sequence ends at the last position
+        any row uses. Attention masks padding out, so the U-Net's output does not change; only the
+        cost of projecting and attending to up to 77 + 77 mostly empty positions goes away."""
+        def length(mask):
+            used = mask.any(dim=0).nonzero()
+            return int(used.max()) + 1 if len(used) else 1
+        lc, lt = length(self.clip_mask), length(self.t5_mask)
+        return TextEmbedding(clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
+                             t5_mask=self.t5_mask[:, :lt], pooled=self.pooled)
+
     @staticmethod
     def cat(embeddings):
         """Concatenate a list of TextEmbeddings along the batch."""

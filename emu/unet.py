@@ -157,6 +157,7 @@ class UNet(nn.Module):
         :param text: an emu.text.TextEmbedding for the batch.
         :return: (B, C, H, W)
         """
+        text = text.without_padding()
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + self.pooled_proj(text.pooled)  # (B, E)
         context = torch.cat([self.clip_proj(text.clip), self.t5_proj(text.t5)], dim=1)  # (B, Lc + Lt, ctx)
         context_mask = torch.cat([text.clip_mask, text.t5_mask], dim=1)  # (B, Lc + Lt)

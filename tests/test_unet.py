@@ -1,4 +1,5 @@
 import dataclasses
+from unittest import mock
 
 import torch
 
@@ -44,6 +45,21 @@ def test_output_depends_on_text_but_not_on_padding():
     assert torch.allclose(unet(x, t, padded), base, atol=1e-5)
     other = random_text(2, unet.cfg, seed=1)
     assert (unet(x, t, other) - base).abs().max() > 1e-3
+
+
+def test_cutting_padding_columns_changes_nothing():
+    unet = toy_unet()
+    for block in unet.modules():
+        if hasattr(block, "proj_out"):
+            torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    text = random_text(2, unet.cfg, lengths=(3, 6))
+    cut = text.without_padding()
+    assert cut.clip.shape[1] == cut.t5.shape[1] == 6 and cut.clip_mask.all(dim=0).sum() == 3
+    x, t = torch.randn(2, 16, 8, 8), torch.tensor([10, 500])
+    with mock.patch.object(TextEmbedding, "without_padding", lambda self: self):  # attend to every column
+        full = unet(x, t, text)
+    torch.testing.assert_close(unet(x, t, text), full, atol=1e-5, rtol=1e-5)
 
 
 def test_non_square_latents_and_other_channel_counts():
