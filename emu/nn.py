@@ -77,25 +77,37 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 convolution."""
+    """Halve the resolution with a stride-2 convolution.
 
-    def __init__(self, ch):
+    With `shortcut`, the convolution learns a residual on top of 2x2 average pooling (the
+    space-to-channel shortcut of DC-AE, Chen et al. 2024): the block starts close to plain
+    downsampling instead of having to learn to pass its input through, which is what makes a
+    small autoencoder learn in hundreds of steps rather than thousands.
+    """
+
+    def __init__(self, ch, shortcut=False):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.shortcut = shortcut
 
     def forward(self, x):
-        return self.conv(x)
+        h = self.conv(x)
+        return h + F.avg_pool2d(x, 2) if self.shortcut else h
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour upsampling then a convolution."""
+    """Double the resolution: nearest-neighbour upsampling then a convolution (with `shortcut`,
+    the convolution is a residual on top of the nearest-neighbour upsampled input)."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, shortcut=False):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.shortcut = shortcut
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        h = self.conv(x)
+        return h + x if self.shortcut else h
 
 
 class MultiHeadAttention(nn.Module):

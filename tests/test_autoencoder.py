@@ -13,6 +13,7 @@ from emu import EmuError
 from emu.autoencoder import (PRESETS, AELoss, Autoencoder, FourierFeatures, PatchDiscriminator, hinge_discriminator_loss,
                              load_autoencoder, save_autoencoder)
 from emu.metrics import psnr, ssim
+from emu.nn import Downsample, Upsample
 from emu.perceptual import PerceptualLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,48 @@ def test_emu_shaped_autoencoder_downsamples_by_8():
     ae = Autoencoder(small_config(channel_mult=PRESETS["emu"].channel_mult))
     assert ae.downsample_factor == 8
     assert ae.encode(images()).shape == (2, 16, 4, 4)
+
+
+def test_shortcut_resampling_starts_from_average_pooling_and_nearest_upsampling():
+    x = images(2, 8)
+    down, up = Downsample(3, shortcut=True), Upsample(3, shortcut=True)
+    for layer in (down, up):
+        torch.nn.init.zeros_(layer.conv.weight), torch.nn.init.zeros_(layer.conv.bias)
+    torch.testing.assert_close(down(x), torch.nn.functional.avg_pool2d(x, 2))
+    torch.testing.assert_close(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+
+
+def test_linear_patch_path_alone_is_a_linear_patch_code():
+    ae = Autoencoder(small_config(shortcuts=True, fourier=False)).eval()
+    for net in (ae.encoder, ae.decoder):  # silence the deep path: only the patch path is left
+        torch.nn.init.zeros_(net.conv_out.weight), torch.nn.init.zeros_(net.conv_out.bias)
+    x = images(2)
+    z = ae.encode(x)  # (2, 16, 8, 8): each latent is a linear function of its own 4x4 patch
+    x2 = x.clone()
+    x2[:, :, :4, :4] = 0.0  # change the top-left patch only
+    changed = (ae.encode(x2) - z).abs().sum(dim=1) > 0
+    assert changed[:, 0, 0].all() and changed.sum() == 2
+    y = ae.decode(z)
+    y2 = ae.decode(z + torch.nn.functional.one_hot(torch.tensor(0), 64).view(1, 1, 8, 8))
+    assert ((y2 - y).abs().sum(dim=1) > 0).sum() <= 2 * 16 and (y2 - y)[:, :, 4:, 4:].abs().max() == 0
+
+
+def test_shortcuts_make_the_toy_autoencoder_learn_faster():
+    from emu.toyworld import make_haystack
+    data = torch.stack([torch.as_tensor(img).permute(2, 0, 1).float() / 127.5 - 1
+                        for img, _, _ in make_haystack(64, seed=3)])
+    results = {}
+    for shortcuts in (False, True):
+        torch.manual_seed(0)
+        ae = Autoencoder(dataclasses.replace(PRESETS["toy"], shortcuts=shortcuts))
+        opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+        for step in range(40):
+            x = data[(8 * step) % 64:(8 * step) % 64 + 8]
+            loss = (ae(x)[0] - x).abs().mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+        with torch.no_grad():
+            results[shortcuts] = psnr(ae.decode(ae.encode(data)).clamp(-1, 1), data).mean().item()
+    assert results[True] > results[False] + 1.0, results
 
 
 def test_encode_is_deterministic_and_scaled():
