@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net size")
-    p.add_argument("--steps", type=int, default=1200, help="training steps")
+    p.add_argument("--steps", type=int, default=1600, help="training steps")
     p.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"], help="noise schedule")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the U-Net predicts")

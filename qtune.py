@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--caption-field", default="true_caption",
                    help="metadata field with the curated images' accurate captions ('' to use key.txt)")
     p.add_argument("--holdout", type=int, default=24, help="curated images held out for early stopping")
-    p.add_argument("--iters", type=int, default=400, help="hard cap on fine-tuning iterations (paper: at most 15K)")
+    p.add_argument("--iters", type=int, default=150, help="hard cap on fine-tuning iterations (paper: at most 15K)")
     p.add_argument("--noise-offset", type=float, default=0.1,
                    help="noise offset while quality-tuning; the paper's text drops the number, its published value is 0.1")
     p.add_argument("--eval-every", type=int, default=25, help="held-out check every N iterations")

@@ -55,9 +55,12 @@ class AutoencoderConfig:
 PRESETS = {
     # 32x32 toy images -> 8x8x16 latents; a training step at batch 32 takes about 0.2 s on two CPU cores.
     # Shortcuts on: without them this small network needs thousands of steps to reconstruct
-    # what a linear code of 4x4 patches already gets (see Encoder).
+    # what a linear code of 4x4 patches already gets (see Encoder). A KL weight of 1e-2 keeps some
+    # posterior noise in training, so the decoder forgives the small latent errors of a briefly
+    # trained U-Net (latent noise of std 0.2 costs 31 dB instead of 27 dB at 1e-6).
     "toy": AutoencoderConfig(latent_channels=16, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                             fourier=True, fourier_features=8, disc_channels=32, disc_layers=2, shortcuts=True),
+                             fourier=True, fourier_features=8, kl_weight=1e-2, disc_channels=32, disc_layers=2,
+                             shortcuts=True),
     # The paper's shape: three 2x2 downsamplings (factor 8, "compresses the image resolution by 64x"),
     # 16 latent channels, Fourier features on. The widths are Stable Diffusion's; the paper does not
     # publish its own, nor the number of Fourier frequencies.
