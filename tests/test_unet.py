@@ -30,12 +30,18 @@ def test_output_shape_and_zero_at_init():
     assert torch.count_nonzero(out) == 0  # zero-initialised output layer
 
 
-def test_output_depends_on_text_but_not_on_padding():
+def nontrivial_unet():
+    """A toy U-Net whose zero-initialised output layers are made random, so its output depends on text."""
     unet = toy_unet()
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # make the output non-trivial
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
     for block in unet.modules():  # and the zero-initialised transformer outputs
         if hasattr(block, "proj_out"):
             torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    return unet
+
+
+def test_output_depends_on_text_but_not_on_padding():
+    unet = nontrivial_unet()
     x, t = torch.randn(2, 16, 8, 8), torch.tensor([100, 100])
     text = random_text(2, unet.cfg)
     base = unet(x, t, text)
@@ -48,11 +54,7 @@ def test_output_depends_on_text_but_not_on_padding():
 
 
 def test_cutting_padding_columns_changes_nothing():
-    unet = toy_unet()
-    for block in unet.modules():
-        if hasattr(block, "proj_out"):
-            torch.nn.init.normal_(block.proj_out.weight, std=0.1)
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    unet = nontrivial_unet()
     text = random_text(2, unet.cfg, lengths=(3, 6))
     cut = text.without_padding()
     assert cut.clip.shape[1] == cut.t5.shape[1] == 6 and cut.clip_mask.all(dim=0).sum() == 3
