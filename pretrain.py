@@ -14,9 +14,9 @@ import time
 import torch
 
 from emu import EmuError
-from emu.data import EpochBatches, ImageCaptionFolder, collate
+from emu.data import ImageCaptionFolder
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
-from emu.training import add_training_flags, make_ema, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+from emu.training import LatentBatches, add_training_flags, make_ema, make_optimizer, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
 from emu.unet import PRESETS
 
 
@@ -54,26 +54,27 @@ def main(args):
     unet = build_unet(args.preset, ae, text_encoder).to(device)
     ema = make_ema(unet)
     diffusion = diffusion_from_args(args)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed)
-    print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; data: {len(data)} images")
+    print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
 
     step = 0
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         step = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)["step"]
         print(f"resumed from {ckpt_path} at step {step}")
-    loader = torch.utils.data.DataLoader(data, batch_sampler=EpochBatches(len(data), args.bs, args.seed, start_step=step),
-                                         num_workers=args.workers, collate_fn=collate)
+    batches = LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
+    empty = text_encoder.encode([""]).to(device)  # what caption dropout trains on
+    print(f"data: {batches.describe()}")
 
     # train
     unet.train()
     t0, losses = time.time(), []
-    for batch in loader:
+    for latents, text in batches:
         if step >= args.steps:
             break
-        losses.append(train_step(unet, ae, text_encoder, diffusion, batch, opt, sched, gen, args))
+        losses.append(train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args))
         update_ema(ema, unet, args.ema_decay)
         step += 1
         if step % args.log_every == 0 or step == args.steps:

@@ -21,11 +21,11 @@ import torch
 
 from emu import EmuError
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
-from emu.data import EpochBatches, ImageCaptionFolder, collate, to_uint8
+from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
 from emu.judges import appeal_score
 from emu.pipeline import diffusion_from_args, load_frozen_parts, unet_from_checkpoint
-from emu.training import add_training_flags, make_ema, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+from emu.training import LatentBatches, add_training_flags, make_ema, make_optimizer, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
 
 
 def parse_args(argv=None):
@@ -111,7 +111,7 @@ def main(args):
     check_images, check_captions = check_data.load_all(), check_data.captions
 
     ema = make_ema(unet)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed)
     step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions), "best_step": 0, "bad": 0}
@@ -123,16 +123,17 @@ def main(args):
     else:
         save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
-    loader = torch.utils.data.DataLoader(train_data, batch_sampler=EpochBatches(len(train_data), min(args.bs, len(train_data)), args.seed, start_step=step),
-                                         num_workers=args.workers, collate_fn=collate)
+    batches = LatentBatches(train_data, ae, text_encoder, min(args.bs, len(train_data)), args.seed, step, args.cache_mb, args.workers)
+    empty = text_encoder.encode([""]).to(device)  # what caption dropout trains on
+    print(f"training data: {batches.describe()}")
 
     # fine-tune with early stopping
     unet.train()
     t0 = time.time()
-    for batch in loader:
+    for latents, text in batches:
         if step >= args.iters or stop["bad"] >= args.patience:
             break
-        loss = train_step(unet, ae, text_encoder, diffusion, batch, opt, sched, gen, args)
+        loss = train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args)
         update_ema(ema, unet, args.ema_decay)
         step += 1
         if step % args.eval_every == 0 or step == args.iters:

@@ -589,6 +589,17 @@ class TextEmbedding:
         return TextEmbedding(clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
                              t5_mask=self.t5_mask[:, :lt], pooled=self.pooled)
 
+    def where(self, keep, other):
+        """Row i of this batch where keep[i] is True, else the single row of `other` (a batch of one,
+        e.g. the empty caption), cut to this batch's sequence lengths."""
+        out = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name != "pooled":
+                theirs = theirs[:, :mine.shape[1]]
+            out[f.name] = torch.where(keep.view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
+        return TextEmbedding(**out)
+
     @staticmethod
     def cat(embeddings):
         """Concatenate a list of TextEmbeddings along the batch."""

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from emu.autoencoder import PRESETS, Autoencoder
+from emu.text import TextEncoder, make_toy_towers
+from emu.training import LatentBatches, drop_captions
+
+CAPTIONS = ["a red circle", "two blue squares on the left", "a green triangle at the top on a grey background",
+            "three yellow circles", "a purple square in the centre", "one red triangle", "", "blue"]
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    torch.manual_seed(0)
+    ae = Autoencoder(PRESETS["toy"]).eval().requires_grad_(False)
+    text_encoder = TextEncoder.load(*make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0))
+    return ae, text_encoder
+
+
+def dataset(n=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(3, 32, 32, generator=gen) * 2 - 1, CAPTIONS[i % len(CAPTIONS)]) for i in range(n)]
+
+
+def test_cached_and_streamed_batches_are_the_same(frozen):
+    ae, text_encoder = frozen
+    data = dataset()
+    cached = LatentBatches(data, ae, text_encoder, batch_size=4, seed=3, start_step=2, cache_mb=100)
+    streamed = LatentBatches(data, ae, text_encoder, batch_size=4, seed=3, start_step=2, cache_mb=0)
+    assert cached.cache is not None and streamed.cache is None
+    assert "encoded once" in cached.describe() and "batch by batch" in streamed.describe()
+    for _, (a, b) in zip(range(5), zip(cached, streamed)):  # crosses an epoch boundary (3 batches per epoch)
+        (lat_a, text_a), (lat_b, text_b) = a, b
+        torch.testing.assert_close(lat_a, lat_b, rtol=1e-5, atol=1e-5)
+        text_a, text_b = text_a.without_padding(), text_b.without_padding()
+        assert torch.equal(text_a.clip_mask, text_b.clip_mask) and torch.equal(text_a.t5_mask, text_b.t5_mask)
+        torch.testing.assert_close(text_a.clip[text_a.clip_mask], text_b.clip[text_b.clip_mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text_a.t5[text_a.t5_mask], text_b.t5[text_b.t5_mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text_a.pooled, text_b.pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_respects_its_memory_limit(frozen):
+    ae, text_encoder = frozen
+    size = LatentBatches(dataset(), ae, text_encoder, batch_size=4, seed=0, cache_mb=0).cache_mb
+    assert size > 0
+    assert LatentBatches(dataset(), ae, text_encoder, batch_size=4, seed=0, cache_mb=size * 1.01).cache is not None
+    assert LatentBatches(dataset(), ae, text_encoder, batch_size=4, seed=0, cache_mb=size * 0.99).cache is None
+
+
+def test_caption_dropout_swaps_in_the_empty_caption(frozen):
+    _, text_encoder = frozen
+    text = text_encoder.encode(CAPTIONS[:6]).without_padding()
+    empty = text_encoder.encode([""])
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(drop_captions(text, empty, 0.0, gen).clip, text.clip)
+    dropped = drop_captions(text, empty, 1.0, gen)
+    reference = text_encoder.encode([""] * 6)
+    for name in ("clip_mask", "t5_mask"):
+        used = getattr(reference, name)[:, :getattr(text, name).shape[1]]
+        assert torch.equal(getattr(dropped, name), used)
+    torch.testing.assert_close(dropped.pooled, reference.pooled)
+    # about half the rows with p = 0.5, and exactly those rows changed
+    keep = torch.rand(6, generator=torch.Generator().manual_seed(7)) >= 0.5
+    half = drop_captions(text, empty, 0.5, torch.Generator().manual_seed(7))
+    for i in range(6):
+        assert torch.equal(half.pooled[i], text.pooled[i] if keep[i] else empty.pooled[0])
