@@ -49,7 +49,7 @@ def build_parser():
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the perceptual loss")
     # optimisation
     p.add_argument("--steps", type=int, default=600, help="training steps")
-    p.add_argument("--bs", type=int, default=32, help="batch size")
+    p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (both networks)")
     p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and posterior samples")

@@ -141,7 +141,7 @@ def resume_path(resume, out_dir):
 
 def add_training_flags(p):
     """Add the flags shared by the scripts that train a diffusion U-Net (pretrain.py, qtune.py)."""
-    p.add_argument("--bs", type=int, default=32, help="batch size")
+    p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")

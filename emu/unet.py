@@ -39,8 +39,8 @@ class UNetConfig:
 
 
 PRESETS = {
-    # 2.4M parameters: trains on 8x8 toy latents on a laptop CPU in minutes (0.2 s a step at batch 32
-    # on two cores). As in SDXL, the highest-resolution level has no attention: there it costs the
+    # 2.4M parameters: trains on 8x8 toy latents on a laptop CPU in minutes (about 0.13 s a step at
+    # batch 16 on two cores). As in SDXL, the highest-resolution level has no attention: there it costs the
     # most and adds the least.
     "toy": UNetConfig(),
     # The paper's scale: "a large U-Net with 2.8B trainable parameters" with wider channels and more
