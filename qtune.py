@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=4, help="stop after this many held-out checks without improvement")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
     add_training_flags(p)
-    p.set_defaults(bs=64, lr=4e-4, warmup=20, ema_decay=0.98)  # paper: batch size 64
+    # paper: batch size 64. It gives no learning rate; in 150 iterations on the toy world, appeal wins
+    # over the pretrained model were 67% at 1e-4, 78% at 2e-4 and 81% at 4e-4.
+    p.set_defaults(bs=64, lr=4e-4, warmup=20, ema_decay=0.98)
     return p.parse_args(argv)
 
 

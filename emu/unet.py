@@ -40,8 +40,8 @@ class UNetConfig:
 
 PRESETS = {
     # 2.4M parameters: trains on 8x8 toy latents on a laptop CPU in minutes (about 0.13 s a step at
-    # batch 16 on two cores). As in SDXL, the highest-resolution level has no attention: there it costs the
-    # most and adds the least.
+    # batch 16 on two cores). As in SDXL, the highest-resolution level has no attention: there it
+    # costs the most and adds the least.
     "toy": UNetConfig(),
     # The paper's scale: "a large U-Net with 2.8B trainable parameters" with wider channels and more
     # residual blocks per stage than SDXL; the exact widths are not published, these give ~2.8B.
