@@ -9,34 +9,88 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emu import EmuError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def load_image(path, size):
-    """Read an image file as a (3, size, size) float tensor in [-1, 1].
+# Larger images are refused from their header, before any pixel is decoded: a few-kB PNG can claim
+# 100000 x 100000 pixels (a "decompression bomb") and would take tens of GB to decode. 2**26 pixels is
+# 8192 x 8192, above any photo a text-to-image dataset keeps.
+MAX_PIXELS = 2 ** 26
 
-    Resizes the shorter side to `size` (bicubic) and crops the centre square.
-    Raises EmuError naming the file if it is missing or not a readable image.
+
+class BadImage(EmuError):
+    """An image file that cannot be used. `reason` is a short category, for counting skipped files."""
+
+    def __init__(self, path, reason, detail=""):
+        unreadable = reason in ("empty file", "unknown format", "truncated or corrupt")
+        super().__init__(f"{path}: {'not a readable image: ' if unreadable else ''}{reason}" + (f" ({detail})" if detail else ""))
+        self.path, self.reason = path, reason
+
+
+def open_rgb(path, max_pixels=MAX_PIXELS):
+    """Decode an image file to an 8-bit RGB PIL image, whatever it holds.
+
+    - EXIF orientation is applied, so a photo taken sideways comes out upright;
+    - transparency (RGBA, LA, palette with a transparent colour) is laid over white;
+    - 16-bit images are scaled to 8 bits, not clipped;
+    - CMYK, grayscale and palette images are converted; an animated image gives its first frame.
+    Raises BadImage for a missing, empty, truncated or unknown file, or one over `max_pixels`.
     """
     try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(path, "empty file")
         with Image.open(path) as im:
-            im = im.convert("RGB")
             w, h = im.size
-            scale = size / min(w, h)
-            if scale != 1.0:
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
+            if w * h > max_pixels:
+                raise BadImage(path, "too many pixels", f"{w}x{h} is over {max_pixels}; refused before decoding")
+            im.load()  # the first frame of an animation
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag; 1 = upright
+                im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except BadImage:
+        raise
     except FileNotFoundError:
-        raise EmuError(f"{path}: image file not found") from None
-    except Exception as e:
-        raise EmuError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
+        raise BadImage(path, "file not found") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(path, "too many pixels", f"{str(e)[:120]}; refused before decoding") from None
+    except UnidentifiedImageError:
+        raise BadImage(path, "unknown format") from None
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error...
+        raise BadImage(path, "truncated or corrupt", f"{type(e).__name__}: {str(e)[:120]}") from None
+
+
+def _to_rgb(im):
+    if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # 16-bit grayscale: 0..65535
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGB", im.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return im.convert("RGB")
+
+
+def load_image(path, size, max_pixels=MAX_PIXELS):
+    """Read an image file as a (3, size, size) float tensor in [-1, 1] (see open_rgb for the formats).
+
+    Resizes the shorter side to `size` (bicubic) and crops the centre square.
+    Raises BadImage naming the file if it cannot be used.
+    """
+    im = open_rgb(path, max_pixels)
+    w, h = im.size
+    scale = size / min(w, h)
+    if scale != 1.0:
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 
