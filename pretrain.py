@@ -50,7 +50,7 @@ def main(args):
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device)
     if not os.path.isdir(args.data):
         raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
-    data = ImageCaptionFolder(args.data, args.image_size)
+    data = ImageCaptionFolder(args.data, args.image_size, skip_bad=True)  # a broken file is counted, not fatal
     unet = build_unet(args.preset, ae, text_encoder).to(device)
     ema = make_ema(unet)
     diffusion = diffusion_from_args(args)
@@ -59,12 +59,14 @@ def main(args):
     gen = torch.Generator(device).manual_seed(args.seed)
     print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
 
-    step = 0
+    step, skipped = 0, {}
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
-        step = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)["step"]
+        ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
+        step, skipped = ckpt["step"], ckpt.get("skipped", {})
         print(f"resumed from {ckpt_path} at step {step}")
     batches = LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
+    batches.skipped.update(skipped)  # files skipped before a resume still count
     empty = text_encoder.encode([""]).to(device)  # what caption dropout trains on
     print(f"data: {batches.describe()}")
 
@@ -81,8 +83,9 @@ def main(args):
             print(f"step {step}/{args.steps}  loss {sum(losses) / len(losses):.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
             losses, t0 = [], time.time()
         if step % args.save_every == 0 or step == args.steps:
-            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args)
-    print(f"saved {os.path.join(args.out, 'ckpt.pt')}")
+            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
+                                skipped=batches.skipped)
+    print(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped_summary()}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Images come out as float tensors in [-1, 1], resized on the short side and centr
 """
 import json
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -125,12 +126,15 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     :param keys: optional subset (and order) of keys to use.
     :param caption_field: read the caption from this metadata field instead of `key.txt`
         (quality-tuning uses the curated, accurate captions).
+    :param skip_bad: an image that cannot be used (see open_rgb) comes back as a Skipped item,
+        which `collate` leaves out of the batch and lists in `batch.skipped`, instead of raising
+        BadImage. Training on web data wants this: one broken file in a billion must not stop it.
     """
 
-    def __init__(self, root, image_size, keys=None, caption_field=None):
+    def __init__(self, root, image_size, keys=None, caption_field=None, skip_bad=False):
         if not os.path.isdir(root):
             raise EmuError(f"{root}: data folder not found")
-        self.root, self.image_size = root, image_size
+        self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
         images = {}
         for name in sorted(os.listdir(root)):
             stem, ext = os.path.splitext(name)
@@ -169,17 +173,45 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         return len(self.keys)
 
     def __getitem__(self, i):
-        return load_image(self.files[i], self.image_size), self.captions[i]
+        try:
+            return load_image(self.files[i], self.image_size), self.captions[i]
+        except BadImage as e:
+            if not self.skip_bad:
+                raise
+            return Skipped(e.path, e.reason)
 
     def load_all(self, start=0, stop=None):
         """Images start..stop (default: all) as one (N, 3, H, W) tensor, for small sets and filters."""
         return torch.stack([load_image(f, self.image_size) for f in self.files[start:stop]])
 
 
-def collate(batch):
-    """(image, caption) pairs -> ((B, 3, H, W) tensor, list of captions)."""
-    images, captions = zip(*batch)
-    return torch.stack(images), list(captions)
+class Skipped(NamedTuple):
+    """What ImageCaptionFolder(skip_bad=True) returns for an image it cannot use."""
+    path: str
+    reason: str
+
+
+class Batch(tuple):
+    """(images (B, 3, H, W), captions) and, as `.skipped`, the Skipped items left out of it."""
+
+    def __new__(cls, images, captions, skipped=()):
+        batch = super().__new__(cls, (images, captions))
+        batch.skipped = list(skipped)
+        return batch
+
+    def __reduce__(self):  # keeps .skipped when a loader worker sends the batch to the main process
+        return Batch, (self[0], self[1], self.skipped)
+
+
+def collate(items):
+    """(image, caption) items -> Batch(images (B, 3, H, W), list of captions); Skipped items are
+    left out and listed in `.skipped`, so a batch may be smaller than asked (or empty: B = 0)."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    if not good:
+        return Batch(torch.empty(0), [], skipped)
+    images, captions = zip(*good)
+    return Batch(torch.stack(images), list(captions), skipped)
 
 
 class EpochBatches(torch.utils.data.Sampler):

@@ -4,10 +4,12 @@ everything needed to resume exactly.
 """
 import copy
 import os
+from collections import Counter
 from dataclasses import fields
 
 import torch
 
+from emu import EmuError
 from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from emu.data import EpochBatches, collate
 from emu.text import TextEmbedding
@@ -67,21 +69,36 @@ class LatentBatches:
 
     The autoencoder and both text towers are frozen, so an image's latent and a caption's embedding
     never change. When all of them fit in `cache_mb` megabytes they are computed once, up front
-    (on the toy world that saves about a quarter of every step); otherwise each batch is read and encoded
-    as it comes, as a run on millions of images must. Both ways give the same batches.
+    (on the toy world that saves about a quarter of every step); otherwise each batch is read and
+    encoded as it comes, as a run on millions of images must. When every image is usable, both ways
+    give the same batches.
+
+    Images the dataset skips (ImageCaptionFolder(skip_bad=True)) are left out: a streamed batch is
+    then smaller, and the cache holds only the good images. `skipped` maps each such file to its
+    reason; the first few are printed as they are met.
     """
 
     def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
-        self.sampler = EpochBatches(len(data), batch_size, seed, start_step)
         self.device = next(ae.parameters()).device
-        latent, text = self.encode(*collate([data[0]]))
-        self.cache_mb = len(data) * (_nbytes(latent) + _nbytes(text)) / 2**20  # text before its padding is cut
+        self.skipped = {}
+        probe = collate([data[i] for i in range(min(len(data), 8))])
+        self._note(probe.skipped)
+        if not probe[1]:
+            raise EmuError(f"none of the first {min(len(data), 8)} images could be read, e.g. {probe.skipped[0].path}: "
+                           f"{probe.skipped[0].reason}")
+        latent, text = self.encode(*probe)
+        self.cache_mb = len(data) * (_nbytes(latent) + _nbytes(text)) / len(probe[1]) / 2**20  # text before its padding is cut
         self.cache = None
         if self.cache_mb <= cache_mb:
-            chunks = [self.encode(*collate([data[i] for i in range(start, min(start + 256, len(data)))]))
-                      for start in range(0, len(data), 256)]
+            chunks = []
+            for start in range(0, len(data), 256):
+                batch = collate([data[i] for i in range(start, min(start + 256, len(data)))])
+                self._note(batch.skipped)
+                if batch[1]:
+                    chunks.append(self.encode(*batch))
             self.cache = torch.cat([c[0] for c in chunks]), TextEmbedding.cat([c[1] for c in chunks]).without_padding()
+        self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step)
 
     @torch.no_grad()
     def encode(self, images, captions):
@@ -95,12 +112,31 @@ class LatentBatches:
         else:
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.workers,
                                                  collate_fn=collate)
-            for images, captions in loader:
-                yield self.encode(images, captions)
+            for batch in loader:
+                self._note(batch.skipped)
+                if not batch[1]:
+                    raise EmuError(f"every image of a batch was unreadable, e.g. {batch.skipped[0].path}: "
+                                   f"{batch.skipped[0].reason}; check the data")
+                yield self.encode(*batch)
+
+    def _note(self, skipped, show=10):
+        for item in skipped:
+            if item.path not in self.skipped:
+                self.skipped[item.path] = item.reason
+                if len(self.skipped) <= show:
+                    print(f"skipping {item.path}: {item.reason}" + (" (further ones are only counted)" if len(self.skipped) == show else ""))
+
+    def skipped_summary(self):
+        """One line: how many unusable images were left out, by reason."""
+        if not self.skipped:
+            return "no unusable images"
+        by_reason = Counter(self.skipped.values())
+        return f"skipped {len(self.skipped)} unusable images (" + ", ".join(f"{r}: {n}" for r, n in by_reason.most_common()) + ")"
 
     def describe(self):
         if self.cache is not None:
-            return f"{len(self.data)} images, encoded once, up front; the cache takes {self.cache_mb:.0f} MB"
+            return (f"{len(self.cache[0])} images, encoded once, up front; the cache takes {self.cache_mb:.0f} MB; "
+                    + self.skipped_summary())
         return f"{len(self.data)} images, encoded batch by batch; a cache would take {self.cache_mb:.0f} MB (> --cache-mb)"
 
 

@@ -1,6 +1,7 @@
 """End-to-end smoke runs of every script on a tiny toy world, through their command lines."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,25 @@ def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(world, tmp_path):
+    w, frozen = world
+    data = tmp_path / "haystack"
+    shutil.copytree(f"{w}/haystack", data)
+    png = (data / "000005.png").read_bytes()
+    (data / "000005.png").write_bytes(png[:len(png) // 2])  # truncated
+    (data / "000009.png").write_bytes(b"")  # empty
+    common = ["--data", str(data), "--bs", "8", "--save-every", "2", *frozen, "--out", f"{tmp_path}/pre"]
+    out = run("pretrain.py", *common, "--steps", "2")
+    assert f"skipping {data / '000005.png'}: truncated or corrupt" in out
+    assert "skipped 2 unusable images (" in out and "truncated or corrupt: 1" in out and "empty file: 1" in out
+    assert "94 images, encoded once" in out
+    # resumed, and now streaming batch by batch: the count comes back from the checkpoint
+    out = run("pretrain.py", *common, "--steps", "4", "--resume", "auto", "--cache-mb", "0")
+    assert "resumed from" in out and "encoded batch by batch" in out and "skipped 2 unusable images" in out
+    assert torch.load(f"{tmp_path}/pre/ckpt.pt", weights_only=True)["skipped"] == {
+        str(data / "000005.png"): "truncated or corrupt", str(data / "000009.png"): "empty file"}
 
 
 def test_scripts_report_bad_input_in_one_line(world, tmp_path):

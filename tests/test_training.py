@@ -1,7 +1,11 @@
+import pickle
+
 import pytest
 import torch
 
+from emu import EmuError
 from emu.autoencoder import PRESETS, Autoencoder
+from emu.data import Skipped, collate
 from emu.text import TextEncoder, make_toy_towers
 from emu.training import LatentBatches, drop_captions
 
@@ -64,3 +68,46 @@ def test_caption_dropout_swaps_in_the_empty_caption(frozen):
     half = drop_captions(text, empty, 0.5, torch.Generator().manual_seed(7))
     for i in range(6):
         assert torch.equal(half.pooled[i], text.pooled[i] if keep[i] else empty.pooled[0])
+
+
+class WithBadFiles:
+    """A dataset like ImageCaptionFolder(skip_bad=True) whose items at `bad` are unusable files."""
+
+    def __init__(self, items, bad):
+        self.items, self.bad = items, set(bad)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return Skipped(f"img{i}.png", "truncated or corrupt") if i in self.bad else self.items[i]
+
+
+def test_unusable_images_are_left_out_and_counted(frozen, capsys):
+    ae, text_encoder = frozen
+    items = dataset(12)
+    data = WithBadFiles(items, bad={2, 7})
+    cached = LatentBatches(data, ae, text_encoder, batch_size=4, seed=0, cache_mb=100)
+    assert len(cached.cache[0]) == 10
+    good = torch.stack([items[i][0] for i in range(12) if i not in (2, 7)])
+    torch.testing.assert_close(cached.cache[0], ae.encode(good), rtol=1e-5, atol=1e-5)
+    assert cached.skipped == {"img2.png": "truncated or corrupt", "img7.png": "truncated or corrupt"}
+    assert cached.skipped_summary() == "skipped 2 unusable images (truncated or corrupt: 2)"
+    assert "skipping img2.png: truncated or corrupt" in capsys.readouterr().out
+
+    streamed = LatentBatches(data, ae, text_encoder, batch_size=4, seed=0, cache_mb=0)
+    sizes = [len(latents) for _, (latents, _) in zip(range(6), streamed)]  # two epochs of 3 batches
+    assert sum(sizes) == 2 * 10 and min(sizes) >= 2
+    assert set(streamed.skipped) == {"img2.png", "img7.png"}
+
+    hopeless = WithBadFiles(items, bad=set(range(1, 12)))  # only image 0 is readable
+    with pytest.raises(EmuError, match="every image of a batch was unreadable"):
+        list(zip(range(6), LatentBatches(hopeless, ae, text_encoder, batch_size=4, seed=0, cache_mb=0)))
+
+
+def test_batches_keep_their_skipped_list_through_pickling():
+    batch = collate([(torch.zeros(3, 2, 2), "a"), Skipped("x.png", "empty file"), (torch.ones(3, 2, 2), "b")])
+    images, captions = batch
+    assert images.shape == (2, 3, 2, 2) and captions == ["a", "b"]
+    again = pickle.loads(pickle.dumps(batch))  # how a DataLoader worker hands a batch over
+    assert again.skipped == [Skipped("x.png", "empty file")] and again[1] == ["a", "b"]
