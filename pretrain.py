@@ -67,7 +67,6 @@ def main(args):
         print(f"resumed from {ckpt_path} at step {step}")
     batches = LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
     batches.skipped.update(skipped)  # files skipped before a resume still count
-    empty = text_encoder.encode([""]).to(device)  # what caption dropout trains on
     print(f"data: {batches.describe()}")
 
     # train
@@ -76,7 +75,7 @@ def main(args):
     for latents, text in batches:
         if step >= args.steps:
             break
-        losses.append(train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args))
+        losses.append(train_step(unet, diffusion, latents, text, batches.empty, opt, sched, gen, args))
         update_ema(ema, unet, args.ema_decay)
         step += 1
         if step % args.log_every == 0 or step == args.steps:

@@ -126,7 +126,6 @@ def main(args):
         save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     batches = LatentBatches(train_data, ae, text_encoder, min(args.bs, len(train_data)), args.seed, step, args.cache_mb, args.workers)
-    empty = text_encoder.encode([""]).to(device)  # what caption dropout trains on
     print(f"training data: {batches.describe()}")
 
     # fine-tune with early stopping
@@ -135,7 +134,7 @@ def main(args):
     for latents, text in batches:
         if step >= args.iters or stop["bad"] >= args.patience:
             break
-        loss = train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args)
+        loss = train_step(unet, diffusion, latents, text, batches.empty, opt, sched, gen, args)
         update_ema(ema, unet, args.ema_decay)
         step += 1
         if step % args.eval_every == 0 or step == args.iters:

@@ -73,6 +73,8 @@ class LatentBatches:
     encoded as it comes, as a run on millions of images must. When every image is usable, both ways
     give the same batches.
 
+    `empty` is the empty caption's embedding, which caption dropout swaps in.
+
     Images the dataset skips (ImageCaptionFolder(skip_bad=True)) are left out: a streamed batch is
     then smaller, and the cache holds only the good images. `skipped` maps each such file to its
     reason; the first few are printed as they are met.
@@ -88,6 +90,7 @@ class LatentBatches:
             raise EmuError(f"none of the first {min(len(data), 8)} images could be read, e.g. {probe.skipped[0].path}: "
                            f"{probe.skipped[0].reason}")
         latent, text = self.encode(*probe)
+        self.empty = self.text_encoder.encode([""]).to(self.device)
         self.cache_mb = len(data) * (_nbytes(latent) + _nbytes(text)) / len(probe[1]) / 2**20  # text before its padding is cut
         self.cache = None
         if self.cache_mb <= cache_mb:
