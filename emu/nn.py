@@ -111,31 +111,38 @@ class Upsample(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention, or cross-attention when `context_dim` is given.
+    """Self-attention, or cross-attention when `context_dim` is given (U-Net, autoencoder, text towers).
 
-    :param dim: query width.
-    :param heads: number of heads (dim must divide evenly).
+    :param dim: query width (and output width).
+    :param heads: number of heads.
     :param context_dim: key/value source width for cross-attention (None: self-attention).
+    :param head_dim: width of one head; default dim // heads (T5 sets it apart from dim).
+    :param qkv_bias, out_bias: whether the projections have biases (CLIP: both; T5: neither).
     """
 
-    def __init__(self, dim, heads, context_dim=None):
+    def __init__(self, dim, heads, context_dim=None, head_dim=None, qkv_bias=False, out_bias=True):
         super().__init__()
-        assert dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
-        self.heads = heads
-        kv_dim = context_dim or dim
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(kv_dim, dim, bias=False)
-        self.v = nn.Linear(kv_dim, dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        assert head_dim or dim % heads == 0, f"dim {dim} not divisible by heads {heads}"
+        self.heads, self.head_dim = heads, head_dim or dim // heads
+        inner, kv_dim = heads * self.head_dim, context_dim or dim
+        self.q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.v = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.out = nn.Linear(inner, dim, bias=out_bias)
 
-    def forward(self, x, context=None, context_mask=None):
-        """:param x: (B, N, dim); context: (B, M, context_dim); context_mask: (B, M) bool."""
-        B, N, C = x.shape
+    def forward(self, x, context=None, context_mask=None, bias=None, causal=False, scale=None):
+        """
+        :param x: (B, N, dim) queries' source.
+        :param context: (B, M, context_dim) keys' and values' source; None attends to x itself.
+        :param context_mask: optional (B, M) bool, True at real tokens (for self-attention, M = N).
+        :param bias, causal, scale: passed to attention() (T5's position bias, CLIP's causal mask).
+        """
+        B, N, _ = x.shape
         context = x if context is None else context
-        split = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, H, L, D)
+        split = lambda t: t.view(B, t.shape[1], self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
-        h = attention(q, k, v, key_padding_mask=context_mask)  # (B, H, N, D)
-        return self.out(h.transpose(1, 2).reshape(B, N, C))
+        h = attention(q, k, v, key_padding_mask=context_mask, bias=bias, causal=causal, scale=scale)  # (B, H, N, Dh)
+        return self.out(h.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 
 class SpatialSelfAttention(nn.Module):
