@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The whole Emu recipe on the toy world, end to end, on a CPU:
 # data -> autoencoder -> pretraining -> quality-tuning -> sampling -> pairwise evaluation.
-# Creates .venv with the pinned requirements on first use. Extra arguments are not passed on:
+# Creates .venv with the pinned requirements (and the test-only ones) on first use. Extra arguments are not passed on:
 # run the scripts one by one to change their flags (each has --help).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 fi
 py=.venv/bin/python
 step() { echo; echo "== $*"; local t0=$SECONDS; "$py" "$@"; echo "   ($((SECONDS - t0)) s)"; }

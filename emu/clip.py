@@ -272,8 +272,10 @@ def _tower_config(cls, path, section):
     """The config of one tower: a CLIPModel's `section` ("text_config"), or a flat single-tower config."""
     raw, file = read_config(path)
     values = dict(raw.get(section, raw))
-    if "projection_dim" in raw:  # CLIPModel keeps it at the top level
-        values.setdefault("projection_dim", raw["projection_dim"])
+    if section in raw and "projection_dim" in raw:
+        # A CLIPModel's projections are sized by its top-level projection_dim; the copies inside
+        # text_config and vision_config can be stale defaults (transformers writes 512 there).
+        values["projection_dim"] = raw["projection_dim"]
     config = config_from_dict(cls, values, file)
     if config.hidden_act not in ("quick_gelu", "gelu"):
         raise EmuError(f"{file}: hidden_act {config.hidden_act!r} is not supported")
