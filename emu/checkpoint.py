@@ -9,9 +9,10 @@ import os
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from emu import EmuError
+from emu.hf import read_safetensors
 
 
 def _atomic_write(path, write):
@@ -67,14 +68,12 @@ def save_weights(path, state_dict, metadata=None):
 
 
 def load_weights(path):
-    """Read a safetensors file into a CPU state dict; EmuError naming the file if unreadable."""
+    """Read a safetensors file into a CPU state dict; EmuError naming the file (and the tensor) if it
+    is missing, truncated or malformed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise EmuError(f"{path}: weights file not found")
-    try:
-        return load_file(path)
-    except Exception as e:
-        raise EmuError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    return read_safetensors(path)
 
 
 def load_state_dict_checked(model, state_dict, path):

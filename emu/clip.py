@@ -5,6 +5,7 @@ conditions Emu's U-Net. The vision transformer with its projection embeds images
 the curation funnel scores image-caption agreement with it, and Kandinsky's image prior predicts it.
 Both are frozen and read from one Hugging Face CLIPModel directory through explicit key maps.
 """
+import html
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -14,7 +15,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers import models as tokenizer_models
 
 from emu import EmuError
-from emu.hf import config_from_dict, empty_model, load_tokenizer, load_weights, read_config, save_pretrained, set_fixed_length
+from emu.hf import config_from_dict, empty_model, load_tokenizer, load_hf_weights, read_config, save_pretrained, set_fixed_length
 from emu.nn import MultiHeadAttention
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
@@ -210,6 +211,21 @@ def build_toy_clip_tokenizer(captions, vocab_size=CLIP_PRESETS["toy"].vocab_size
     return tokenizer
 
 
+def clip_clean(text):
+    """CLIP's original text cleanup, the part that a tokenizer.json cannot express; emu.hf.tokenize
+    applies it to every caption before a CLIP tokenizer sees it.
+
+    The released tokenizer unescapes HTML entities twice ("&amp;amp;" becomes "&", "&amp;amp;amp;"
+    becomes "&amp;") and lower-cases with Python, whose str.lower() writes a word-final capital sigma
+    as "ς" where the tokenizers library writes "σ". The rest of its cleanup, Unicode NFC and
+    whitespace runs collapsed to one space, is in the published tokenizer.json's normalizer, which
+    runs after this. The original first repairs broken text with ftfy.fix_text (mojibake, curly
+    quotes, ligatures, fullwidth forms); emu does not depend on ftfy and leaves such text as it is.
+    Captions without "&" or upper case come out unchanged.
+    """
+    return html.unescape(html.unescape(text)).lower()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Published layout: one CLIPModel directory holds both towers
 
@@ -295,7 +311,7 @@ def load_clip_text(path, dtype=torch.float32, device="cpu"):
     config = replace(config, bos_token_id=tokenizer.token_to_id(CLIP_BOS), eos_token_id=eos, pad_token_id=eos)
     set_fixed_length(tokenizer, config.max_position_embeddings, CLIP_EOS)
     model = empty_model(CLIPTextModel, config, dtype, device)
-    load_weights(model, path, clip_text_key_map(config), TEXT_SKIPPED)
+    load_hf_weights(model, path, clip_text_key_map(config), TEXT_SKIPPED)
     return model.requires_grad_(False).eval(), tokenizer
 
 
@@ -306,5 +322,5 @@ def load_clip_vision(path, dtype=torch.float32, device="cpu"):
     if config.image_size % config.patch_size:
         raise EmuError(f"{path}: image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
     model = empty_model(CLIPVisionModel, config, dtype, device)
-    load_weights(model, path, clip_vision_key_map(config), VISION_SKIPPED)
+    load_hf_weights(model, path, clip_vision_key_map(config), VISION_SKIPPED)
     return model.requires_grad_(False).eval()

@@ -147,7 +147,7 @@ def find_weight_files(path):
 
 
 @torch.no_grad()
-def load_weights(model, path, key_map, skipped=()):
+def load_hf_weights(model, path, key_map, skipped=()):
     """Fill every parameter of `model` from the checkpoint in `path`, one tensor at a time.
 
     Each tensor is read from disk and copied straight into the parameter, which converts it to the
@@ -256,10 +256,18 @@ def set_fixed_length(tokenizer, length, pad_token):
 
 
 def tokenize(tokenizer, captions, device="cpu"):
-    """Encode a list of captions to fixed-length ids (B, L) long and a real-token mask (B, L) bool."""
+    """Encode a list of captions to fixed-length ids (B, L) long and a real-token mask (B, L) bool.
+
+    A CLIP tokenizer (one that knows <|startoftext|>) first gets the part of CLIP's original cleanup
+    that its tokenizer.json cannot express, emu.clip.clip_clean.
+    """
     if isinstance(captions, str) or len(captions) == 0:
         raise EmuError(f"captions must be a non-empty list of strings, got {captions!r:.80}")
-    encodings = tokenizer.encode_batch(list(captions))
+    captions = list(captions)
+    if tokenizer.token_to_id("<|startoftext|>") is not None:
+        from emu.clip import clip_clean  # imported here because emu.clip imports this module
+        captions = [clip_clean(caption) for caption in captions]
+    encodings = tokenizer.encode_batch(captions)
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device)
     mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool, device=device)
     return ids, mask

@@ -15,7 +15,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers import models as tokenizer_models
 
 from emu import EmuError
-from emu.hf import config_from_dict, empty_model, load_tokenizer, load_weights, read_config, save_pretrained, set_fixed_length
+from emu.hf import config_from_dict, empty_model, load_tokenizer, load_hf_weights, read_config, save_pretrained, set_fixed_length
 from emu.nn import MultiHeadAttention
 
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
@@ -225,7 +225,7 @@ def load_t5_encoder(path, dtype=torch.float32, device="cpu", max_length=T5_LENGT
     tokenizer = load_tokenizer(path, [T5_PAD, T5_EOS], config.vocab_size)
     set_fixed_length(tokenizer, max_length, T5_PAD)
     model = empty_model(T5Encoder, config, dtype, device)
-    load_weights(model, path, t5_key_map(config), T5_SKIPPED)
+    load_hf_weights(model, path, t5_key_map(config), T5_SKIPPED)
     return model.requires_grad_(False).eval(), tokenizer
 
 

@@ -41,7 +41,7 @@ def test_missing_and_garbage_files_name_the_file(tmp_path):
     with pytest.raises(EmuError, match=r"junk\.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(EmuError, match=r"junk\.safetensors: not a readable safetensors file"):
+    with pytest.raises(EmuError, match=r"junk\.safetensors: not a safetensors file"):
         load_weights(tmp_path / "junk.safetensors")
 
 

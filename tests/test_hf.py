@@ -7,7 +7,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from emu import EmuError
-from emu.hf import SafetensorsFile, empty_model, load_weights, read_safetensors
+from emu.hf import SafetensorsFile, empty_model, load_hf_weights, read_safetensors
 
 
 class Tiny(nn.Module):
@@ -57,7 +57,7 @@ def test_reader_matches_the_safetensors_library_for_every_dtype(tmp_path):
 def test_load_weights_converts_to_the_model_dtype(tmp_path):
     write(tmp_path / "m", published())
     model = empty_model(Tiny, None, torch.bfloat16, "cpu")
-    load_weights(model, tmp_path / "m", KEY_MAP)
+    load_hf_weights(model, tmp_path / "m", KEY_MAP)
     assert model.proj.weight.dtype == torch.bfloat16
     assert torch.equal(model.proj.weight, published()["model.proj.weight"].bfloat16())
 
@@ -98,7 +98,7 @@ def test_broken_file_is_one_line_naming_file_and_key(tmp_path, damage, words):
         def overlap(h):
             h["model.norm.bias"]["data_offsets"] = h["model.norm.weight"]["data_offsets"]
         rewrite_header(file, overlap)
-    message = error_of(lambda: load_weights(Tiny(), tmp_path / "m", KEY_MAP))
+    message = error_of(lambda: load_hf_weights(Tiny(), tmp_path / "m", KEY_MAP))
     assert all(word in message for word in words), message
 
 
@@ -119,14 +119,14 @@ def test_wrong_key_shape_or_dtype_names_file_and_key(tmp_path, edit, words):
     else:
         tensors["model.proj.bias"] = torch.arange(3)
     write(tmp_path / "m", tensors)
-    message = error_of(lambda: load_weights(Tiny(), tmp_path / "m", KEY_MAP))
+    message = error_of(lambda: load_hf_weights(Tiny(), tmp_path / "m", KEY_MAP))
     assert "model.safetensors" in message and all(word in message for word in words), message
 
 
 def test_skipped_prefixes_are_read_past(tmp_path):
     write(tmp_path / "m", {**published(), "decoder.anything": torch.zeros(7)})
     model = Tiny()
-    load_weights(model, tmp_path / "m", KEY_MAP, skipped=("decoder.",))
+    load_hf_weights(model, tmp_path / "m", KEY_MAP, skipped=("decoder.",))
     assert torch.equal(model.norm.bias, published()["model.norm.bias"])
 
 
@@ -137,7 +137,7 @@ def test_nothing_is_read_when_any_check_fails(tmp_path):
     write(tmp_path / "m", tensors)
     model = Tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    error_of(lambda: load_weights(model, tmp_path / "m", KEY_MAP))
+    error_of(lambda: load_hf_weights(model, tmp_path / "m", KEY_MAP))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -149,7 +149,7 @@ def test_shard_index_naming_a_key_its_shard_lacks(tmp_path):
     save_file({k: v for k, v in tensors.items() if "norm" in k}, str(directory / "b.safetensors"))
     weight_map = {k: "a.safetensors" for k in tensors}  # wrong: the norm tensors are in b
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    message = error_of(lambda: load_weights(Tiny(), directory, KEY_MAP))
+    message = error_of(lambda: load_hf_weights(Tiny(), directory, KEY_MAP))
     assert "a.safetensors" in message and "model.norm" in message and "not in this shard" in message
 
 

@@ -408,3 +408,19 @@ def test_make_toy_towers_is_deterministic_and_leaves_global_rng_alone(tmp_path):
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
             assert (a[i] / name).read_bytes() == (b[i] / name).read_bytes()
         assert (a[i] / "model.safetensors").read_bytes() != (c[i] / "model.safetensors").read_bytes()
+
+
+def test_clip_preprocess_resizes_short_side_crops_centre_and_normalises():
+    from emu.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
+    grey = torch.full((2, 3, 40, 60), 0.2)  # [-1, 1] images, wider than tall
+    out = clip_preprocess(grey, size=32)
+    expected = (torch.tensor(0.6) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, expected.view(1, 3, 1, 1).expand(2, 3, 32, 32), atol=1e-5, rtol=0)
+    # The crop is the centre: a bright column in the middle survives, the outer columns are cut away.
+    image = torch.full((1, 3, 32, 48), -1.0)
+    image[..., 23:25] = 1.0
+    image[..., :4] = 1.0
+    out = clip_preprocess(image, size=32)
+    lo = (0 - CLIP_MEAN[0]) / CLIP_STD[0]
+    assert out[0, 0, :, 15:17].min() > 0 and torch.allclose(out[0, 0, :, :4], torch.tensor(lo))
