@@ -212,8 +212,8 @@ def build_toy_clip_tokenizer(captions, vocab_size=CLIP_PRESETS["toy"].vocab_size
 
 
 def clip_clean(text):
-    """CLIP's original text cleanup, the part that a tokenizer.json cannot express; emu.hf.tokenize
-    applies it to every caption before a CLIP tokenizer sees it.
+    """CLIP's original text cleanup, the part that a tokenizer.json cannot express: pass it as
+    tokenize(..., clean=clip_clean) so that every caption gets it before the CLIP tokenizer.
 
     The released tokenizer unescapes HTML entities twice ("&amp;amp;" becomes "&", "&amp;amp;amp;"
     becomes "&amp;") and lower-cases with Python, whose str.lower() writes a word-final capital sigma

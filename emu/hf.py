@@ -88,14 +88,12 @@ class SafetensorsFile:
     def read(self, key):
         """Tensor `key` on the CPU in the file's dtype, read with one seek and one read."""
         dtype, shape, begin, end = self.entries[key]
-        buffer = bytearray(end - begin)
+        data = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
-            if f.readinto(buffer) != len(buffer):
+            if f.readinto(memoryview(data.numpy())) != end - begin:
                 raise self.error(f"{key}: file ended while reading; truncated?")
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return data.view(dtype).reshape(shape)
 
 
 def read_safetensors(path):
@@ -255,18 +253,15 @@ def set_fixed_length(tokenizer, length, pad_token):
     tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token)
 
 
-def tokenize(tokenizer, captions, device="cpu"):
+def tokenize(tokenizer, captions, device="cpu", clean=None):
     """Encode a list of captions to fixed-length ids (B, L) long and a real-token mask (B, L) bool.
 
-    A CLIP tokenizer (one that knows <|startoftext|>) first gets the part of CLIP's original cleanup
-    that its tokenizer.json cannot express, emu.clip.clip_clean.
+    :param clean: optional str -> str applied to each caption first: the part of a tokenizer's
+        original text cleanup that its tokenizer.json cannot express (CLIP's is emu.clip.clip_clean).
     """
     if isinstance(captions, str) or len(captions) == 0:
         raise EmuError(f"captions must be a non-empty list of strings, got {captions!r:.80}")
-    captions = list(captions)
-    if tokenizer.token_to_id("<|startoftext|>") is not None:
-        from emu.clip import clip_clean  # imported here because emu.clip imports this module
-        captions = [clip_clean(caption) for caption in captions]
+    captions = [clean(caption) for caption in captions] if clean else list(captions)
     encodings = tokenizer.encode_batch(captions)
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device)
     mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool, device=device)

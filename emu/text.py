@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from emu.clip import CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer, load_clip_text, save_clip
+from emu.clip import CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer, clip_clean, load_clip_text, save_clip
 from emu.hf import tokenize
 from emu.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
 
@@ -99,7 +99,7 @@ class TextEncoder(nn.Module):
     def encode(self, captions):
         """Encode a list of captions ("" is the unconditional prompt) to a float32 TextEmbedding."""
         device = self.clip.token_embedding.weight.device
-        clip_ids, clip_mask = tokenize(self.clip_tokenizer, captions, device)  # (B, 77) each
+        clip_ids, clip_mask = tokenize(self.clip_tokenizer, captions, device, clean=clip_clean)  # (B, 77) each
         t5_ids, t5_mask = tokenize(self.t5_tokenizer, captions, device)  # (B, Lt) each
         # CLIP was trained without a padding mask; being causal, its real tokens never see the padding.
         clip_hidden, pooled = self.clip(clip_ids)
