@@ -37,6 +37,8 @@ def parse_args(argv=None):
                    help="noise offset; the paper uses 0.02 in the final pretraining stage (section 3.2)")
     p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
+    p.add_argument("--text-cache", default=None,
+                   help="caption embeddings from data/embed_captions.py, made with --clip/--t5: the towers are not loaded")
     add_training_flags(p)
     return p.parse_args(argv)
 
@@ -47,7 +49,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
 
     # frozen parts, data and model
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device)
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_cache)
     if not os.path.isdir(args.data):
         raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
     data = ImageCaptionFolder(args.data, args.image_size, skip_bad=True)  # a broken file is counted, not fatal
@@ -83,8 +85,8 @@ def main(args):
             losses, t0 = [], time.time()
         if step % args.save_every == 0 or step == args.steps:
             save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
-                                skipped=batches.skipped)
-    print(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped_summary()}")
+                                skipped=dict(batches.skipped))
+    print(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped.summary()}")
 
 
 if __name__ == "__main__":

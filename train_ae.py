@@ -23,7 +23,7 @@ import torch
 from emu import EmuError
 from emu.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, save_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
-from emu.data import EpochBatches, ImageCaptionFolder, collate
+from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.metrics import psnr, ssim
 from emu.perceptual import PerceptualLoss
 from emu.training import resume_path
@@ -93,12 +93,19 @@ def main(args):
     # data: the last --holdout images are only ever evaluated on
     if not os.path.isdir(args.data):
         raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
-    data = ImageCaptionFolder(args.data, args.image_size)
+    data = ImageCaptionFolder(args.data, args.image_size, skip_bad=True)  # a broken file is left out, not fatal
     n_train = len(data) - args.holdout
     if n_train < args.bs or args.holdout < 1:
         raise EmuError(f"{args.data}: {len(data)} images is too few for --holdout {args.holdout} and --bs {args.bs}")
     train_set = torch.utils.data.Subset(data, range(n_train))
-    heldout = data.load_all(n_train)  # (holdout, 3, H, W)
+    heldout = data.load_all(n_train)  # (holdout - unusable ones, 3, H, W)
+    bad = [item for i, item in sorted(data.skipped.items()) if i >= n_train]
+    if len(heldout) == 0:
+        raise EmuError(f"none of the {args.holdout} held-out samples could be used, e.g. {bad[0].path}: {bad[0].reason}")
+    if bad:
+        held_out_skips = SkipLog(show=0)
+        held_out_skips.note(bad)
+        print(f"held-out set of {args.holdout}: {held_out_skips.summary()}, e.g. {bad[0].path}")
 
     # models, losses, optimisers
     overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
@@ -136,9 +143,15 @@ def main(args):
     # train
     ae.train()
     t0, logs = time.time(), []
-    for images, _ in loader:
+    skipped = SkipLog()  # unusable training samples, counted by reason
+    for batch in loader:
         if step >= args.steps:
             break
+        skipped.note(batch.skipped)
+        images = batch[0]
+        if len(images) == 0:  # every sample unusable: a step without an update keeps resume in step
+            step += 1
+            continue
         lr = learning_rate(step, args)
         for group in opt.param_groups + opt_disc.param_groups:
             group["lr"] = lr
@@ -184,7 +197,7 @@ def main(args):
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  scale_factor {metrics['scale_factor']:.4f}")
-    print(f"saved the autoencoder to {args.out}")
+    print(f"saved the autoencoder to {args.out}; training data: {skipped.summary()}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 The checkpoint is synthetic but has the real shapes and layout: google/t5-v1_1-xxl's encoder keys,
 float32 as published, in shards of --shard-gb with a model.safetensors.index.json. It is written
 lazily, one shard in memory at a time. Each load then runs in a fresh process, which reports its
-peak resident memory (ru_maxrss):
+peak resident memory (VmHWM):
   ours       emu.t5.load_t5_encoder: empty bf16 model, then one tensor at a time with plain reads
   reference  the same empty bf16 model filled through the safetensors library's memory-mapped
              safe_open, shard by shard (what a straightforward loader does)
@@ -14,7 +14,6 @@ The ratio to report is ours / bf16 weight bytes; the reference shows what the pl
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--dir", required=True, help="where the synthetic checkpoint is (or will be) written")
     p.add_argument("--preset", default="t5-v1_1-xxl", choices=sorted(T5_PRESETS), help="encoder shapes")
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size of the synthetic checkpoint")
-    p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "reference", "baseline"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -95,15 +94,27 @@ def load_reference(directory):
     return model
 
 
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM; ru_maxrss would include the parent's
+    peak, which Linux carries across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(args):
     t0 = time.time()
+    if args.child == "baseline":
+        print(json.dumps({"peak": peak_rss()}))
+        return
     if args.child == "ours":
         model, _ = load_t5_encoder(args.dir, dtype=torch.bfloat16)
     else:
         model = load_reference(Path(args.dir))
     seconds = time.time() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_rss()
     print(json.dumps({"peak": peak, "weights": weights, "seconds": seconds}))
 
 
@@ -115,9 +126,9 @@ def measure(args, which):
 
 def baseline_rss():
     """Resident memory of a process that has only imported torch and emu: not the loader's doing."""
-    code = "import resource, torch, emu.t5; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
-    root = Path(__file__).resolve().parent.parent
-    return int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root).stdout)
+    out = subprocess.run([sys.executable, __file__, "--dir", "-", "--child", "baseline"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"]
 
 
 def main(args):

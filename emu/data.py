@@ -3,9 +3,32 @@
 This is the img2dataset / WebDataset naming, unpacked into a folder; the toy world is written in
 the same layout, so the toy pipeline and a real one read data through the same code.
 Images come out as float tensors in [-1, 1], resized on the short side and centre-cropped.
+
+A web crawl holds every kind of broken file. What happens to each, case by case: "skipped" means that
+ImageCaptionFolder(skip_bad=True) gives Skipped(file, reason) for the sample, which batches list and
+training counts by reason; with skip_bad=False the same case is a one-line EmuError naming the file.
+- image missing, empty, truncated, of an unknown format or over MAX_PIXELS: skipped (see open_rgb);
+- caption file missing: skipped, "caption file not found";
+- caption empty, whitespace-only, or nothing left once cleaned: skipped, "caption is empty"
+  (not kept as the unconditional prompt: see read_caption);
+- caption not valid UTF-8: skipped, "caption is not valid UTF-8 text" (guessing the encoding
+  would turn the text into nonsense the model learns from);
+- control characters in a caption (C0 and C1 controls, DEL, NUL), zero-width and bidi formatting
+  characters, the byte-order mark: removed, the caption is kept (see clean_caption);
+- runs of whitespace (newlines, tabs, no-break spaces...): one space;
+- overlong caption: kept; only its first MAX_CAPTION_BYTES are read (a 2 GB file is not loaded),
+  and the tokenizers cut it to their length, keeping the end token;
+- key.json malformed (not JSON, not an object, over MAX_METADATA_BYTES): skipped, "metadata is not
+  valid JSON", whether or not the caption comes from it;
+- caption taken from key.json (caption_field): the same cleaning and cases as key.txt; a field that
+  is absent or not a string is skipped, "no '<field>' caption in metadata".
 """
+import codecs
 import json
 import os
+from collections import Counter
+import unicodedata
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -17,19 +40,33 @@ from emu import EmuError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Images
+
 # Larger images are refused from their header, before any pixel is decoded: a few-kB PNG can claim
 # 100000 x 100000 pixels (a "decompression bomb") and would take tens of GB to decode. 2**26 pixels is
 # 8192 x 8192, above any photo a text-to-image dataset keeps.
 MAX_PIXELS = 2 ** 26
 
 
-class BadImage(EmuError):
-    """An image file that cannot be used. `reason` is a short category, for counting skipped files."""
+class BadFile(EmuError):
+    """A file of a sample that cannot be used. `reason` is a short category, for counting skipped files."""
+
+    def __init__(self, path, reason, detail="", message=None):
+        super().__init__(f"{path}: {message or reason}" + (f" ({detail})" if detail else ""))
+        self.path, self.reason = path, reason
+
+
+class BadImage(BadFile):
+    """An image file that cannot be used (see open_rgb)."""
 
     def __init__(self, path, reason, detail=""):
         unreadable = reason in ("empty file", "unknown format", "truncated or corrupt")
-        super().__init__(f"{path}: {'not a readable image: ' if unreadable else ''}{reason}" + (f" ({detail})" if detail else ""))
-        self.path, self.reason = path, reason
+        super().__init__(path, reason, detail, f"not a readable image: {reason}" if unreadable else reason)
+
+
+class BadCaption(BadFile):
+    """A caption file (key.txt) or metadata file (key.json) that cannot be used (see read_caption)."""
 
 
 def open_rgb(path, max_pixels=MAX_PIXELS):
@@ -44,14 +81,17 @@ def open_rgb(path, max_pixels=MAX_PIXELS):
     try:
         if os.path.getsize(path) == 0:
             raise BadImage(path, "empty file")
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise BadImage(path, "too many pixels", f"{w}x{h} is over {max_pixels}; refused before decoding")
-            im.load()  # the first frame of an animation
-            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag; 1 = upright
-                im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with warnings.catch_warnings():
+            # Pillow warns of damage it reads past (a corrupt EXIF block...): a log line per broken web file.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise BadImage(path, "too many pixels", f"{w}x{h} is over {max_pixels}; refused before decoding")
+                im.load()  # the first frame of an animation
+                if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag; 1 = upright
+                    im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
     except BadImage:
         raise
     except FileNotFoundError:
@@ -101,34 +141,120 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def read_caption(path):
-    """Read a caption file; EmuError naming the file if it is missing, undecodable or empty."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = " ".join(f.read().split())
-    except FileNotFoundError:
-        raise EmuError(f"{path}: caption file not found") from None
-    except UnicodeDecodeError:
-        raise EmuError(f"{path}: caption is not valid UTF-8 text") from None
-    if not text:
-        raise EmuError(f"{path}: caption is empty")
+# ----------------------------------------------------------------------------------------------------
+# Captions and metadata
+
+# A caption file is read no further than this: a few hundred bytes is a long caption, and both
+# tokenizers keep 77 tokens of it. A metadata file larger than the bound is refused instead, since
+# cut JSON does not parse.
+MAX_CAPTION_BYTES = 64 * 2**10
+MAX_METADATA_BYTES = 2**20
+
+# What clean_caption removes: control characters (Cc: C0, DEL, C1; NUL among them), formatting
+# characters (Cf: zero-width spaces and joiners, bidi marks, embeddings, overrides and isolates, the
+# byte-order mark, soft hyphens) and lone surrogates (Cs: JSON's \ud800 escapes make them, and no
+# tokenizer accepts them). Whitespace among the controls (tab, newline...) counts as whitespace.
+REMOVED_CATEGORIES = ("Cc", "Cf", "Cs")
+
+
+def clean_caption(text):
+    """Caption text as the tokenizers get it: control and formatting characters removed (see
+    REMOVED_CATEGORIES), every run of whitespace made one space, none at the ends."""
+    text = " ".join(text.split())
+    if not text.isprintable():  # most captions are; only the others are looked at character by character
+        text = " ".join("".join(c for c in text if unicodedata.category(c) not in REMOVED_CATEGORIES).split())
     return text
+
+
+def read_caption(path, max_bytes=MAX_CAPTION_BYTES):
+    """Read a caption file as one clean line of text (see clean_caption).
+
+    Only the first `max_bytes` are read; the tokenizers cut a long caption to their length anyway.
+    Raises BadCaption naming the file if it is missing, unreadable, not UTF-8, or empty once cleaned.
+    An empty caption is not taken as the unconditional prompt: the model learns that one from caption
+    dropout, at the rate --caption-dropout sets. On the web an empty caption is a failed scrape, and
+    keeping those would raise the unconditional rate by an unknown and unseen amount.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise BadCaption(path, "caption file not found") from None
+    except OSError as e:
+        raise BadCaption(path, "caption file unreadable", e.strerror) from None
+    try:
+        # The cut may fall inside a character: the incremental decoder leaves an unfinished last one out.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data[:max_bytes], final=len(data) <= max_bytes)
+    except UnicodeDecodeError as e:
+        raise BadCaption(path, "caption is not valid UTF-8 text", f"byte {e.start}") from None
+    caption = clean_caption(text)
+    if not caption:
+        raise BadCaption(path, "caption is empty", "only whitespace or control characters" if data else "")
+    return caption
+
+
+def read_metadata(path, max_bytes=MAX_METADATA_BYTES):
+    """A sample's metadata (key.json) as a dict, {} when there is no such file.
+
+    Raises BadCaption naming the file if it cannot be read, is over `max_bytes`, or is not a JSON object.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise BadCaption(path, "metadata file unreadable", e.strerror) from None
+    if len(data) > max_bytes:
+        raise BadCaption(path, "metadata is not valid JSON", f"over {max_bytes} bytes")
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8; RecursionError, deep nesting
+        raise BadCaption(path, "metadata is not valid JSON", str(e)[:120]) from None
+    if not isinstance(meta, dict):
+        raise BadCaption(path, "metadata is not valid JSON", f"a {type(meta).__name__}, not an object")
+    return meta
+
+
+def caption_from_metadata(meta, field, path):
+    """The caption in metadata field `field` (of the file `path`), cut and cleaned as read_caption does.
+
+    Raises BadCaption naming the file if the field is absent or not a string, or empty once cleaned.
+    """
+    value = meta.get(field)
+    if not isinstance(value, str):
+        detail = "" if value is None else f"a {type(value).__name__}, not a string"
+        raise BadCaption(path, f"no '{field}' caption in metadata", detail)
+    caption = clean_caption(value[:MAX_CAPTION_BYTES])
+    if not caption:
+        raise BadCaption(path, "caption is empty", f"in '{field}'")
+    return caption
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataset and its batches
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """Every `key.<image ext>` in `root`, each with its caption in `key.txt` beside it.
 
-    Captions (and metadata, when `key.json` exists) are read when the dataset is built, so an empty
-    or missing caption is reported before training starts; images are decoded on access.
+    Captions (and metadata, when `key.json` exists) are read when the dataset is built, so a bad
+    caption is reported (or, with skip_bad, known) before training starts; images are decoded on
+    access. The module docstring lists what happens to each kind of bad file.
 
     :param root: the folder.
     :param image_size: side of the square crops returned.
     :param keys: optional subset (and order) of keys to use.
     :param caption_field: read the caption from this metadata field instead of `key.txt`
         (quality-tuning uses the curated, accurate captions).
-    :param skip_bad: an image that cannot be used (see open_rgb) comes back as a Skipped item,
-        which `collate` leaves out of the batch and lists in `batch.skipped`, instead of raising
-        BadImage. Training on web data wants this: one broken file in a billion must not stop it.
+    :param skip_bad: a sample that cannot be used (its image, caption or metadata is bad) comes back
+        as a Skipped item, which `collate` leaves out of the batch and lists in `batch.skipped`,
+        instead of raising BadImage or BadCaption. Training on web data wants this: one broken file
+        in a billion must not stop it.
+
+    `skipped` maps the index of every sample known to be unusable to its Skipped item: the bad
+    captions and metadata met when the dataset was built, and the bad images load_all met. (Images
+    decoded by __getitem__, maybe in a loader worker, are not entered: batches report those.)
     """
 
     def __init__(self, root, image_size, keys=None, caption_field=None, skip_bad=False):
@@ -147,32 +273,28 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         if missing:
             raise EmuError(f"{os.path.join(root, missing[0])}: image file not found")
         self.files = [os.path.join(root, images[k]) for k in self.keys]
-        self.meta = [self._read_meta(k) for k in self.keys]
-        if caption_field is None:
-            self.captions = [read_caption(os.path.join(root, k + ".txt")) for k in self.keys]
-        else:
-            self.captions = [self._caption_from_meta(k, m, caption_field) for k, m in zip(self.keys, self.meta)]
-
-    def _read_meta(self, key):
-        path = os.path.join(self.root, key + ".json")
-        if not os.path.exists(path):
-            return {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise EmuError(f"{path}: metadata is not valid JSON ({str(e)[:120]})") from None
-
-    def _caption_from_meta(self, key, meta, field):
-        text = " ".join(str(meta.get(field, "")).split())
-        if not text:
-            raise EmuError(f"{os.path.join(self.root, key + '.json')}: no '{field}' caption in metadata")
-        return text
+        self.captions, self.meta, self.skipped = [], [], {}  # a skipped sample's caption is None, its metadata {}
+        for i, key in enumerate(self.keys):
+            stem = os.path.join(root, key)
+            try:
+                meta = read_metadata(stem + ".json")
+                if caption_field is None:
+                    caption = read_caption(stem + ".txt")
+                else:
+                    caption = caption_from_metadata(meta, caption_field, stem + ".json")
+            except BadCaption as e:
+                if not skip_bad:
+                    raise
+                caption, meta, self.skipped[i] = None, {}, Skipped(e.path, e.reason)
+            self.captions.append(caption)
+            self.meta.append(meta)
 
     def __len__(self):
         return len(self.keys)
 
     def __getitem__(self, i):
+        if self.captions[i] is None:  # its caption or metadata is bad (skip_bad)
+            return self.skipped[i % len(self)]
         try:
             return load_image(self.files[i], self.image_size), self.captions[i]
         except BadImage as e:
@@ -181,12 +303,24 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             return Skipped(e.path, e.reason)
 
     def load_all(self, start=0, stop=None):
-        """Images start..stop (default: all) as one (N, 3, H, W) tensor, for small sets and filters."""
-        return torch.stack([load_image(f, self.image_size) for f in self.files[start:stop]])
+        """Images start..stop (default: all) as one (N, 3, H, W) tensor, for small sets and filters.
+
+        With skip_bad, unusable samples are left out, so N may be smaller (even 0), and entered in
+        `skipped`: a caller counts them there, and lines the images up with keys and captions.
+        """
+        images = []
+        for i in range(len(self))[start:stop]:
+            item = self[i]
+            if isinstance(item, Skipped):
+                self.skipped[i] = item
+            else:
+                images.append(item[0])
+        return torch.stack(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
 
 
 class Skipped(NamedTuple):
-    """What ImageCaptionFolder(skip_bad=True) returns for an image it cannot use."""
+    """What ImageCaptionFolder(skip_bad=True) returns for a sample it cannot use: the bad file (its
+    image, key.txt or key.json) and the reason, a short category such as "caption is empty"."""
     path: str
     reason: str
 
@@ -201,6 +335,32 @@ class Batch(tuple):
 
     def __reduce__(self):  # keeps .skipped when a loader worker sends the batch to the main process
         return Batch, (self[0], self[1], self.skipped)
+
+
+class SkipLog(dict):
+    """The unusable samples met so far, {file: reason}; the first `show` are printed as they are met.
+
+    A plain dict to everything else: save dict(log) in a checkpoint, update() it on resume.
+    """
+
+    def __init__(self, show=10):
+        super().__init__()
+        self.show = show
+
+    def note(self, skipped):
+        """Enter Skipped items (a batch's .skipped), each file once."""
+        for item in skipped:
+            if item.path not in self:
+                self[item.path] = item.reason
+                if len(self) <= self.show:
+                    print(f"skipping {item.path}: {item.reason}" + (" (further ones are only counted)" if len(self) == self.show else ""))
+
+    def summary(self):
+        """One line: how many unusable samples were left out, by reason."""
+        if not self:
+            return "no unusable samples"
+        by_reason = Counter(self.values()).most_common()
+        return f"skipped {len(self)} unusable samples (" + ", ".join(f"{r}: {n}" for r, n in by_reason) + ")"
 
 
 def collate(items):
@@ -234,6 +394,10 @@ class EpochBatches(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
             step += 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and image files
 
 
 def read_prompts(path):

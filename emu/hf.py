@@ -14,6 +14,7 @@ file and the key. Pickled checkpoints (pytorch_model.bin) are refused: unpicklin
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -33,6 +34,7 @@ SAFETENSORS_DTYPES = {
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
+SCRATCH_BYTES = 16 * 2**20  # the chunk load_hf_weights reads at a time
 
 
 class SafetensorsFile:
@@ -86,14 +88,50 @@ class SafetensorsFile:
         return dtype, shape, begin, end
 
     def read(self, key):
-        """Tensor `key` on the CPU in the file's dtype, read with one seek and one read."""
+        """Tensor `key` on the CPU in the file's dtype."""
+        return self.read_rows(key, 0, None)
+
+    def read_rows(self, key, start, stop, file=None):
+        """Rows start..stop (along the first dimension; stop None: to the end) of tensor `key`, on the
+        CPU in the file's dtype, with one seek and one read. `file`: this file already open, to reuse."""
         dtype, shape, begin, end = self.entries[key]
-        data = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: the read fills it
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(memoryview(data.numpy())) != end - begin:
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        data = out.view(-1).view(torch.uint8)  # the same memory, as bytes for the read to fill
+        with (open(self.path, "rb", buffering=0) if file is None else nullcontext(file)) as f:
+            self._read_exactly(f, self.data_start + begin + start * row_bytes, memoryview(data.numpy()), key)
+        return out
+
+    def copy_into(self, key, out, scratch):
+        """Copy tensor `key` into `out` (a contiguous tensor of the same shape, any dtype, any device),
+        converting as it goes, one chunk of the file at a time.
+
+        :param scratch: a reusable uint8 CPU buffer; each chunk is its size. Reusing one buffer for a
+            whole checkpoint keeps the extra memory to that buffer and spares the kernel from handing
+            out (and zeroing) fresh pages for every tensor.
+        """
+        dtype, shape, begin, end = self.entries[key]
+        if out.shape != shape:
+            raise ValueError(f"{key}: cannot copy {list(shape)} into {list(out.shape)}")
+        chunk = len(scratch) - len(scratch) % dtype.itemsize  # whole elements per chunk
+        flat = out.view(-1)
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, end - begin, chunk):
+                n = min(chunk, end - begin - start)
+                self._read_exactly(f, self.data_start + begin + start, memoryview(scratch.numpy())[:n], key)
+                first = start // dtype.itemsize
+                flat[first:first + n // dtype.itemsize].copy_(scratch[:n].view(dtype))
+
+    def _read_exactly(self, f, offset, buffer, key):
+        """Fill `buffer` from byte `offset` of the open file `f`."""
+        f.seek(offset)
+        got = 0
+        while got < len(buffer):  # a read may return less than asked; only 0 means the file ended
+            n = f.readinto(buffer[got:])
+            if not n:
                 raise self.error(f"{key}: file ended while reading; truncated?")
-        return data.view(dtype).reshape(shape)
+            got += n
 
 
 def read_safetensors(path):
@@ -173,8 +211,9 @@ def load_hf_weights(model, path, key_map, skipped=()):
         if not dtype.is_floating_point:
             raise file.error(f"{theirs} is {str(dtype).removeprefix('torch.')}, expected a floating-point tensor")
     in_file_order = sorted(plan.items(), key=lambda item: (str(files[item[1]].path), files[item[1]].entries[item[1]][2]))
+    scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
     for ours, theirs in in_file_order:  # sequential reads, shard after shard
-        params[ours].copy_(files[theirs].read(theirs))
+        files[theirs].copy_into(theirs, params[ours], scratch)
 
 
 def empty_model(cls, config, dtype, device):

@@ -13,12 +13,19 @@ from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
 from emu.text import TextEncoder
+from emu.text_cache import load_text_cache
 from emu.unet import PRESETS, UNet, UNetConfig
 
 
-def load_frozen_parts(ae_dir, clip_dir, t5_dir, device):
-    """The frozen autoencoder and text encoder the U-Net is trained against."""
+def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_cache=None):
+    """The frozen autoencoder and text encoder the U-Net is trained against.
+
+    With `text_cache` (a directory written by data/embed_captions.py) the towers are not loaded: the
+    cache, checked to come from the towers in clip_dir and t5_dir, supplies every embedding.
+    """
     ae = load_autoencoder(ae_dir, device=device)
+    if text_cache:
+        return ae, load_text_cache(text_cache, clip_dir, t5_dir)
     text_encoder = TextEncoder.load(clip_dir, t5_dir, device=device)
     return ae, text_encoder
 

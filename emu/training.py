@@ -4,14 +4,13 @@ everything needed to resume exactly.
 """
 import copy
 import os
-from collections import Counter
 from dataclasses import fields
 
 import torch
 
 from emu import EmuError
 from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
-from emu.data import EpochBatches, collate
+from emu.data import EpochBatches, SkipLog, collate
 from emu.text import TextEmbedding
 
 
@@ -83,11 +82,11 @@ class LatentBatches:
     def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
         self.device = next(ae.parameters()).device
-        self.skipped = {}
+        self.skipped = SkipLog()
         probe = collate([data[i] for i in range(min(len(data), 8))])
-        self._note(probe.skipped)
+        self.skipped.note(probe.skipped)
         if not probe[1]:
-            raise EmuError(f"none of the first {min(len(data), 8)} images could be read, e.g. {probe.skipped[0].path}: "
+            raise EmuError(f"none of the first {min(len(data), 8)} samples could be used, e.g. {probe.skipped[0].path}: "
                            f"{probe.skipped[0].reason}")
         latent, text = self.encode(*probe)
         self.empty = self.text_encoder.encode([""]).to(self.device)
@@ -97,7 +96,7 @@ class LatentBatches:
             chunks = []
             for start in range(0, len(data), 256):
                 batch = collate([data[i] for i in range(start, min(start + 256, len(data)))])
-                self._note(batch.skipped)
+                self.skipped.note(batch.skipped)
                 if batch[1]:
                     chunks.append(self.encode(*batch))
             self.cache = torch.cat([c[0] for c in chunks]), TextEmbedding.cat([c[1] for c in chunks]).without_padding()
@@ -116,30 +115,16 @@ class LatentBatches:
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.workers,
                                                  collate_fn=collate)
             for batch in loader:
-                self._note(batch.skipped)
+                self.skipped.note(batch.skipped)
                 if not batch[1]:
-                    raise EmuError(f"every image of a batch was unreadable, e.g. {batch.skipped[0].path}: "
+                    raise EmuError(f"every sample of a batch was unusable, e.g. {batch.skipped[0].path}: "
                                    f"{batch.skipped[0].reason}; check the data")
                 yield self.encode(*batch)
-
-    def _note(self, skipped, show=10):
-        for item in skipped:
-            if item.path not in self.skipped:
-                self.skipped[item.path] = item.reason
-                if len(self.skipped) <= show:
-                    print(f"skipping {item.path}: {item.reason}" + (" (further ones are only counted)" if len(self.skipped) == show else ""))
-
-    def skipped_summary(self):
-        """One line: how many unusable images were left out, by reason."""
-        if not self.skipped:
-            return "no unusable images"
-        by_reason = Counter(self.skipped.values())
-        return f"skipped {len(self.skipped)} unusable images (" + ", ".join(f"{r}: {n}" for r, n in by_reason.most_common()) + ")"
 
     def describe(self):
         if self.cache is not None:
             return (f"{len(self.cache[0])} images, encoded once, up front; the cache takes {self.cache_mb:.0f} MB; "
-                    + self.skipped_summary())
+                    + self.skipped.summary())
         return f"{len(self.data)} images, encoded batch by batch; a cache would take {self.cache_mb:.0f} MB (> --cache-mb)"
 
 

@@ -86,11 +86,11 @@ def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(worl
     common = ["--data", str(data), "--bs", "8", "--save-every", "2", *frozen, "--out", f"{tmp_path}/pre"]
     out = run("pretrain.py", *common, "--steps", "2")
     assert f"skipping {data / '000005.png'}: truncated or corrupt" in out
-    assert "skipped 2 unusable images (" in out and "truncated or corrupt: 1" in out and "empty file: 1" in out
+    assert "skipped 2 unusable samples (" in out and "truncated or corrupt: 1" in out and "empty file: 1" in out
     assert "94 images, encoded once" in out
     # resumed, and now streaming batch by batch: the count comes back from the checkpoint
     out = run("pretrain.py", *common, "--steps", "4", "--resume", "auto", "--cache-mb", "0")
-    assert "resumed from" in out and "encoded batch by batch" in out and "skipped 2 unusable images" in out
+    assert "resumed from" in out and "encoded batch by batch" in out and "skipped 2 unusable samples" in out
     assert torch.load(f"{tmp_path}/pre/ckpt.pt", weights_only=True)["skipped"] == {
         str(data / "000005.png"): "truncated or corrupt", str(data / "000009.png"): "empty file"}
 

@@ -92,7 +92,7 @@ def test_unusable_images_are_left_out_and_counted(frozen, capsys):
     good = torch.stack([items[i][0] for i in range(12) if i not in (2, 7)])
     torch.testing.assert_close(cached.cache[0], ae.encode(good), rtol=1e-5, atol=1e-5)
     assert cached.skipped == {"img2.png": "truncated or corrupt", "img7.png": "truncated or corrupt"}
-    assert cached.skipped_summary() == "skipped 2 unusable images (truncated or corrupt: 2)"
+    assert cached.skipped.summary() == "skipped 2 unusable samples (truncated or corrupt: 2)"
     assert "skipping img2.png: truncated or corrupt" in capsys.readouterr().out
 
     streamed = LatentBatches(data, ae, text_encoder, batch_size=4, seed=0, cache_mb=0)
@@ -101,7 +101,7 @@ def test_unusable_images_are_left_out_and_counted(frozen, capsys):
     assert set(streamed.skipped) == {"img2.png", "img7.png"}
 
     hopeless = WithBadFiles(items, bad=set(range(1, 12)))  # only image 0 is readable
-    with pytest.raises(EmuError, match="every image of a batch was unreadable"):
+    with pytest.raises(EmuError, match="every sample of a batch was unusable"):
         list(zip(range(6), LatentBatches(hopeless, ae, text_encoder, batch_size=4, seed=0, cache_mb=0)))
 
 
