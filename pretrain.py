@@ -49,7 +49,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
 
     # frozen parts, data and model
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_cache)
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
     if not os.path.isdir(args.data):
         raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
     data = ImageCaptionFolder(args.data, args.image_size, skip_bad=True)  # a broken file is counted, not fatal

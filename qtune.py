@@ -101,7 +101,7 @@ def main(args):
     pre_args = pre["args"]
     for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
         setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_cache)
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
     diffusion = diffusion_from_args(args)
     unet = unet_from_checkpoint(pre, args.pretrained, weights="ema").to(device).requires_grad_(True)
 

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from emu import EmuError  # noqa: E402
 from emu.data import ImageCaptionFolder, read_prompts  # noqa: E402
-from emu.text_cache import DTYPES, TextEmbeddingCache, write_text_cache  # noqa: E402
+from emu.text import TEXT_DTYPES  # noqa: E402
+from emu.text_cache import TextEmbeddingCache, write_text_cache  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/text-cache", help="cache directory (created, or added to)")
     p.add_argument("--bs", type=int, default=64, help="captions per forward pass of the towers")
     p.add_argument("--shard-size", type=int, default=1024, help="captions per shard file (the unit of resuming)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype the towers run and are stored in")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(TEXT_DTYPES),
+                   help="dtype the towers run and are stored in: the training scripts' --text-dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     return p.parse_args(argv)
 
@@ -44,11 +46,13 @@ def read_captions(folders, caption_field, prompt_files):
     """Every caption training reads from `folders` (read as ImageCaptionFolder reads them), then the prompts."""
     captions = []
     for root in folders:
-        folder = ImageCaptionFolder(root, image_size=0)  # only captions are read; images stay on disk
-        captions += folder.captions
+        # Only captions are read; images stay on disk. A bad caption is skipped, as training skips it.
+        folder = ImageCaptionFolder(root, image_size=0, skip_bad=True)
+        found = list(folder.captions)
         keys = [key for key, meta in zip(folder.keys, folder.meta) if caption_field and caption_field in meta]
         if keys:
-            captions += ImageCaptionFolder(root, image_size=0, keys=keys, caption_field=caption_field).captions
+            found += ImageCaptionFolder(root, image_size=0, keys=keys, caption_field=caption_field, skip_bad=True).captions
+        captions += [caption for caption in found if caption is not None]
     for path in prompt_files:
         captions += [prompt for prompt, _ in read_prompts(path)]
     return captions
@@ -57,7 +61,7 @@ def read_captions(folders, caption_field, prompt_files):
 def main(args):
     captions = read_captions(args.data, args.caption_field, args.prompts)
     print(f"{len(set(captions))} distinct captions in {', '.join(args.data + args.prompts)}")
-    computed = write_text_cache(args.out, captions, args.clip, args.t5, dtype=DTYPES[args.dtype], device=args.device,
+    computed = write_text_cache(args.out, captions, args.clip, args.t5, dtype=TEXT_DTYPES[args.dtype], device=args.device,
                                 batch_size=args.bs, shard_size=args.shard_size)
     cache = TextEmbeddingCache(args.out)
     print(f"computed {computed} embeddings; {args.out} holds {len(cache)} captions in {len(cache.shards)} shards "

@@ -298,7 +298,7 @@ def _tower_config(cls, path, section):
     return config
 
 
-def load_clip_text(path, dtype=torch.float32, device="cpu"):
+def load_clip_text(path, dtype=torch.bfloat16, device="cpu"):
     """Load a frozen CLIPTextModel and its tokenizer (padding to 77) from a Hugging Face directory.
 
     Accepts a full CLIPModel (config with "text_config") or a flat CLIPTextModelWithProjection. The
@@ -315,7 +315,7 @@ def load_clip_text(path, dtype=torch.float32, device="cpu"):
     return model.requires_grad_(False).eval(), tokenizer
 
 
-def load_clip_vision(path, dtype=torch.float32, device="cpu"):
+def load_clip_vision(path, dtype=torch.bfloat16, device="cpu"):
     """Load a frozen CLIPVisionModel (with its projection) from a CLIPModel or
     CLIPVisionModelWithProjection directory."""
     config = _tower_config(CLIPVisionConfig, path, "vision_config")

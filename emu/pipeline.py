@@ -12,22 +12,23 @@ from emu import EmuError
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
-from emu.text import TextEncoder
+from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
 from emu.unet import PRESETS, UNet, UNetConfig
 
 
-def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_cache=None):
+def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None):
     """The frozen autoencoder and text encoder the U-Net is trained against.
 
+    The towers run in `text_dtype` ("bfloat16" or "float32"; embeddings come out float32 either way).
     With `text_cache` (a directory written by data/embed_captions.py) the towers are not loaded: the
-    cache, checked to come from the towers in clip_dir and t5_dir, supplies every embedding.
+    cache, checked to come from the towers in clip_dir and t5_dir in that dtype, supplies every embedding.
     """
     ae = load_autoencoder(ae_dir, device=device)
+    dtype = TEXT_DTYPES[text_dtype]
     if text_cache:
-        return ae, load_text_cache(text_cache, clip_dir, t5_dir)
-    text_encoder = TextEncoder.load(clip_dir, t5_dir, device=device)
-    return ae, text_encoder
+        return ae, load_text_cache(text_cache, clip_dir, t5_dir, dtype)
+    return ae, TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
 
 
 def build_unet(preset, ae, text_encoder):
@@ -66,7 +67,8 @@ class TextToImage:
             if key not in ckpt:
                 raise EmuError(f"{path}: not a diffusion training checkpoint (no '{key}' entry)")
         args = ckpt["args"]
-        ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device)
+        # Checkpoints from before --text-dtype ran their towers in float32.
+        ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"))
         unet = unet_from_checkpoint(ckpt, path, weights).to(device)
         return cls(unet, ae, text_encoder, diffusion_from_args(args), args["image_size"], name=str(path))
 

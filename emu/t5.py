@@ -211,7 +211,7 @@ def save_t5_encoder(model, tokenizer, path):
     save_pretrained(path, config_dict, [(model, t5_key_map(model.config))], tokenizer)
 
 
-def load_t5_encoder(path, dtype=torch.float32, device="cpu", max_length=T5_LENGTH):
+def load_t5_encoder(path, dtype=torch.bfloat16, device="cpu", max_length=T5_LENGTH):
     """Load a frozen T5Encoder and its tokenizer (padding to `max_length`) from a Hugging Face directory.
 
     Reads T5EncoderModel and full T5ForConditionalGeneration checkpoints (the decoder is skipped).

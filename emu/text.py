@@ -15,6 +15,9 @@ from emu.clip import CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisio
 from emu.hf import tokenize
 from emu.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
 
+# The dtypes the towers may run in; not float16, which T5's activations overflow.
+TEXT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
 # ----------------------------------------------------------------------------------------------------
 # Conditioning: both towers behind one encode()
 
@@ -78,7 +81,7 @@ class TextEncoder(nn.Module):
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
 
     @classmethod
-    def load(cls, clip_dir, t5_dir, dtype=torch.float32, device="cpu", t5_max_length=T5_LENGTH):
+    def load(cls, clip_dir, t5_dir, dtype=torch.bfloat16, device="cpu", t5_max_length=T5_LENGTH):
         clip, clip_tokenizer = load_clip_text(clip_dir, dtype=dtype, device=device)
         t5, t5_tokenizer = load_t5_encoder(t5_dir, dtype=dtype, device=device, max_length=t5_max_length)
         return cls(clip, clip_tokenizer, t5, t5_tokenizer)

@@ -43,10 +43,9 @@ from emu import EmuError
 from emu.checkpoint import _atomic_write, save_weights
 from emu.hf import SafetensorsFile, find_weight_files
 from emu.t5 import T5_LENGTH
-from emu.text import TextEmbedding, TextEncoder
+from emu.text import TEXT_DTYPES, TextEmbedding, TextEncoder
 
 MANIFEST = "manifest.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # not float16: T5's activations overflow it
 KEY_BYTES = 32  # a sha256 digest
 SAMPLES, SAMPLE_BYTES = 16, 2**16  # the pieces of each weight file a fingerprint reads
 
@@ -54,7 +53,7 @@ SAMPLES, SAMPLE_BYTES = 16, 2**16  # the pieces of each weight file a fingerprin
 # Which towers, which caption
 
 
-def tower_fingerprint(clip_dir, t5_dir, dtype=torch.float32, t5_max_length=T5_LENGTH):
+def tower_fingerprint(clip_dir, t5_dir, dtype=torch.bfloat16, t5_max_length=T5_LENGTH):
     """A sha256 hex digest naming these exact towers and how their embeddings were computed.
 
     It hashes each tower's config.json and tokenizer.json, every weight file's name, size and header
@@ -106,8 +105,8 @@ def read_manifest(path):
     missing = [k for k in needed if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise EmuError(f"{file}: missing entries {missing}")
-    if manifest["dtype"] not in DTYPES:
-        raise EmuError(f"{file}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}")
+    if manifest["dtype"] not in TEXT_DTYPES:
+        raise EmuError(f"{file}: dtype {manifest['dtype']!r} is not one of {sorted(TEXT_DTYPES)}")
     return manifest
 
 
@@ -175,14 +174,16 @@ class TextEmbeddingCache:
         return out
 
 
-def load_text_cache(path, clip_dir, t5_dir):
+def load_text_cache(path, clip_dir, t5_dir, dtype):
     """The cache in `path`, checked to have been made with the towers in clip_dir and t5_dir (the ones a
-    checkpoint records, which sampling will run). Fingerprinting reads about 1 MB per weight file."""
+    checkpoint records, which sampling will run) running in `dtype`. Fingerprinting reads about 1 MB
+    per weight file."""
     cache = TextEmbeddingCache(path)
     m = cache.manifest
-    if tower_fingerprint(clip_dir, t5_dir, DTYPES[m["dtype"]], m["t5_length"]) != cache.fingerprint:
-        raise EmuError(f"{Path(path) / MANIFEST}: made with other towers ({m['clip']}, {m['t5']}) than {clip_dir} and "
-                       f"{t5_dir}: their files differ; use the towers it was made with or make a new cache")
+    if tower_fingerprint(clip_dir, t5_dir, dtype, m["t5_length"]) != cache.fingerprint:
+        raise EmuError(f"{Path(path) / MANIFEST}: made with other towers or another dtype ({m['clip']}, {m['t5']} in "
+                       f"{m['dtype']}) than {clip_dir} and {t5_dir} in {str(dtype).removeprefix('torch.')}; use the "
+                       f"towers and --text-dtype it was made with, or make a new cache")
     return cache
 
 
@@ -190,7 +191,7 @@ def load_text_cache(path, clip_dir, t5_dir):
 # Writing
 
 
-def write_text_cache(path, captions, clip_dir, t5_dir, dtype=torch.float32, device="cpu", batch_size=64,
+def write_text_cache(path, captions, clip_dir, t5_dir, dtype=torch.bfloat16, device="cpu", batch_size=64,
                      shard_size=1024):
     """Add to the cache in `path` (made if absent) the embeddings of the captions it lacks.
 

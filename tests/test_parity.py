@@ -69,7 +69,7 @@ def max_error(a, b):
 
 def test_clip_text_matches_transformers(hf_clip_dir):
     assert (hf_clip_dir / "model.safetensors.index.json").is_file()  # the sharded layout
-    ours, tokenizer = load_clip_text(hf_clip_dir)
+    ours, tokenizer = load_clip_text(hf_clip_dir, dtype=torch.float32)
     ids, _ = tokenize(tokenizer, ["a photo of a cat", "", "two dogs playing in the snow at sunset " * 9])
     hidden, pooled = ours(ids)
     ref = transformers.CLIPTextModelWithProjection.from_pretrained(hf_clip_dir).eval()
@@ -81,7 +81,7 @@ def test_clip_text_matches_transformers(hf_clip_dir):
 
 
 def test_clip_vision_matches_transformers(hf_clip_dir):
-    ours = load_clip_vision(hf_clip_dir)
+    ours = load_clip_vision(hf_clip_dir, dtype=torch.float32)
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     hidden, embeds = ours(pixels)
     ref = transformers.CLIPVisionModelWithProjection.from_pretrained(hf_clip_dir).eval()
@@ -93,7 +93,7 @@ def test_clip_vision_matches_transformers(hf_clip_dir):
 
 
 def test_t5_encoder_from_a_full_checkpoint_matches_transformers(hf_t5_dir):
-    ours, tokenizer = load_t5_encoder(hf_t5_dir)  # reads past the decoder and lm_head
+    ours, tokenizer = load_t5_encoder(hf_t5_dir, dtype=torch.float32)  # reads past the decoder and lm_head
     ids, mask = tokenize(tokenizer, ["a photo of a cat", "", "two dogs playing in the snow at sunset " * 9])
     ref = transformers.T5EncoderModel.from_pretrained(hf_t5_dir).eval()
     with torch.no_grad():
@@ -108,8 +108,8 @@ def test_t5_sharded_checkpoint_written_by_transformers_loads_the_same(hf_t5_dir,
     model.save_pretrained(sharded, max_shard_size="50KB")
     shutil.copy(hf_t5_dir / "tokenizer.json", sharded / "tokenizer.json")
     assert len(list(sharded.glob("model-*.safetensors"))) > 2
-    a, tokenizer = load_t5_encoder(hf_t5_dir)
-    b, _ = load_t5_encoder(sharded)
+    a, tokenizer = load_t5_encoder(hf_t5_dir, dtype=torch.float32)
+    b, _ = load_t5_encoder(sharded, dtype=torch.float32)
     ids, mask = tokenize(tokenizer, ["a photo of a cat"])
     assert torch.equal(a(ids, mask), b(ids, mask))
 
@@ -175,5 +175,5 @@ def test_clip_projection_size_comes_from_the_top_level_config(tmp_path):
         projection_dim=20)
     transformers.CLIPModel(config).save_pretrained(tmp_path)
     build_toy_clip_tokenizer(CAPTIONS, vocab_size=300).save(str(tmp_path / "tokenizer.json"))
-    assert load_clip_text(tmp_path)[0].text_projection.out_features == 20
-    assert load_clip_vision(tmp_path).visual_projection.out_features == 20
+    assert load_clip_text(tmp_path, dtype=torch.float32)[0].text_projection.out_features == 20
+    assert load_clip_vision(tmp_path, dtype=torch.float32).visual_projection.out_features == 20

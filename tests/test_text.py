@@ -35,7 +35,7 @@ def towers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(towers):
-    return TextEncoder.load(*towers)
+    return TextEncoder.load(*towers, dtype=torch.float32)
 
 
 def copy_tower(src, tmp_path, name):
@@ -45,13 +45,13 @@ def copy_tower(src, tmp_path, name):
 
 
 def t5_outputs(path, captions=("a cat on a sofa", "")):
-    model, tokenizer = load_t5_encoder(path)
+    model, tokenizer = load_t5_encoder(path, dtype=torch.float32)
     ids, mask = tokenize(tokenizer, list(captions))
     return model(ids, mask)
 
 
 def clip_outputs(path, captions=("a cat on a sofa", "")):
-    model, tokenizer = load_clip_text(path)
+    model, tokenizer = load_clip_text(path, dtype=torch.float32)
     ids, _ = tokenize(tokenizer, list(captions))
     return model(ids)
 
@@ -149,7 +149,7 @@ def reference_t5(sd, config, ids, mask):
 
 
 def test_clip_matches_reference_on_published_weights(towers):
-    model, tokenizer = load_clip_text(towers[0])
+    model, tokenizer = load_clip_text(towers[0], dtype=torch.float32)
     ids, _ = tokenize(tokenizer, ["a photo of a cat", "", "two dogs playing in the snow at sunset"])
     hidden, pooled = model(ids)
     ref_hidden, ref_pooled = reference_clip(load_file(towers[0] / "model.safetensors"), model.config, ids)
@@ -158,14 +158,14 @@ def test_clip_matches_reference_on_published_weights(towers):
 
 
 def test_t5_matches_reference_on_published_weights(towers):
-    model, tokenizer = load_t5_encoder(towers[1])
+    model, tokenizer = load_t5_encoder(towers[1], dtype=torch.float32)
     ids, mask = tokenize(tokenizer, ["a photo of a cat", "", "two dogs playing in the snow at sunset"])
     ref = reference_t5(load_file(towers[1] / "model.safetensors"), model.config, ids, mask)
     torch.testing.assert_close(model(ids, mask), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_clip_is_causal(towers):
-    model, tokenizer = load_clip_text(towers[0])
+    model, tokenizer = load_clip_text(towers[0], dtype=torch.float32)
     ids, _ = tokenize(tokenizer, ["a photo of a cat sitting on a red sofa"])
     changed = ids.clone()
     changed[0, 5] = (changed[0, 5] + 7) % model.config.vocab_size
@@ -175,7 +175,7 @@ def test_clip_is_causal(towers):
 
 
 def test_clip_pooled_is_projection_at_first_end_of_text(towers):
-    model, _ = load_clip_text(towers[0])
+    model, _ = load_clip_text(towers[0], dtype=torch.float32)
     eos = model.config.eos_token_id
     ids = torch.tensor([[0, 10, 11, eos, 12, 13, eos, eos], [0, 10, 11, 12, 13, 14, eos, eos]])
     hidden, pooled = model(ids)
@@ -184,7 +184,7 @@ def test_clip_pooled_is_projection_at_first_end_of_text(towers):
 
 
 def test_t5_padding_mask_makes_real_positions_independent_of_padding(towers):
-    model, tokenizer = load_t5_encoder(towers[1])
+    model, tokenizer = load_t5_encoder(towers[1], dtype=torch.float32)
     ids, mask = tokenize(tokenizer, ["a photo of a cat"])
     n = int(mask.sum())
     short = model(ids[:, :n + 3], mask[:, :n + 3])
@@ -195,7 +195,7 @@ def test_t5_padding_mask_makes_real_positions_independent_of_padding(towers):
 
 
 def test_t5_rms_norm_does_not_subtract_the_mean(towers):
-    model, _ = load_t5_encoder(towers[1])
+    model, _ = load_t5_encoder(towers[1], dtype=torch.float32)
     norm = model.layers[0].norm1
     x = torch.full((1, model.config.d_model), 3.0)
     torch.testing.assert_close(norm(x), norm.weight[None] * 1.0, atol=1e-5, rtol=1e-5)
@@ -232,7 +232,7 @@ def test_round_trip_gives_identical_outputs_and_frozen_models(towers, tmp_path, 
     save_clip_text = lambda model, tokenizer, path: save_clip(path, tokenizer, text=model)  # noqa: E731
     load, save, outputs = {"clip": (load_clip_text, save_clip_text, clip_outputs),
                            "t5": (load_t5_encoder, save_t5_encoder, t5_outputs)}[tower]
-    model, tokenizer = load(directory)
+    model, tokenizer = load(directory, dtype=torch.float32)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     save(model, tokenizer, tmp_path / tower)
     for a, b in zip(outputs(directory), outputs(tmp_path / tower)):
@@ -299,7 +299,7 @@ def test_bad_t5_checkpoint_names_file_and_key(towers, tmp_path, edit, words):
         state[key] = state[key].T.contiguous()
     save_file(state, str(directory / "model.safetensors"))
     with pytest.raises(EmuError) as error:
-        load_t5_encoder(directory)
+        load_t5_encoder(directory, dtype=torch.float32)
     message = str(error.value)
     assert "model.safetensors" in message and all(word in message for word in words) and "\n" not in message
 
@@ -310,7 +310,7 @@ def test_clip_without_projection_is_a_missing_key(towers, tmp_path):
     del state["text_projection.weight"]
     save_file(state, str(directory / "model.safetensors"))
     with pytest.raises(EmuError, match="missing keys.*text_projection.weight"):
-        load_clip_text(directory)
+        load_clip_text(directory, dtype=torch.float32)
 
 
 def test_pickle_checkpoint_asks_for_safetensors(towers, tmp_path):
@@ -318,19 +318,19 @@ def test_pickle_checkpoint_asks_for_safetensors(towers, tmp_path):
     (directory / "model.safetensors").unlink()
     torch.save({"shared.weight": torch.zeros(2)}, directory / "pytorch_model.bin")
     with pytest.raises(EmuError, match=r"pytorch_model\.bin.*convert it to safetensors"):
-        load_t5_encoder(directory)
+        load_t5_encoder(directory, dtype=torch.float32)
 
 
 def test_missing_directory_config_or_tokenizer(towers, tmp_path):
     with pytest.raises(EmuError, match="directory not found"):
-        load_clip_text(tmp_path / "nowhere")
+        load_clip_text(tmp_path / "nowhere", dtype=torch.float32)
     directory = copy_tower(towers[0], tmp_path, "clip")
     (directory / "tokenizer.json").unlink()
     with pytest.raises(EmuError, match="tokenizer.json: tokenizer not found"):
-        load_clip_text(directory)
+        load_clip_text(directory, dtype=torch.float32)
     (directory / "config.json").unlink()
     with pytest.raises(EmuError, match="config.json: config not found"):
-        load_clip_text(directory)
+        load_clip_text(directory, dtype=torch.float32)
 
 
 def test_tokenizer_larger_than_embedding_table_is_refused(towers, tmp_path):
@@ -339,7 +339,7 @@ def test_tokenizer_larger_than_embedding_table_is_refused(towers, tmp_path):
     config["vocab_size"] = 10
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(EmuError, match="tokenizer.json: .* more than the model's vocab_size 10"):
-        load_t5_encoder(directory)
+        load_t5_encoder(directory, dtype=torch.float32)
 
 
 def test_clip_end_token_id_comes_from_the_tokenizer(towers, tmp_path):
@@ -424,3 +424,9 @@ def test_clip_preprocess_resizes_short_side_crops_centre_and_normalises():
     out = clip_preprocess(image, size=32)
     lo = (0 - CLIP_MEAN[0]) / CLIP_STD[0]
     assert out[0, 0, :, 15:17].min() > 0 and torch.allclose(out[0, 0, :, :4], torch.tensor(lo))
+
+
+def test_towers_load_in_bfloat16_by_default(towers):
+    encoder = TextEncoder.load(*towers)
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    assert encoder.encode(["a cat"]).t5.dtype == torch.float32

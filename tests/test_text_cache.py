@@ -109,12 +109,13 @@ def test_other_towers_and_missing_captions_are_one_line_errors(towers, tmp_path)
     other_clip, other_t5 = make_toy_towers(CAPTIONS, tmp_path / "other", seed=1)
     write_text_cache(tmp_path / "cache", CAPTIONS[:2], clip_dir, t5_dir)
     for make in (lambda: write_text_cache(tmp_path / "cache", CAPTIONS, other_clip, other_t5),
-                 lambda: write_text_cache(tmp_path / "cache", CAPTIONS, clip_dir, t5_dir, dtype=torch.bfloat16),
-                 lambda: load_text_cache(tmp_path / "cache", clip_dir, other_t5)):
+                 lambda: write_text_cache(tmp_path / "cache", CAPTIONS, clip_dir, t5_dir, dtype=torch.float32),
+                 lambda: load_text_cache(tmp_path / "cache", clip_dir, other_t5, torch.bfloat16),
+                 lambda: load_text_cache(tmp_path / "cache", clip_dir, t5_dir, torch.float32)):
         with pytest.raises(EmuError, match="made with other towers") as e:
             make()
         assert str(e.value).startswith(str(tmp_path / "cache" / "manifest.json")) and "\n" not in str(e.value)
-    assert len(load_text_cache(tmp_path / "cache", clip_dir, t5_dir)) == 3
+    assert len(load_text_cache(tmp_path / "cache", clip_dir, t5_dir, torch.bfloat16)) == 3
 
     cache = TextEmbeddingCache(tmp_path / "cache")
     with pytest.raises(EmuError, match="caption not in the cache") as e:
