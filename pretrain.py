@@ -14,6 +14,7 @@ import time
 import torch
 
 from emu import EmuError
+from emu.checkpoint import append_metrics
 from emu.data import ImageCaptionFolder
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
 from emu.training import LatentBatches, add_training_flags, make_ema, make_optimizer, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
@@ -70,6 +71,8 @@ def main(args):
     batches = LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
     batches.skipped.update(skipped)  # files skipped before a resume still count
     print(f"data: {batches.describe()}")
+    metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
+    append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
 
     # train
     unet.train()
@@ -82,6 +85,8 @@ def main(args):
         step += 1
         if step % args.log_every == 0 or step == args.steps:
             print(f"step {step}/{args.steps}  loss {sum(losses) / len(losses):.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
+            append_metrics(metrics_log, {"step": step, "loss": sum(losses) / len(losses),
+                                         "sec_per_step": (time.time() - t0) / len(losses), "skipped": len(batches.skipped)})
             losses, t0 = [], time.time()
         if step % args.save_every == 0 or step == args.steps:
             save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,

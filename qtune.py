@@ -20,7 +20,7 @@ import time
 import torch
 
 from emu import EmuError
-from emu.checkpoint import load_checkpoint
+from emu.checkpoint import append_metrics, load_checkpoint
 from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
 from emu.judges import appeal_score
@@ -135,6 +135,8 @@ def main(args):
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     batches = LatentBatches(train_data, ae, text_encoder, min(args.bs, len(train_data)), args.seed, step, args.cache_mb, args.workers)
     print(f"training data: {batches.describe()}")
+    metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
+    append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "iter": step, "time": time.time()})
 
     # fine-tune with early stopping
     unet.train()
@@ -151,6 +153,8 @@ def main(args):
             stop = {"best": check, "best_step": step, "bad": 0} if improved else {**stop, "bad": stop["bad"] + 1}
             print(f"iter {step}/{args.iters}  loss {loss:.4f}  held-out {check:.4f}{'  *best' if improved else ''}  "
                   f"{(time.time() - t0) / args.eval_every:.3f}s/iter")
+            append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],
+                                         "sec_per_iter": (time.time() - t0) / args.eval_every})
             t0 = time.time()
             if improved:
                 save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)

@@ -22,7 +22,7 @@ import torch
 
 from emu import EmuError
 from emu.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, save_autoencoder
-from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
+from emu.checkpoint import append_metrics, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.metrics import psnr, ssim
 from emu.perceptual import PerceptualLoss
@@ -144,6 +144,8 @@ def main(args):
     ae.train()
     t0, logs = time.time(), []
     skipped = SkipLog()  # unusable training samples, counted by reason
+    metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
+    append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
     for batch in loader:
         if step >= args.steps:
             break
@@ -174,14 +176,17 @@ def main(args):
         logs.append({**log, "disc": disc_loss.item()})
         step += 1
 
-        if step % args.log_every == 0 or step == args.steps:
+        if logs and (step % args.log_every == 0 or step == args.steps):
             avg = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             print(f"step {step}/{args.steps}  rec {avg['rec']:.4f}  kl {avg['kl']:.2f}  gen {avg['gen']:.3f}  "
                   f"adv_weight {avg['adv_weight']:.3f}  disc {avg['disc']:.3f}  {(time.time() - t0) / len(logs):.3f}s/step")
+            append_metrics(metrics_log, {"step": step, **avg, "sec_per_step": (time.time() - t0) / len(logs)})
             t0, logs = time.time(), []
         if step % args.eval_every == 0 and step < args.steps:
             recon_held = reconstruct(ae, heldout, device)
-            print(f"step {step}: held-out PSNR {psnr(recon_held, heldout).mean():.2f} dB  SSIM {ssim(recon_held, heldout).mean():.4f}")
+            held = {"psnr": psnr(recon_held, heldout).mean().item(), "ssim": ssim(recon_held, heldout).mean().item()}
+            print(f"step {step}: held-out PSNR {held['psnr']:.2f} dB  SSIM {held['ssim']:.4f}")
+            append_metrics(metrics_log, {"step": step, "heldout_psnr": held["psnr"], "heldout_ssim": held["ssim"]})
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(os.path.join(args.out, "ckpt.pt"), {
                 "model": ae.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),

@@ -1,35 +1,58 @@
-"""Checkpoints: written atomically, read without running pickled code.
+"""Checkpoints and the run's metrics log: written so that a crash, a kill or a full disk loses nothing
+that was already saved.
 
 A checkpoint is a dict {model, ema, opt, step, args, rng, ...} saved with torch.save. Writing goes
 to a temporary file in the same directory, is fsync'ed, then renamed over the target, so a crash
-mid-write never leaves a truncated checkpoint behind. Reading uses `weights_only=True`: tensors,
-numbers, strings, lists and dicts only.
+mid-write never leaves a truncated checkpoint behind: the previous one stays whole until the new one
+is complete. A write that fails (a full disk) is a one-line EmuError that says the previous file is
+kept. Reading uses `weights_only=True`: tensors, numbers, strings, lists and dicts only.
+
+The metrics log (metrics.jsonl) is append-only: one JSON object per line, each line written with a
+single append and fsync'ed, never rewritten. A crash can leave at most a torn last line, which the
+reader skips, and the next append starts on a fresh line.
 """
+import errno
+import glob
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from emu import EmuError
 from emu.hf import read_safetensors
 
+TMP_PREFIX = ".tmp-"
+
 
 def _atomic_write(path, write):
-    """Call write(tmp_path), fsync it, then rename it to `path` (and fsync the directory)."""
+    """Call write(tmp_path), fsync it, then rename it to `path` (and fsync the directory).
+
+    Temporary files that a killed earlier write of the same `path` left behind are removed first.
+    An OSError (no space left, a file-size limit, a read-only disk) becomes an EmuError; `path` is
+    untouched either way.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    for stale in glob.glob(os.path.join(glob.escape(folder), f"{TMP_PREFIX}*{glob.escape(os.path.basename(path))}")):
+        os.remove(stale)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__  # torch.save wraps OSErrors
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise EmuError(f"{path}: could not be written ({os.strerror(cause.errno)}); the previous file, "
+                           f"if any, is kept") from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -40,7 +63,10 @@ def _atomic_write(path, write):
 
 def save_checkpoint(path, obj):
     """Atomically torch.save `obj` (a dict of tensors / plain Python values) to `path`."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a Python file, so that a failed write surfaces as the OSError it is
+            torch.save(obj, f)
+    _atomic_write(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -64,7 +90,8 @@ def load_checkpoint(path, map_location="cpu"):
 def save_weights(path, state_dict, metadata=None):
     """Atomically write a state dict as safetensors (tensors only, contiguous copies)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    data = safetensors_bytes(tensors, metadata=metadata)
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_weights(path):
@@ -102,3 +129,38 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metrics log
+
+
+def append_metrics(path, record):
+    """Append one JSON object as a line to `path`, durably: one write, then fsync.
+
+    If a crash tore the file's last line, a newline is written first, so this record starts clean.
+    """
+    line = json.dumps(record, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path):
+    """The records of a metrics log, in order; lines that a crash tore (not a JSON object) are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records

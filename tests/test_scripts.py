@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from emu.checkpoint import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,6 +76,9 @@ def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
     assert a["step"] == b["step"] == 4
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    # the metrics log kept both runs, each marked, in order
+    log = read_metrics(f"{tmp_path}/split/metrics.jsonl")
+    assert [(r.get("event"), r["step"]) for r in log] == [("start", 0), (None, 2), ("resume", 2), (None, 4)]
 
 
 def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(world, tmp_path):
