@@ -15,15 +15,16 @@ import torch
 
 from emu import EmuError
 from emu.checkpoint import append_metrics
-from emu.data import ImageCaptionFolder
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
-from emu.training import LatentBatches, add_training_flags, make_ema, make_optimizer, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+from emu.training import (add_training_flags, make_ema, make_optimizer, open_training_data, resume_path, resume_training_state,
+                          save_training_state, train_step, training_batches, update_ema, warmup_schedule)
 from emu.unet import PRESETS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs (the haystack)")
+    p.add_argument("--data", default="runs/toy/haystack",
+                   help="the haystack: a folder of key.png + key.txt pairs, or of .tar shards (key.jpg, key.txt, key.json)")
     p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints")
     p.add_argument("--ae", default="runs/ae", help="trained autoencoder directory (from train_ae.py)")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
@@ -51,9 +52,7 @@ def main(args):
 
     # frozen parts, data and model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
-    if not os.path.isdir(args.data):
-        raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
-    data = ImageCaptionFolder(args.data, args.image_size, skip_bad=True)  # a broken file is counted, not fatal
+    data = open_training_data(args.data, args.image_size, args)  # image + caption folder, or tar shards
     unet = build_unet(args.preset, ae, text_encoder).to(device)
     ema = make_ema(unet)
     diffusion = diffusion_from_args(args)
@@ -62,13 +61,13 @@ def main(args):
     gen = torch.Generator(device).manual_seed(args.seed)
     print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
 
-    step, skipped = 0, {}
+    step, skipped, position = 0, {}, None
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
-        step, skipped = ckpt["step"], ckpt.get("skipped", {})
+        step, skipped, position = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("data_position")
         print(f"resumed from {ckpt_path} at step {step}")
-    batches = LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
+    batches = training_batches(data, ae, text_encoder, args, step, position)
     batches.skipped.update(skipped)  # files skipped before a resume still count
     print(f"data: {batches.describe()}")
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
@@ -90,7 +89,7 @@ def main(args):
             losses, t0 = [], time.time()
         if step % args.save_every == 0 or step == args.steps:
             save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
-                                skipped=dict(batches.skipped))
+                                skipped=dict(batches.skipped), data_position=batches.position())
     print(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped.summary()}")
 
 

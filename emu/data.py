@@ -24,6 +24,7 @@ training counts by reason; with skip_bad=False the same case is a one-line EmuEr
   is absent or not a string is skipped, "no '<field>' caption in metadata".
 """
 import codecs
+import io
 import json
 import os
 from collections import Counter
@@ -69,8 +70,9 @@ class BadCaption(BadFile):
     """A caption file (key.txt) or metadata file (key.json) that cannot be used (see read_caption)."""
 
 
-def open_rgb(path, max_pixels=MAX_PIXELS):
-    """Decode an image file to an 8-bit RGB PIL image, whatever it holds.
+def open_rgb(path, max_pixels=MAX_PIXELS, data=None):
+    """Decode an image file (or `data`, its bytes, named `path` in errors, e.g. a tar shard's member)
+    to an 8-bit RGB PIL image, whatever it holds.
 
     - EXIF orientation is applied, so a photo taken sideways comes out upright;
     - transparency (RGBA, LA, palette with a transparent colour) is laid over white;
@@ -79,12 +81,12 @@ def open_rgb(path, max_pixels=MAX_PIXELS):
     Raises BadImage for a missing, empty, truncated or unknown file, or one over `max_pixels`.
     """
     try:
-        if os.path.getsize(path) == 0:
+        if (os.path.getsize(path) if data is None else len(data)) == 0:
             raise BadImage(path, "empty file")
         with warnings.catch_warnings():
             # Pillow warns of damage it reads past (a corrupt EXIF block...): a log line per broken web file.
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise BadImage(path, "too many pixels", f"{w}x{h} is over {max_pixels}; refused before decoding")
@@ -118,13 +120,14 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def load_image(path, size, max_pixels=MAX_PIXELS):
-    """Read an image file as a (3, size, size) float tensor in [-1, 1] (see open_rgb for the formats).
+def load_image(path, size, max_pixels=MAX_PIXELS, data=None):
+    """Read an image file (or its bytes, `data`) as a (3, size, size) float tensor in [-1, 1] (see
+    open_rgb for the formats).
 
     Resizes the shorter side to `size` (bicubic) and crops the centre square.
     Raises BadImage naming the file if it cannot be used.
     """
-    im = open_rgb(path, max_pixels)
+    im = open_rgb(path, max_pixels, data)
     w, h = im.size
     scale = size / min(w, h)
     if scale != 1.0:
@@ -182,6 +185,12 @@ def read_caption(path, max_bytes=MAX_CAPTION_BYTES):
         raise BadCaption(path, "caption file not found") from None
     except OSError as e:
         raise BadCaption(path, "caption file unreadable", e.strerror) from None
+    return decode_caption(data, path, max_bytes)
+
+
+def decode_caption(data, path, max_bytes=MAX_CAPTION_BYTES):
+    """A caption from its bytes (of which only the first `max_bytes` count), as read_caption gives it;
+    `path` names the file in errors."""
     try:
         # The cut may fall inside a character: the incremental decoder leaves an unfinished last one out.
         text = codecs.getincrementaldecoder("utf-8")().decode(data[:max_bytes], final=len(data) <= max_bytes)
@@ -205,6 +214,11 @@ def read_metadata(path, max_bytes=MAX_METADATA_BYTES):
         return {}
     except OSError as e:
         raise BadCaption(path, "metadata file unreadable", e.strerror) from None
+    return decode_metadata(data, path, max_bytes)
+
+
+def decode_metadata(data, path, max_bytes=MAX_METADATA_BYTES):
+    """Metadata from its bytes, as read_metadata gives it; `path` names the file in errors."""
     if len(data) > max_bytes:
         raise BadCaption(path, "metadata is not valid JSON", f"over {max_bytes} bytes")
     try:
@@ -326,15 +340,16 @@ class Skipped(NamedTuple):
 
 
 class Batch(tuple):
-    """(images (B, 3, H, W), captions) and, as `.skipped`, the Skipped items left out of it."""
+    """(images (B, 3, H, W), captions) and, as `.skipped`, the Skipped items left out of it; `.source`
+    is (stream, items read) for a batch from a ShardDataset stream (emu/shards.py), else None."""
 
-    def __new__(cls, images, captions, skipped=()):
+    def __new__(cls, images, captions, skipped=(), source=None):
         batch = super().__new__(cls, (images, captions))
-        batch.skipped = list(skipped)
+        batch.skipped, batch.source = list(skipped), source
         return batch
 
-    def __reduce__(self):  # keeps .skipped when a loader worker sends the batch to the main process
-        return Batch, (self[0], self[1], self.skipped)
+    def __reduce__(self):  # keeps the attributes when a loader worker sends the batch to the main process
+        return Batch, (self[0], self[1], self.skipped, self.source)
 
 
 class SkipLog(dict):

@@ -5,12 +5,14 @@ everything needed to resume exactly.
 import copy
 import os
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
 from emu import EmuError
 from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
-from emu.data import EpochBatches, SkipLog, collate
+from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
+from emu.shards import ShardDataset, collate_stream
 from emu.text import TextEmbedding
 
 
@@ -121,6 +123,10 @@ class LatentBatches:
                                    f"{batch.skipped[0].reason}; check the data")
                 yield self.encode(*batch)
 
+    def position(self):
+        """Nothing to keep: the batch order follows from (seed, step) alone."""
+        return None
+
     def describe(self):
         if self.cache is not None:
             return (f"{len(self.cache[0])} images, encoded once, up front; the cache takes {self.cache_mb:.0f} MB; "
@@ -128,9 +134,77 @@ class LatentBatches:
         return f"{len(self.data)} images, encoded batch by batch; a cache would take {self.cache_mb:.0f} MB (> --cache-mb)"
 
 
+class ShardBatches:
+    """What the U-Net trains on when the data is tar shards (emu/shards.py): (latents, text embedding)
+    batch by batch, epoch after epoch, encoded as they come (a web-scale set is never cached).
+
+    `position()` is where the streams stand: the epoch, how many items each stream has given, and
+    which stream the loader's round robin reaches next. A checkpoint keeps it; ShardBatches built with
+    it continues exactly there, so a resumed run trains on the batches an unbroken run would have.
+    A batch whose every sample is unusable is counted in `skipped` and passed over.
+    """
+
+    def __init__(self, data, ae, text_encoder, batch_size, workers=0, position=None):
+        self.data, self.ae, self.text_encoder = data, ae, text_encoder
+        self.device = next(ae.parameters()).device
+        self.skipped = SkipLog()
+        self.empty = text_encoder.encode([""]).to(self.device)
+        self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                                  collate_fn=collate_stream)
+        self.workers = max(1, workers)
+        position = position or {"epoch": 0, "consumed": {}, "next": 0}
+        self.epoch, self.next = position["epoch"], position["next"]
+        self.consumed = {int(stream): n for stream, n in position["consumed"].items()}
+
+    encode = LatentBatches.encode
+
+    def __iter__(self):
+        while True:
+            self.data.epoch, self.data.position, self.data.rotation = self.epoch, dict(self.consumed), self.next
+            from_start, used = not self.consumed, 0
+            for batch in self.loader:  # the workers get the dataset, with these settings, here
+                stream, n = batch.source
+                self.consumed[stream] = self.consumed.get(stream, 0) + n
+                self.next = (stream - self.data.rank * self.workers + 1) % self.workers
+                self.skipped.note(batch.skipped)
+                if batch[1]:
+                    used += 1
+                    yield self.encode(*batch)
+            if from_start and not used:
+                raise EmuError(f"{self.data.shards[0]}: none of the {len(self.data.shards)} shards it starts gave a "
+                               f"usable sample in a whole epoch; {self.skipped.summary()}")
+            self.epoch, self.consumed, self.next = self.epoch + 1, {}, 0
+
+    def position(self):
+        return {"epoch": self.epoch, "consumed": dict(self.consumed), "next": self.next}
+
+    def describe(self):
+        return f"{len(self.data.shards)} tar shards, read and encoded batch by batch; epoch {self.epoch}"
+
+
 def _nbytes(x):
     tensors = [getattr(x, f.name) for f in fields(x)] if isinstance(x, TextEmbedding) else [x]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def open_training_data(path, image_size, args):
+    """The training set at `path`: a folder of image + caption pairs (ImageCaptionFolder, unusable
+    samples skipped), or tar shards (ShardDataset): a .tar file or a folder holding .tar files."""
+    path = Path(path)
+    shards = [path] if path.suffix == ".tar" and path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
+    if shards:
+        return ShardDataset(shards, image_size, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
+                            min_size=args.min_size, max_aspect=args.max_aspect)
+    if not path.is_dir():
+        raise EmuError(f"{path}: data folder not found (run python data/make_toy.py first)")
+    return ImageCaptionFolder(str(path), image_size, skip_bad=True)  # a broken file is counted, not fatal
+
+
+def training_batches(data, ae, text_encoder, args, step, position):
+    """LatentBatches for a folder, ShardBatches for shards (continuing at `position`, from a checkpoint)."""
+    if isinstance(data, ShardDataset):
+        return ShardBatches(data, ae, text_encoder, args.bs, args.workers, position)
+    return LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
 
 
 def save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra):
@@ -177,6 +251,9 @@ def add_training_flags(p):
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype the frozen text towers run in (T5-XXL: 9.5 GB in bfloat16, 19 GB in float32)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="tar shards: samples in each stream's shuffle buffer")
+    p.add_argument("--min-size", type=int, default=0, help="tar shards: skip images with a shorter side below this (pixels)")
+    p.add_argument("--max-aspect", type=float, default=0.0, help="tar shards: skip images whose long side is over this times the short one (0: any)")
     p.add_argument("--cache-mb", type=float, default=1024,
                    help="encode all images and captions once when that takes at most this many MB (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from emu.checkpoint import read_metrics
+from emu.shards import pack_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,8 +52,8 @@ def test_pretrain_qtune_sample_eval_end_to_end(world):
     assert Image.open(f"{w}/samples/grid.png").size == (64, 32)
 
     prompts = w / "prompts.tsv"
-    prompts.write_text("Prompt\tCategory\n" + "".join(f"a blue square at the top on a pink background\tA\n"
-                                                      f"two green circles on the left on a black background\tB\n" for _ in range(3)))
+    prompts.write_text("Prompt\tCategory\n" + "".join("a blue square at the top on a pink background\tA\n"
+                                                      "two green circles on the left on a black background\tB\n" for _ in range(3)))
     run("eval_pairs.py", "--a", f"{w}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
         "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{w}/eval")
     results = json.load(open(f"{w}/eval/results.json"))
@@ -79,6 +80,25 @@ def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
     # the metrics log kept both runs, each marked, in order
     log = read_metrics(f"{tmp_path}/split/metrics.jsonl")
     assert [(r.get("event"), r["step"]) for r in log] == [("start", 0), (None, 2), ("resume", 2), (None, 4)]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_pretrain_on_tar_shards_resumes_where_the_streams_stopped(world, tmp_path, workers):
+    """Shards of 20 samples (the last one 16), several epochs of them, a stop mid-epoch: the resumed
+    run's weights equal an unbroken run's, bit for bit."""
+    w, frozen = world
+    pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=20)
+    common = ["--data", str(tmp_path / "shards"), "--bs", "8", "--save-every", "7", "--workers", workers,
+              "--shuffle-buffer", "6", *frozen]
+    run("pretrain.py", *common, "--out", f"{tmp_path}/straight", "--steps", "16")
+    run("pretrain.py", *common, "--out", f"{tmp_path}/split", "--steps", "7")
+    out = run("pretrain.py", *common, "--out", f"{tmp_path}/split", "--steps", "16", "--resume", "auto")
+    assert "5 tar shards" in out
+    a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
+    b = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
+    assert a["data_position"] == b["data_position"] and a["data_position"]["epoch"] >= 1
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(world, tmp_path):
