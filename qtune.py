@@ -161,7 +161,7 @@ def main(args):
             save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
     print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
-          f" -> {os.path.join(args.out, 'best.pt')}")
+          f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")
 
 
 if __name__ == "__main__":

@@ -290,3 +290,36 @@ def test_fuzzed_captions_read_clean_or_raise_bad_caption_and_tokenize(tmp_path, 
     # both ways yield text in many cases, so the cleaning and tokenizing above saw plenty
     for way in ("key.txt", "key.json"):
         assert sum(isinstance(r[way], str) for r in results.values()) > CAPTION_CASES // 4, way
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tar shards
+
+SHARD_CASES = 200
+
+
+def test_fuzzed_tar_shards_give_samples_or_skipped_entries(tmp_path):
+    """A broken shard yields RawSamples; each decodes to (image, caption) or Skipped. Nothing escapes."""
+    from emu.shards import decode_sample, pack_folder, read_shard
+    toyworld.write_folder(tmp_path / "folder", WORLD)
+    (shard,) = pack_folder(tmp_path / "folder", tmp_path / "shards")
+    valid = shard.read_bytes()
+    kinds = {"sample": 0, "skipped": 0}
+    for i in range(SHARD_CASES):
+        rng = case_rng("shard", i)
+        data, how = mutate(valid, rng, [valid])
+        broken = tmp_path / f"case-{i}.tar"
+        broken.write_bytes(data)
+        try:
+            for raw in read_shard(broken):
+                result = decode_sample(raw, 16)
+                if isinstance(result, Skipped):
+                    kinds["skipped"] += 1
+                else:
+                    image, caption = result
+                    assert image.shape == (3, 16, 16) and -1 <= image.min() <= image.max() <= 1 and caption, (i, how)
+                    kinds["sample"] += 1
+        except Exception as e:  # noqa: BLE001 - the point: nothing may escape
+            pytest.fail(f"shard case {i} ({how}): {type(e).__name__}: {e}")
+        broken.unlink()
+    assert min(kinds.values()) > SHARD_CASES // 10, kinds  # both outcomes are exercised
