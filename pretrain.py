@@ -6,15 +6,18 @@ text towers are frozen; only the U-Net trains.
 
     python data/make_toy.py && python train_ae.py   # once
     python pretrain.py                               # toy defaults: a few minutes on a CPU
+    torchrun --nproc_per_node 8 pretrain.py ...      # one process per GPU; --bs is the global batch
 """
 import argparse
 import os
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from emu import EmuError
 from emu.checkpoint import append_metrics
+from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
 from emu.training import (add_training_flags, make_ema, make_optimizer, open_training_data, resume_path, resume_training_state,
                           save_training_state, train_step, training_batches, update_ema, warmup_schedule)
@@ -46,32 +49,39 @@ def parse_args(argv=None):
 
 
 def main(args):
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    world = init_world(args.device)  # under torchrun: this process's rank and device; else a world of one
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    device = world.device
+    log = print if world.main else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
 
     # frozen parts, data and model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
-    data = open_training_data(args.data, args.image_size, args)  # image + caption folder, or tar shards
+    data = open_training_data(args.data, args.image_size, args, world)  # image + caption folder, or tar shards
     unet = build_unet(args.preset, ae, text_encoder).to(device)
     ema = make_ema(unet)
+    # DDP averages the gradients over ranks during backward; every rank then takes the same step.
+    model = DDP(unet) if world.world_size > 1 else unet
     diffusion = diffusion_from_args(args)
     opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, args.warmup)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    print(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters")
+    gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
+    log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
 
     step, skipped, position = 0, {}, None
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
-        step, skipped, position = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("data_position")
-        print(f"resumed from {ckpt_path} at step {step}")
-    batches = training_batches(data, ae, text_encoder, args, step, position)
+        step, skipped = ckpt["step"], ckpt.get("skipped", {})
+        position = rank_entry(ckpt, "data_position", world, ckpt_path)
+        gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
+        log(f"resumed from {ckpt_path} at step {step}")
+    batches = training_batches(data, ae, text_encoder, args, step, position, world)
     batches.skipped.update(skipped)  # files skipped before a resume still count
-    print(f"data: {batches.describe()}")
+    log(f"data: {batches.describe()}")
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
-    append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
+    if world.main:
+        append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
 
     # train
     unet.train()
@@ -79,18 +89,38 @@ def main(args):
     for latents, text in batches:
         if step >= args.steps:
             break
-        losses.append(train_step(unet, diffusion, latents, text, batches.empty, opt, sched, gen, args))
+        losses.append(train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args))
         update_ema(ema, unet, args.ema_decay)
         step += 1
         if step % args.log_every == 0 or step == args.steps:
-            print(f"step {step}/{args.steps}  loss {sum(losses) / len(losses):.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
-            append_metrics(metrics_log, {"step": step, "loss": sum(losses) / len(losses),
-                                         "sec_per_step": (time.time() - t0) / len(losses), "skipped": len(batches.skipped)})
+            loss = mean_over_ranks(sum(losses) / len(losses), world)
+            log(f"step {step}/{args.steps}  loss {loss:.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
+            if world.main:
+                append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": (time.time() - t0) / len(losses),
+                                             "skipped": len(batches.skipped)})
             losses, t0 = [], time.time()
         if step % args.save_every == 0 or step == args.steps:
-            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
-                                skipped=dict(batches.skipped), data_position=batches.position())
-    print(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped.summary()}")
+            # every rank's data position and noise generator, so that each continues where it stopped
+            positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
+            if world.main:
+                save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
+                                    skipped=dict(batches.skipped), data_position=positions, gens=gens)
+    if not replicas_agree(unet, world):
+        raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
+    log(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped.summary()}"
+        + ("; the replicas' weights agree" if world.world_size > 1 else ""))
+    close_world(world)
+
+
+def rank_entry(ckpt, key, world, path, default=None):
+    """This rank's item of a per-rank list a checkpoint holds (data positions, generators)."""
+    entries = ckpt.get(key)
+    if entries is None:
+        return default
+    if len(entries) != world.world_size:
+        raise EmuError(f"{path}: written by {len(entries)} rank(s), resumed by {world.world_size}; "
+                       f"resume with the same number of processes")
+    return entries[world.rank]
 
 
 if __name__ == "__main__":

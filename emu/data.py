@@ -394,12 +394,17 @@ class EpochBatches(torch.utils.data.Sampler):
 
     Epoch e's order depends only on (seed, e), so a run resumed at step s reads exactly the batches
     an uninterrupted run would have read from step s on. The last incomplete batch is dropped.
+    In a world of several ranks, `batch_size` is the global batch and rank r reads every
+    world_size-th index of it, from the r-th on.
     """
 
-    def __init__(self, n, batch_size, seed, start_step=0):
+    def __init__(self, n, batch_size, seed, start_step=0, rank=0, world_size=1):
         if n < batch_size:
             raise EmuError(f"only {n} examples for batch size {batch_size}: lower --bs or add data")
+        if batch_size % world_size:
+            raise EmuError(f"batch size {batch_size} does not split over {world_size} ranks")
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.rank, self.world_size = rank, world_size
         self.per_epoch = n // batch_size
 
     def __iter__(self):
@@ -407,7 +412,7 @@ class EpochBatches(torch.utils.data.Sampler):
         while True:
             epoch, i = divmod(step, self.per_epoch)
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            yield order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size].tolist()
             step += 1
 
 

@@ -81,7 +81,8 @@ class LatentBatches:
     reason; the first few are printed as they are met.
     """
 
-    def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0):
+    def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0, rank=0,
+                 world_size=1):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
         self.device = next(ae.parameters()).device
         self.skipped = SkipLog()
@@ -102,7 +103,8 @@ class LatentBatches:
                 if batch[1]:
                     chunks.append(self.encode(*batch))
             self.cache = torch.cat([c[0] for c in chunks]), TextEmbedding.cat([c[1] for c in chunks]).without_padding()
-        self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step)
+        self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step,
+                                    rank, world_size)
 
     @torch.no_grad()
     def encode(self, images, captions):
@@ -187,24 +189,29 @@ def _nbytes(x):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def open_training_data(path, image_size, args):
+def open_training_data(path, image_size, args, world):
     """The training set at `path`: a folder of image + caption pairs (ImageCaptionFolder, unusable
-    samples skipped), or tar shards (ShardDataset): a .tar file or a folder holding .tar files."""
+    samples skipped), or tar shards (ShardDataset, this rank's share of them): a .tar file or a
+    folder holding .tar files."""
     path = Path(path)
     shards = [path] if path.suffix == ".tar" and path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
     if shards:
-        return ShardDataset(shards, image_size, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
-                            min_size=args.min_size, max_aspect=args.max_aspect)
+        return ShardDataset(shards, image_size, seed=args.seed, shuffle_buffer=args.shuffle_buffer, rank=world.rank,
+                            world_size=world.world_size, min_size=args.min_size, max_aspect=args.max_aspect)
     if not path.is_dir():
         raise EmuError(f"{path}: data folder not found (run python data/make_toy.py first)")
     return ImageCaptionFolder(str(path), image_size, skip_bad=True)  # a broken file is counted, not fatal
 
 
-def training_batches(data, ae, text_encoder, args, step, position):
-    """LatentBatches for a folder, ShardBatches for shards (continuing at `position`, from a checkpoint)."""
+def training_batches(data, ae, text_encoder, args, step, position, world):
+    """This rank's share of each global batch of --bs: LatentBatches for a folder, ShardBatches for
+    shards (continuing at `position`, this rank's from a checkpoint)."""
+    if args.bs % world.world_size:
+        raise EmuError(f"--bs {args.bs} does not split over {world.world_size} ranks")
     if isinstance(data, ShardDataset):
-        return ShardBatches(data, ae, text_encoder, args.bs, args.workers, position)
-    return LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers)
+        return ShardBatches(data, ae, text_encoder, args.bs // world.world_size, args.workers, position)
+    return LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers,
+                         world.rank, world.world_size)
 
 
 def save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra):

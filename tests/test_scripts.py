@@ -96,7 +96,25 @@ def test_pretrain_on_tar_shards_resumes_where_the_streams_stopped(world, tmp_pat
     assert "5 tar shards" in out
     a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
     b = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
-    assert a["data_position"] == b["data_position"] and a["data_position"]["epoch"] >= 1
+    assert a["data_position"] == b["data_position"] and a["data_position"][0]["epoch"] >= 1
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_two_ranks_keep_identical_replicas_and_resume_bitwise(world, tmp_path):
+    """torchrun, 2 processes over gloo on tar shards: the replicas agree at the end, and 3 steps +
+    resume + 3 steps equals 6 steps in one go (model, EMA and each rank's data position)."""
+    w, frozen = world
+    pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=12)
+    common = ["--data", str(tmp_path / "shards"), "--bs", "8", "--save-every", "3", "--shuffle-buffer", "4", *frozen]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain.py"]
+    out = run(*launch, *common, "--out", f"{tmp_path}/straight", "--steps", "6")
+    assert "2 rank(s)" in out and "the replicas' weights agree" in out
+    run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "3")
+    run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "6", "--resume", "auto")
+    a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
+    b = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
+    assert len(a["data_position"]) == 2 and a["data_position"] == b["data_position"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
