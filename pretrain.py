@@ -19,8 +19,9 @@ from emu import EmuError
 from emu.checkpoint import append_metrics
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
-from emu.training import (add_training_flags, make_ema, make_optimizer, open_training_data, resume_path, resume_training_state,
-                          save_training_state, train_step, training_batches, update_ema, warmup_schedule)
+from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
+                          resume_training_state, save_training_state, too_many_bad_steps, train_step, training_batches,
+                          update_ema, warmup_schedule)
 from emu.unet import PRESETS
 
 
@@ -68,11 +69,12 @@ def main(args):
     gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
     log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
 
-    step, skipped, position = 0, {}, None
+    step, skipped, position, bad = 0, {}, None, {"in_a_row": 0, "total": 0}
+    ckpt_file = os.path.join(args.out, "ckpt.pt")
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
-        step, skipped = ckpt["step"], ckpt.get("skipped", {})
+        step, skipped, bad = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("bad_steps", bad)
         position = rank_entry(ckpt, "data_position", world, ckpt_path)
         gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
         log(f"resumed from {ckpt_path} at step {step}")
@@ -83,31 +85,42 @@ def main(args):
     if world.main:
         append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
 
+    def save():
+        # every rank's data position and noise generator, so that each continues where it stopped
+        positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
+        if world.main:
+            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped),
+                                data_position=positions, gens=gens, bad_steps=bad)
+
     # train
     unet.train()
-    t0, losses = time.time(), []
+    t0, losses, logged = time.time(), [], step
     for latents, text in batches:
         if step >= args.steps:
             break
-        losses.append(train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args))
-        update_ema(ema, unet, args.ema_decay)
+        loss = train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args)
         step += 1
+        bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
+        if loss is not None:
+            losses.append(loss)
+            update_ema(ema, unet, args.ema_decay)
+        if bad["in_a_row"] > args.max_bad_steps:
+            save()
+            raise too_many_bad_steps(bad, args, ckpt_file)
         if step % args.log_every == 0 or step == args.steps:
-            loss = mean_over_ranks(sum(losses) / len(losses), world)
-            log(f"step {step}/{args.steps}  loss {loss:.4f}  {(time.time() - t0) / len(losses):.3f}s/step")
+            loss = mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world)
+            seconds = (time.time() - t0) / (step - logged)
+            log(f"step {step}/{args.steps}  loss {loss:.4f}  {seconds:.3f}s/step"
+                + (f"  ({bad['total']} steps skipped for a non-finite loss)" if bad["total"] else ""))
             if world.main:
-                append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": (time.time() - t0) / len(losses),
-                                             "skipped": len(batches.skipped)})
-            losses, t0 = [], time.time()
+                append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds,
+                                             "skipped": len(batches.skipped), "bad_steps": bad["total"]})
+            t0, losses, logged = time.time(), [], step
         if step % args.save_every == 0 or step == args.steps:
-            # every rank's data position and noise generator, so that each continues where it stopped
-            positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
-            if world.main:
-                save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args,
-                                    skipped=dict(batches.skipped), data_position=positions, gens=gens)
+            save()
     if not replicas_agree(unet, world):
         raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
-    log(f"saved {os.path.join(args.out, 'ckpt.pt')}; data: {batches.skipped.summary()}"
+    log(f"saved {ckpt_file}; data: {batches.skipped.summary()}; {bad['total']} steps skipped for a non-finite loss"
         + ("; the replicas' weights agree" if world.world_size > 1 else ""))
     close_world(world)
 

@@ -25,7 +25,9 @@ from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
 from emu.judges import appeal_score
 from emu.pipeline import diffusion_from_args, load_frozen_parts, unet_from_checkpoint
-from emu.training import LatentBatches, add_training_flags, make_ema, make_optimizer, resume_path, resume_training_state, save_training_state, train_step, update_ema, warmup_schedule
+from emu.training import (LatentBatches, add_training_flags, count_bad_step, make_ema, make_optimizer, resume_path,
+                          resume_training_state, save_training_state, too_many_bad_steps, train_step, update_ema,
+                          warmup_schedule)
 
 
 def parse_args(argv=None):
@@ -125,10 +127,11 @@ def main(args):
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed)
     step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions), "best_step": 0, "bad": 0}
+    ckpt_file, bad = os.path.join(args.out, "ckpt.pt"), {"in_a_row": 0, "total": 0}
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
-        step, stop = ckpt["step"], ckpt["early_stop"]
+        step, stop, bad = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad)
         print(f"resumed from {ckpt_path} at iteration {step}")
     else:
         save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
@@ -145,20 +148,25 @@ def main(args):
         if step >= args.iters or stop["bad"] >= args.patience:
             break
         loss = train_step(unet, diffusion, latents, text, batches.empty, opt, sched, gen, args)
-        update_ema(ema, unet, args.ema_decay)
         step += 1
+        bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
+        if loss is not None:
+            update_ema(ema, unet, args.ema_decay)
+        if bad["in_a_row"] > args.max_bad_steps:
+            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad)
+            raise too_many_bad_steps(bad, args, ckpt_file)
         if step % args.eval_every == 0 or step == args.iters:
             check = heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions)
             improved = check < stop["best"]
             stop = {"best": check, "best_step": step, "bad": 0} if improved else {**stop, "bad": stop["bad"] + 1}
-            print(f"iter {step}/{args.iters}  loss {loss:.4f}  held-out {check:.4f}{'  *best' if improved else ''}  "
+            print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}{'  *best' if improved else ''}  "
                   f"{(time.time() - t0) / args.eval_every:.3f}s/iter")
             append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],
                                          "sec_per_iter": (time.time() - t0) / args.eval_every})
             t0 = time.time()
             if improved:
                 save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
-            save_training_state(os.path.join(args.out, "ckpt.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
+            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad)
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
     print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
           f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")

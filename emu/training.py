@@ -53,16 +53,23 @@ def train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args):
 
     `empty` is the embedding of the empty caption, swapped in for a random tenth of the batch
     (--caption-dropout). Only the U-Net learns.
-    :return: the loss as a float.
+
+    A non-finite loss makes non-finite gradients; when the gradient norm is not finite the update is
+    skipped and the weights stay as they were. Under DDP the norm is taken after the gradients are
+    averaged, so every rank sees the same norm and skips the same steps.
+    :return: the loss as a float, or None when the step was skipped.
     """
     text = drop_captions(text, empty, args.caption_dropout, gen)
     loss = diffusion.training_loss(unet, latents, text, noise_offset=args.noise_offset, generator=gen)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
-    opt.step()
-    sched.step()
-    return loss.item()
+    loss.backward()  # always, even for a NaN: under DDP every rank must join the gradient all-reduce
+    norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()  # the schedule follows the step count either way
+    return loss.item() if finite else None
 
 
 class LatentBatches:
@@ -214,6 +221,19 @@ def training_batches(data, ae, text_encoder, args, step, position, world):
                          world.rank, world.world_size)
 
 
+def count_bad_step(loss, bad):
+    """The counts {"in_a_row", "total"} of skipped steps after a train_step that returned `loss`."""
+    if loss is not None:
+        return {**bad, "in_a_row": 0}
+    return {"in_a_row": bad["in_a_row"] + 1, "total": bad["total"] + 1}
+
+
+def too_many_bad_steps(bad, args, path):
+    """The EmuError that stops a run after more than --max-bad-steps skipped steps in a row."""
+    return EmuError(f"{bad['in_a_row']} steps in a row had a non-finite loss or gradient (more than --max-bad-steps "
+                    f"{args.max_bad_steps}); saved the last good weights to {path}; lower --lr or check the data")
+
+
 def save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra):
     """Atomically write {model, ema, opt, sched, step, args, rng, gen, ...} to `path`."""
     save_checkpoint(path, {
@@ -254,6 +274,8 @@ def add_training_flags(p):
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA weights used for sampling")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for CFG)")
+    p.add_argument("--max-bad-steps", type=int, default=20,
+                   help="stop after this many steps in a row skipped for a non-finite loss or gradient")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and timesteps")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],

@@ -138,6 +138,19 @@ def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(worl
         str(data / "000005.png"): "truncated or corrupt", str(data / "000009.png"): "empty file"}
 
 
+def test_pretrain_stops_after_too_many_non_finite_steps_with_a_valid_checkpoint(world, tmp_path):
+    """An absurd learning rate blows the weights up after one step; every step after it has a
+    non-finite loss, is skipped and counted, and the run stops in one line, its checkpoint loadable."""
+    w, frozen = world
+    proc = subprocess.run([sys.executable, "pretrain.py", "--data", f"{w}/haystack", "--bs", "8", "--steps", "30",
+                           "--lr", "1e30", "--warmup", "1", "--max-bad-steps", "3", "--out", f"{tmp_path}/pre",
+                           *frozen], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 4 steps in a row had a non-finite loss or gradient")
+    ckpt = torch.load(f"{tmp_path}/pre/ckpt.pt", weights_only=True)
+    assert ckpt["bad_steps"]["in_a_row"] == 4 and ckpt["step"] == ckpt["bad_steps"]["total"] + 1
+
+
 def test_scripts_report_bad_input_in_one_line(world, tmp_path):
     w, frozen = world
     for argv, message in [

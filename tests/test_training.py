@@ -111,3 +111,36 @@ def test_batches_keep_their_skipped_list_through_pickling():
     assert images.shape == (2, 3, 2, 2) and captions == ["a", "b"]
     again = pickle.loads(pickle.dumps(batch))  # how a DataLoader worker hands a batch over
     assert again.skipped == [Skipped("x.png", "empty file")] and again[1] == ["a", "b"]
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted():
+    """A NaN injected into the loss: the weights and the optimiser state stay as they were, the step is
+    reported as skipped and counted; a finite loss then trains again and resets the run of bad steps."""
+    from argparse import Namespace
+    from test_unet import random_text, toy_unet
+
+    from emu.diffusion import GaussianDiffusion
+    from emu.training import count_bad_step, make_optimizer, train_step, warmup_schedule
+    torch.manual_seed(0)
+    unet = toy_unet()
+    args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.0, noise_offset=0.0, grad_clip=1.0)
+    opt = make_optimizer(unet, args)
+    sched = warmup_schedule(opt, 1)
+    latents, text = torch.randn(2, 16, 8, 8), random_text(2, unet.cfg)
+    empty = random_text(1, unet.cfg)
+
+    class Poisoned(GaussianDiffusion):
+        def training_loss(self, *a, **k):
+            return super().training_loss(*a, **k) * float("nan")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    bad = {"in_a_row": 0, "total": 0}
+    for _ in range(2):
+        loss = train_step(unet, Poisoned(), latents, text, empty, opt, sched, gen, args)
+        bad = count_bad_step(loss, bad)
+        assert loss is None
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items()) and not opt.state
+    assert bad == {"in_a_row": 2, "total": 2} and sched.last_epoch == 2  # the schedule follows the steps
+    loss = train_step(unet, GaussianDiffusion(), latents, text, empty, opt, sched, gen, args)
+    assert isinstance(loss, float) and count_bad_step(loss, bad) == {"in_a_row": 0, "total": 2}
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
