@@ -20,7 +20,7 @@ from emu.checkpoint import append_metrics
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
 from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
-                          resume_training_state, save_training_state, too_many_bad_steps, train_step, training_batches,
+                          resume_training_state, save_rolling, save_training_state, too_many_bad_steps, train_step, training_batches,
                           update_ema, warmup_schedule)
 from emu.unet import PRESETS
 
@@ -89,8 +89,9 @@ def main(args):
         # every rank's data position and noise generator, so that each continues where it stopped
         positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
         if world.main:
-            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped),
-                                data_position=positions, gens=gens, bad_steps=bad)
+            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
+                path, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped), data_position=positions,
+                gens=gens, bad_steps=bad))
 
     # train
     unet.train()

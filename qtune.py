@@ -26,7 +26,7 @@ from emu.diffusion import sample_noise
 from emu.judges import appeal_score
 from emu.pipeline import diffusion_from_args, load_frozen_parts, unet_from_checkpoint
 from emu.training import (LatentBatches, add_training_flags, count_bad_step, make_ema, make_optimizer, resume_path,
-                          resume_training_state, save_training_state, too_many_bad_steps, train_step, update_ema,
+                          resume_training_state, save_rolling, save_training_state, too_many_bad_steps, train_step, update_ema,
                           warmup_schedule)
 
 
@@ -153,7 +153,8 @@ def main(args):
         if loss is not None:
             update_ema(ema, unet, args.ema_decay)
         if bad["in_a_row"] > args.max_bad_steps:
-            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad)
+            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
+                path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad))
             raise too_many_bad_steps(bad, args, ckpt_file)
         if step % args.eval_every == 0 or step == args.iters:
             check = heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions)
@@ -166,7 +167,8 @@ def main(args):
             t0 = time.time()
             if improved:
                 save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
-            save_training_state(ckpt_file, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad)
+            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
+                path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad))
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
     print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
           f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -92,6 +93,17 @@ def save_weights(path, state_dict, metadata=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
     _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def checkpoint_problem(path):
+    """None when `path` is an intact torch.save file (a zip whose every record matches its CRC),
+    else what is wrong with it. Reads the file once, without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"not an intact checkpoint ({str(e)[:80] or type(e).__name__})"
+    return None if bad is None else f"its record {bad} is corrupt"
 
 
 def load_weights(path):

@@ -3,14 +3,16 @@ training step, EMA, the learning-rate warm-up, caption dropout, and the training
 everything needed to resume exactly.
 """
 import copy
+import glob
 import os
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from emu import EmuError
-from emu.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
+from emu.checkpoint import checkpoint_problem, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.shards import ShardDataset, collate_stream
 from emu.text import TextEmbedding
@@ -255,14 +257,40 @@ def resume_training_state(path, unet, ema, opt, sched, gen):
     return ckpt
 
 
+def save_rolling(out_dir, step, keep, save):
+    """Write the checkpoint of `step` with save(path) as out_dir/ckpt-<step>.pt, make out_dir/ckpt.pt
+    the newest (a hard link, swapped in atomically), and delete all but the newest `keep`."""
+    path = os.path.join(out_dir, f"ckpt-{step:09d}.pt")
+    save(path)
+    latest, tmp = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, ".tmp-link-ckpt.pt")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+    for old in sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt")))[:-max(1, keep)]:
+        os.remove(old)
+
+
 def resume_path(resume, out_dir):
-    """The checkpoint to resume from: an explicit path, or `out_dir/ckpt.pt` for 'auto' (if it exists)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path = os.path.join(out_dir, "ckpt.pt")
-        return path if os.path.exists(path) else None
-    return resume
+    """The checkpoint to resume from: an explicit path; or, for 'auto', the newest intact one in
+    out_dir (ckpt-<step>.pt newest first, else ckpt.pt). A corrupt one is reported and passed over,
+    so a crash that damaged the newest file falls back to the one before."""
+    if resume != "auto":
+        return resume or None
+    candidates = sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt")), reverse=True)
+    if not candidates and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        candidates = [os.path.join(out_dir, "ckpt.pt")]
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"warning: {path}: {problem}; trying the checkpoint before it")
+    if candidates:
+        raise EmuError(f"{out_dir}: none of its {len(candidates)} checkpoints is intact")
+    return None
 
 
 def add_training_flags(p):
@@ -274,6 +302,7 @@ def add_training_flags(p):
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA weights used for sampling")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for CFG)")
+    p.add_argument("--keep", type=int, default=3, help="how many of the newest checkpoints (ckpt-<step>.pt) to keep")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row skipped for a non-finite loss or gradient")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and timesteps")

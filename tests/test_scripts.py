@@ -119,6 +119,21 @@ def test_two_ranks_keep_identical_replicas_and_resume_bitwise(world, tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
+def test_resume_auto_passes_over_a_corrupt_newest_checkpoint_and_keeps_the_last_n(world, tmp_path):
+    w, frozen = world
+    common = ["--data", f"{w}/haystack", "--bs", "8", "--save-every", "2", "--keep", "2", *frozen, "--out", f"{tmp_path}/pre"]
+    run("pretrain.py", *common, "--steps", "6")
+    assert sorted(os.listdir(f"{tmp_path}/pre")) == ["ckpt-000000004.pt", "ckpt-000000006.pt", "ckpt.pt", "metrics.jsonl"]
+    newest = f"{tmp_path}/pre/ckpt-000000006.pt"
+    assert os.path.samefile(newest, f"{tmp_path}/pre/ckpt.pt")
+    data = open(newest, "rb").read()
+    with open(newest, "wb") as f:  # a crash that damaged the newest file after it was renamed
+        f.write(data[:len(data) // 2])
+    out = run("pretrain.py", *common, "--steps", "8", "--resume", "auto")
+    assert f"warning: {newest}: not an intact checkpoint" in out and "at step 4" in out
+    assert torch.load(f"{tmp_path}/pre/ckpt.pt", weights_only=True)["step"] == 8
+
+
 def test_pretrain_skips_and_counts_broken_images_and_resumes_with_the_count(world, tmp_path):
     w, frozen = world
     data = tmp_path / "haystack"
