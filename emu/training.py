@@ -62,7 +62,10 @@ def train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args):
     :return: the loss as a float, or None when the step was skipped.
     """
     text = drop_captions(text, empty, args.caption_dropout, gen)
-    loss = diffusion.training_loss(unet, latents, text, noise_offset=args.noise_offset, generator=gen)
+    # --precision bf16: the forward pass computes in bfloat16 where it is safe (matmuls, convolutions);
+    # the weights, their gradients and the optimiser state stay float32 (the "master weights").
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        loss = diffusion.training_loss(unet, latents, text, noise_offset=args.noise_offset, generator=gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()  # always, even for a NaN: under DDP every rank must join the gradient all-reduce
     norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
@@ -302,6 +305,8 @@ def add_training_flags(p):
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA weights used for sampling")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for CFG)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the forward pass, float32 master weights (for GPUs; slower on most CPUs)")
     p.add_argument("--keep", type=int, default=3, help="how many of the newest checkpoints (ckpt-<step>.pt) to keep")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row skipped for a non-finite loss or gradient")

@@ -123,7 +123,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted():
     from emu.training import count_bad_step, make_optimizer, train_step, warmup_schedule
     torch.manual_seed(0)
     unet = toy_unet()
-    args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.0, noise_offset=0.0, grad_clip=1.0)
+    args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.0, noise_offset=0.0, grad_clip=1.0, precision="fp32")
     opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, 1)
     latents, text = torch.randn(2, 16, 8, 8), random_text(2, unet.cfg)
@@ -144,3 +144,24 @@ def test_a_nan_loss_skips_the_update_and_is_counted():
     loss = train_step(unet, GaussianDiffusion(), latents, text, empty, opt, sched, gen, args)
     assert isinstance(loss, float) and count_bad_step(loss, bad) == {"in_a_row": 0, "total": 2}
     assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_bf16_autocast_trains_float32_master_weights_close_to_fp32():
+    from argparse import Namespace
+    from test_unet import nontrivial_unet, random_text
+
+    from emu.diffusion import GaussianDiffusion
+    from emu.training import make_optimizer, train_step, warmup_schedule
+    latents, text = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), random_text(2, nontrivial_unet().cfg)
+    losses, weights = {}, {}
+    for precision in ("fp32", "bf16"):
+        unet = nontrivial_unet()
+        args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.0, noise_offset=0.0, grad_clip=1.0, precision=precision)
+        opt = make_optimizer(unet, args)
+        losses[precision] = train_step(unet, GaussianDiffusion(), latents, text, text[:1], opt, warmup_schedule(opt, 1),
+                                       torch.Generator().manual_seed(0), args)
+        weights[precision] = unet.conv_out.weight.detach().clone()
+        assert {p.dtype for p in unet.parameters()} == {torch.float32}  # master weights
+        assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
+    assert not torch.equal(weights["bf16"], weights["fp32"])
