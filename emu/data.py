@@ -127,7 +127,12 @@ def load_image(path, size, max_pixels=MAX_PIXELS, data=None):
     Resizes the shorter side to `size` (bicubic) and crops the centre square.
     Raises BadImage naming the file if it cannot be used.
     """
-    im = open_rgb(path, max_pixels, data)
+    return square_tensor(open_rgb(path, max_pixels, data), size)
+
+
+def square_tensor(im, size):
+    """An RGB PIL image -> (3, size, size) float tensor in [-1, 1]: the shorter side resized to `size`
+    (bicubic), the centre square cropped."""
     w, h = im.size
     scale = size / min(w, h)
     if scale != 1.0:

@@ -25,7 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from emu.data import BadFile, Skipped, collate, decode_caption, decode_metadata, load_image, open_rgb
+from emu.data import (BadFile, Skipped, caption_from_metadata, collate, decode_caption, decode_metadata, open_rgb,
+                      square_tensor)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 32 * 2**20  # larger than any image a text-to-image set keeps; a caption is far smaller
@@ -107,21 +108,18 @@ def decode_sample(raw, image_size, caption_field=None, min_size=0, max_aspect=0.
     try:
         meta = {} if raw.metadata is None else decode_metadata(raw.metadata, raw.name + ".json")
         if caption_field:
-            caption = meta.get(caption_field)
-            if not isinstance(caption, str):
-                return Skipped(raw.name, f"no '{caption_field}' caption in metadata")
-            caption = decode_caption(caption.encode(), raw.name + ".json")
+            caption = caption_from_metadata(meta, caption_field, raw.name + ".json")
         elif raw.caption is None:
             return Skipped(raw.name, "caption file not found")
         else:
             caption = decode_caption(raw.caption, raw.name + ".txt")
-        if min_size or max_aspect:
-            w, h = open_rgb(raw.name, data=raw.image).size
-            if min(w, h) < min_size:
-                return Skipped(raw.name, "image too small")
-            if max_aspect and max(w, h) > max_aspect * min(w, h):
-                return Skipped(raw.name, "extreme aspect ratio")
-        return load_image(raw.name, image_size, data=raw.image), caption
+        im = open_rgb(raw.name, data=raw.image)  # decoded once, for the filters and the tensor
+        w, h = im.size
+        if min(w, h) < min_size:
+            return Skipped(raw.name, "image too small")
+        if max_aspect and max(w, h) > max_aspect * min(w, h):
+            return Skipped(raw.name, "extreme aspect ratio")
+        return square_tensor(im, image_size), caption
     except BadFile as e:
         return Skipped(raw.name, e.reason)
 
