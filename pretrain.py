@@ -15,13 +15,16 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from tqdm import tqdm
+
 from emu import EmuError
 from emu.checkpoint import append_metrics
+from emu.data import SkipLog
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
-from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
-                          resume_training_state, save_rolling, save_training_state, too_many_bad_steps, train_step, training_batches,
-                          update_ema, warmup_schedule)
+from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, parse_stages,
+                          resume_path, resume_training_state, save_rolling, save_training_state, stage_at, too_many_bad_steps,
+                          train_step, training_batches, update_ema, warmup_schedule)
 from emu.unet import PRESETS
 
 
@@ -33,14 +36,17 @@ def parse_args(argv=None):
     p.add_argument("--ae", default="runs/ae", help="trained autoencoder directory (from train_ae.py)")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
-    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
     p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net size")
-    p.add_argument("--steps", type=int, default=1600, help="training steps")
+    p.add_argument("--steps", type=int, default=1600, help="training steps (without --stages)")
+    p.add_argument("--stages", default=None,
+                   help="progressive resolution, e.g. 256:100000:2048,512:50000:1024,1024:20000:256 (SIZE:STEPS[:BS[:NOISE_OFFSET]]"
+                        " per stage; BS defaults to --bs, the noise offset to 0 but --noise-offset in the final stage)")
     p.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"], help="noise schedule")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
     p.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the U-Net predicts")
     p.add_argument("--noise-offset", type=float, default=0.02,
-                   help="noise offset; the paper uses 0.02 in the final pretraining stage (section 3.2)")
+                   help="noise offset of the final stage; the paper uses 0.02 in the final pretraining stage (section 3.2)")
     p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
     p.add_argument("--text-cache", default=None,
@@ -53,13 +59,15 @@ def main(args):
     world = init_world(args.device)  # under torchrun: this process's rank and device; else a world of one
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     device = world.device
-    log = print if world.main else (lambda *a, **k: None)  # rank 0 alone prints and writes
+    log = tqdm.write if world.main else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
+    stages = parse_stages(args)  # progressive resolution: [(image size, steps, batch size, noise offset), ...]
+    args.steps, args.image_size = sum(s.steps for s in stages), stages[-1].image_size  # recorded in checkpoints
 
-    # frozen parts, data and model
+    # frozen parts and the model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
-    data = open_training_data(args.data, args.image_size, args, world)  # image + caption folder, or tar shards
     unet = build_unet(args.preset, ae, text_encoder).to(device)
+    unet.grad_checkpoint = args.grad_checkpoint
     ema = make_ema(unet)
     # DDP averages the gradients over ranks during backward; every rank then takes the same step.
     model = DDP(unet) if world.world_size > 1 else unet
@@ -75,12 +83,10 @@ def main(args):
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
         step, skipped, bad = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("bad_steps", bad)
-        position = rank_entry(ckpt, "data_position", world, ckpt_path)
+        if ckpt.get("stage", 0) == stage_at(stages, step)[0]:  # the data position of a stage still under way
+            position = rank_entry(ckpt, "data_position", world, ckpt_path)
         gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
         log(f"resumed from {ckpt_path} at step {step}")
-    batches = training_batches(data, ae, text_encoder, args, step, position, world)
-    batches.skipped.update(skipped)  # files skipped before a resume still count
-    log(f"data: {batches.describe()}")
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
     if world.main:
         append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "step": step, "time": time.time()})
@@ -90,38 +96,54 @@ def main(args):
         positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
         if world.main:
             save_rolling(args.out, step, args.keep, lambda path: save_training_state(
-                path, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped), data_position=positions,
-                gens=gens, bad_steps=bad))
+                path, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped), data_position=positions, gens=gens,
+                stage=index, bad_steps=bad))
 
-    # train
+    # train, stage after stage: each at its own resolution, batch size and noise offset
     unet.train()
-    t0, losses, logged = time.time(), [], step
-    for latents, text in batches:
-        if step >= args.steps:
-            break
-        loss = train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args)
-        step += 1
-        bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
-        if loss is not None:
-            losses.append(loss)
-            update_ema(ema, unet, args.ema_decay)
-        if bad["in_a_row"] > args.max_bad_steps:
-            save()
-            raise too_many_bad_steps(bad, args, ckpt_file)
-        if step % args.log_every == 0 or step == args.steps:
-            loss = mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world)
-            seconds = (time.time() - t0) / (step - logged)
-            log(f"step {step}/{args.steps}  loss {loss:.4f}  {seconds:.3f}s/step"
-                + (f"  ({bad['total']} steps skipped for a non-finite loss)" if bad["total"] else ""))
-            if world.main:
-                append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds,
-                                             "skipped": len(batches.skipped), "bad_steps": bad["total"]})
-            t0, losses, logged = time.time(), [], step
-        if step % args.save_every == 0 or step == args.steps:
-            save()
+    progress = tqdm(total=args.steps, initial=step, unit="step", disable=not world.main, dynamic_ncols=True)
+    for index in range(stage_at(stages, step)[0], len(stages)):
+        stage = stages[index]
+        stage_start, stage_end = sum(s.steps for s in stages[:index]), sum(s.steps for s in stages[:index + 1])
+        data = open_training_data(args.data, stage.image_size, args, world)  # image + caption folder, or tar shards
+        batches = training_batches(data, ae, text_encoder, args, stage.bs, step - stage_start, position, world)
+        batches.skipped.update(skipped)  # files skipped before (a resume, an earlier stage) still count
+        position = None  # a later stage starts its data afresh
+        log(f"stage {index + 1}/{len(stages)}: {stage.image_size} px, batch {stage.bs}, steps {stage_start}-{stage_end}, "
+            f"noise offset {stage.noise_offset}; data: {batches.describe()}")
+        t0, losses, logged = time.time(), [], step
+        for latents, text in batches:
+            if step >= stage_end:
+                break
+            loss = train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args, stage.noise_offset)
+            step += 1
+            progress.update()
+            bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
+            if loss is not None:
+                losses.append(loss)
+                update_ema(ema, unet, args.ema_decay)
+            if bad["in_a_row"] > args.max_bad_steps:
+                save()
+                progress.close()
+                raise too_many_bad_steps(bad, args, ckpt_file)
+            if step % args.log_every == 0 or step == stage_end:
+                loss = mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world)
+                seconds = (time.time() - t0) / (step - logged)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                log(f"step {step}/{args.steps}  loss {loss:.4f}  {seconds:.3f}s/step"
+                    + (f"  ({bad['total']} steps skipped for a non-finite loss)" if bad["total"] else ""))
+                if world.main:
+                    append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds, "stage": index + 1,
+                                                 "image_size": stage.image_size, "skipped": len(batches.skipped),
+                                                 "bad_steps": bad["total"]})
+                t0, losses, logged = time.time(), [], step
+            if step % args.save_every == 0 or step == stage_end:
+                save()
+        skipped = dict(batches.skipped)
+    progress.close()
     if not replicas_agree(unet, world):
         raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
-    log(f"saved {ckpt_file}; data: {batches.skipped.summary()}; {bad['total']} steps skipped for a non-finite loss"
+    log(f"saved {ckpt_file}; data: {SkipLog.summary(skipped)}; {bad['total']} steps skipped for a non-finite loss"
         + ("; the replicas' weights agree" if world.world_size > 1 else ""))
     close_world(world)
 

@@ -77,16 +77,21 @@ class GaussianDiffusion:
         ab = self._ab(t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
-    def training_loss(self, model, x0, text, noise_offset=0.0, generator=None):
+    def training_noise(self, x0, noise_offset=0.0, generator=None):
+        """A random timestep and noise (with `noise_offset`) for every latent in x0: (t (B,), noise)."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        return t, sample_noise(x0, noise_offset, generator)
+
+    def training_loss(self, model, x0, text, noise_offset=0.0, generator=None, t=None, noise=None):
         """Mean squared error between the model output and its target at a random timestep.
 
         :param model: called as model(x_t, t, text).
         :param x0: (B, C, H, W) clean latents.
         :param text: the batch's emu.text.TextEmbedding (captions already dropped for CFG).
+        :param t, noise: the timesteps and noise to use; drawn with training_noise() when not given.
         """
-        B = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
-        noise = sample_noise(x0, noise_offset, generator)
+        if t is None:
+            t, noise = self.training_noise(x0, noise_offset, generator)
         out = model(self.q_sample(x0, t, noise), t, text)
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
 

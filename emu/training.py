@@ -2,11 +2,12 @@
 training step, EMA, the learning-rate warm-up, caption dropout, and the training checkpoint with
 everything needed to resume exactly.
 """
+import contextlib
 import copy
 import glob
 import os
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,11 +51,17 @@ def warmup_schedule(optimizer, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
-def train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args):
+def train_step(model, diffusion, latents, text, empty, opt, sched, gen, args, noise_offset=None):
     """One optimisation step of latent diffusion on a batch of latents and their text embeddings.
 
     `empty` is the embedding of the empty caption, swapped in for a random tenth of the batch
-    (--caption-dropout). Only the U-Net learns.
+    (--caption-dropout). Only the U-Net learns. `noise_offset` defaults to --noise-offset
+    (progressive pretraining sets it per stage).
+
+    With --grad-accum K the batch goes through forward and backward in K micro-batches, which holds
+    1/K of the activations in memory at a time; the gradients add up to the whole batch's (the
+    timesteps and noise are drawn for the whole batch first, so K changes nothing but the rounding).
+    Under DDP or FSDP the ranks average the gradients once, after the last micro-batch.
 
     A non-finite loss makes non-finite gradients; when the gradient norm is not finite the update is
     skipped and the weights stay as they were. Under DDP the norm is taken after the gradients are
@@ -62,19 +69,44 @@ def train_step(unet, diffusion, latents, text, empty, opt, sched, gen, args):
     :return: the loss as a float, or None when the step was skipped.
     """
     text = drop_captions(text, empty, args.caption_dropout, gen)
-    # --precision bf16: the forward pass computes in bfloat16 where it is safe (matmuls, convolutions);
-    # the weights, their gradients and the optimiser state stay float32 (the "master weights").
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        loss = diffusion.training_loss(unet, latents, text, noise_offset=args.noise_offset, generator=gen)
+    noise_offset = args.noise_offset if noise_offset is None else noise_offset
+    t, noise = diffusion.training_noise(latents, noise_offset, gen)
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # always, even for a NaN: under DDP every rank must join the gradient all-reduce
-    norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
+    micro_batches = torch.arange(len(latents), device=latents.device).tensor_split(getattr(args, "grad_accum", 1))
+    total = torch.zeros((), device=latents.device)
+    for i, idx in enumerate(micro_batches):
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            # --precision bf16: the forward pass computes in bfloat16 where it is safe (matmuls, convolutions);
+            # the weights, their gradients and the optimiser state stay float32 (the "master weights").
+            with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = diffusion.training_loss(model, latents[idx], text[idx], t=t[idx], noise=noise[idx])
+            loss = loss * (len(idx) / len(latents))  # the micro-batch's share of the batch mean
+            loss.backward()  # always, even for a NaN: under DDP every rank must join the gradient all-reduce
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     finite = bool(torch.isfinite(norm))
     if finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()  # the schedule follows the step count either way
-    return loss.item() if finite else None
+    return total.item() if finite else None
+
+
+@contextlib.contextmanager
+def gradient_sync(model, enabled):
+    """A context in which backward() averages the gradients over the ranks only if `enabled`:
+    DDP's no_sync(), FSDP's set_requires_gradient_sync(); a single process has nothing to average."""
+    if enabled or not hasattr(model, "no_sync") and not hasattr(model, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:  # FSDP
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
 
 class LatentBatches:
@@ -215,15 +247,68 @@ def open_training_data(path, image_size, args, world):
     return ImageCaptionFolder(str(path), image_size, skip_bad=True)  # a broken file is counted, not fatal
 
 
-def training_batches(data, ae, text_encoder, args, step, position, world):
-    """This rank's share of each global batch of --bs: LatentBatches for a folder, ShardBatches for
-    shards (continuing at `position`, this rank's from a checkpoint)."""
-    if args.bs % world.world_size:
-        raise EmuError(f"--bs {args.bs} does not split over {world.world_size} ranks")
+def training_batches(data, ae, text_encoder, args, bs, step, position, world):
+    """This rank's share of each global batch of `bs`: LatentBatches for a folder (starting at `step`),
+    ShardBatches for shards (continuing at `position`, this rank's from a checkpoint)."""
+    if bs % world.world_size:
+        raise EmuError(f"batch size {bs} does not split over {world.world_size} ranks")
     if isinstance(data, ShardDataset):
-        return ShardBatches(data, ae, text_encoder, args.bs // world.world_size, args.workers, position)
-    return LatentBatches(data, ae, text_encoder, args.bs, args.seed, step, args.cache_mb, args.workers,
+        return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position)
+    return LatentBatches(data, ae, text_encoder, bs, args.seed, step, args.cache_mb, args.workers,
                          world.rank, world.world_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Progressive resolution
+
+
+@dataclass(frozen=True)
+class ResolutionStage:
+    """One stage of progressive-resolution pretraining: `steps` steps at `image_size` pixels, with
+    batch size `bs` and noise offset `noise_offset`."""
+    image_size: int
+    steps: int
+    bs: int
+    noise_offset: float
+
+
+def parse_stages(args):
+    """The stages of --stages, e.g. "256:100000:2048,512:50000:1024,1024:20000:256:0.02".
+
+    Each stage is SIZE:STEPS[:BS[:NOISE_OFFSET]]. The batch size defaults to --bs; the noise offset to
+    0 in every stage but the last, which takes --noise-offset: the paper uses a noise offset of 0.02 in
+    the final stage of pretraining only (emu_paper.txt, section 3.2). Without --stages there is one
+    stage: --image-size, --steps, --bs, --noise-offset.
+    """
+    if not args.stages:
+        return [ResolutionStage(args.image_size, args.steps, args.bs, args.noise_offset)]
+    pieces = args.stages.split(",")
+    stages = []
+    for i, piece in enumerate(pieces):
+        final = i == len(pieces) - 1
+        fields_ = piece.strip().split(":")
+        try:
+            if not 2 <= len(fields_) <= 4:
+                raise ValueError
+            size, steps = int(fields_[0]), int(fields_[1])
+            bs = int(fields_[2]) if len(fields_) > 2 and fields_[2] else args.bs
+            offset = float(fields_[3]) if len(fields_) > 3 else args.noise_offset if final else 0.0
+        except ValueError:
+            raise EmuError(f"--stages: {piece.strip()!r} is not SIZE:STEPS[:BS[:NOISE_OFFSET]]") from None
+        if size <= 0 or steps <= 0 or bs <= 0:
+            raise EmuError(f"--stages: {piece.strip()!r} needs a positive size, step count and batch size")
+        stages.append(ResolutionStage(size, steps, bs, offset))
+    return stages
+
+
+def stage_at(stages, step):
+    """(index, first step) of the stage that trains step `step` + 1; len(stages) once all are done."""
+    start = 0
+    for i, stage in enumerate(stages):
+        if step < start + stage.steps:
+            return i, start
+        start += stage.steps
+    return len(stages), start
 
 
 def count_bad_step(loss, bad):
@@ -303,6 +388,10 @@ def add_training_flags(p):
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each rank's batch into this many micro-batches (less activation memory, the same step)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: recompute each U-Net block in the backward pass instead of keeping its activations")
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA weights used for sampling")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of training on the empty caption (for CFG)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],

@@ -186,3 +186,26 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
 def test_every_script_explains_its_flags(script):
     out = run(script, "--help")
     assert "usage:" in out and "--" in out
+
+
+def test_progressive_resolution_resumes_inside_a_stage_and_at_its_end(world, tmp_path):
+    """Two stages (16 px at batch 4, then 32 px at batch 8): a run resumed in the middle of the first
+    stage, or exactly where the second begins, ends bitwise where the unbroken run ends."""
+    w, frozen = world
+    common = ["pretrain.py", "--data", f"{w}/haystack", "--stages", "16:3:4,32:3:8", "--save-every", "1", "--keep", "9",
+              "--warmup", "2", *frozen]
+    out = run(*common, "--out", f"{tmp_path}/straight")
+    assert "stage 1/2: 16 px, batch 4, steps 0-3, noise offset 0.0" in out
+    assert "stage 2/2: 32 px, batch 8, steps 3-6, noise offset 0.02" in out
+    sizes = {r["step"]: r["image_size"] for r in read_metrics(f"{tmp_path}/straight/metrics.jsonl") if "loss" in r}
+    assert sizes[3] == 16 and sizes[6] == 32
+    final = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
+    assert final["args"]["image_size"] == 32 and final["args"]["steps"] == 6 and final["stage"] == 1
+    for resume_at in (2, 3):
+        os.makedirs(f"{tmp_path}/from{resume_at}")
+        shutil.copy(f"{tmp_path}/straight/ckpt-{resume_at:09d}.pt", f"{tmp_path}/from{resume_at}/ckpt-{resume_at:09d}.pt")
+        out = run(*common, "--out", f"{tmp_path}/from{resume_at}", "--resume", "auto")
+        assert f"at step {resume_at}" in out and ("stage 1/2" in out) == (resume_at < 3)
+        resumed = torch.load(f"{tmp_path}/from{resume_at}/ckpt.pt", weights_only=True)
+        for part in ("model", "ema"):
+            assert all(torch.equal(final[part][k], resumed[part][k]) for k in final[part]), (resume_at, part)

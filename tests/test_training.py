@@ -165,3 +165,69 @@ def test_bf16_autocast_trains_float32_master_weights_close_to_fp32():
         assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
     assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]
     assert not torch.equal(weights["bf16"], weights["fp32"])
+
+
+def _one_step(unet, latents, text, sgd=False, **flags):
+    """The loss and weights after one train_step; with sgd, plain SGD at lr 1 and no clipping, so the
+    weights move by exactly minus the gradient."""
+    from argparse import Namespace
+
+    from emu.diffusion import GaussianDiffusion
+    from emu.training import make_optimizer, train_step, warmup_schedule
+    args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.5, noise_offset=0.1, grad_clip=1e9 if sgd else 1.0,
+                     precision="fp32", **flags)
+    opt = torch.optim.SGD(unet.parameters(), lr=1.0) if sgd else make_optimizer(unet, args)
+    loss = train_step(unet, GaussianDiffusion(), latents, text, text[:1], opt, warmup_schedule(opt, 1),
+                      torch.Generator().manual_seed(0), args)
+    return loss, {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
+    """--grad-accum 3 over a batch of 5 (micro-batches of 2, 2, 1) gives the loss and the gradient of
+    one pass over the whole batch, up to float rounding."""
+    from test_unet import nontrivial_unet, random_text
+    latents = torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = random_text(5, nontrivial_unet().cfg, lengths=(5, 7, 3, 9, 2))
+    before = nontrivial_unet().state_dict()
+    loss_1, weights_1 = _one_step(nontrivial_unet().train(), latents, text, sgd=True, grad_accum=1)
+    loss_3, weights_3 = _one_step(nontrivial_unet().train(), latents, text, sgd=True, grad_accum=3)
+    assert abs(loss_1 - loss_3) < 1e-6 * loss_1
+    grad_1 = torch.cat([(before[k] - weights_1[k]).flatten() for k in before])
+    grad_3 = torch.cat([(before[k] - weights_3[k]).flatten() for k in before])
+    assert grad_1.abs().max() > 1e-3
+    torch.testing.assert_close(grad_3, grad_1, rtol=1e-4, atol=1e-4 * grad_1.abs().max().item())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """--grad-checkpoint recomputes each U-Net block in the backward pass: the same numbers, bitwise;
+    and it really is on (the blocks run forward twice)."""
+    from test_unet import nontrivial_unet, random_text
+    latents, text = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), random_text(2, nontrivial_unet().cfg)
+    plain = nontrivial_unet().train()
+    loss_plain, weights_plain = _one_step(plain, latents, text)
+    checkpointed = nontrivial_unet().train()
+    checkpointed.grad_checkpoint = True
+    calls, forward = [], checkpointed.mid[0].res.forward
+    checkpointed.mid[0].res.forward = lambda *a: (calls.append(1), forward(*a))[1]
+    loss_ckpt, weights_ckpt = _one_step(checkpointed, latents, text)
+    assert len(calls) == 2  # forward, then again in backward
+    assert loss_plain == loss_ckpt
+    assert all(torch.equal(weights_plain[k], weights_ckpt[k]) for k in weights_plain)
+
+
+def test_stages_parse_with_per_stage_batch_and_the_final_noise_offset():
+    from argparse import Namespace
+
+    from emu.training import ResolutionStage, parse_stages, stage_at
+    args = Namespace(stages="256:100:64,512:50,1024:20:16:0.05", bs=32, image_size=32, steps=7, noise_offset=0.02)
+    stages = parse_stages(args)
+    assert stages == [ResolutionStage(256, 100, 64, 0.0), ResolutionStage(512, 50, 32, 0.0), ResolutionStage(1024, 20, 16, 0.05)]
+    args.stages = "256:100,1024:20"  # the final stage takes --noise-offset unless told otherwise
+    assert [s.noise_offset for s in parse_stages(args)] == [0.0, 0.02]
+    args.stages = None  # no --stages: one stage from --image-size, --steps, --bs, --noise-offset
+    assert parse_stages(args) == [ResolutionStage(32, 7, 32, 0.02)]
+    stages = parse_stages(Namespace(stages="16:3,32:4", bs=8, noise_offset=0.02))
+    assert [stage_at(stages, step) for step in (0, 2, 3, 6, 7)] == [(0, 0), (0, 0), (1, 3), (1, 3), (2, 7)]
+    for bad in ("256", "256:x", "256:10:8:0.1:9", "0:10", "256:-1"):
+        with pytest.raises(EmuError, match="--stages: "):
+            parse_stages(Namespace(stages=bad, bs=8, noise_offset=0.0))
