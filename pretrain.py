@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from emu import EmuError
 from emu.checkpoint import append_metrics
-from emu.data import SkipLog
+from emu.data import SkipLog, read_prompts
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts
+from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts, sample_grid
+from emu.plot import plot_metrics
 from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, parse_stages,
                           resume_path, resume_training_state, save_rolling, save_training_state, stage_at, too_many_bad_steps,
                           train_step, training_batches, update_ema, warmup_schedule)
@@ -49,6 +50,9 @@ def parse_args(argv=None):
                    help="noise offset of the final stage; the paper uses 0.02 in the final pretraining stage (section 3.2)")
     p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
+    p.add_argument("--sample-every", type=int, default=500, help="write a grid of EMA samples every N steps (0: never)")
+    p.add_argument("--sample-prompts", default="data/prompts/toy.tsv", help="prompts for the sample grids (.tsv or one per line)")
+    p.add_argument("--sample-n", type=int, default=8, help="how many of those prompts the grids show")
     p.add_argument("--text-cache", default=None,
                    help="caption embeddings from data/embed_captions.py, made with --clip/--t5: the towers are not loaded")
     add_training_flags(p)
@@ -76,6 +80,9 @@ def main(args):
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
     log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
+    prompts = [p for p, _ in read_prompts(args.sample_prompts)][:args.sample_n] if args.sample_every else []
+    if prompts:
+        text_encoder.encode(prompts)  # a text cache without them fails now, not after hours of training
 
     step, skipped, position, bad = 0, {}, None, {"in_a_row": 0, "total": 0}
     ckpt_file = os.path.join(args.out, "ckpt.pt")
@@ -136,9 +143,13 @@ def main(args):
                     append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds, "stage": index + 1,
                                                  "image_size": stage.image_size, "skipped": len(batches.skipped),
                                                  "bad_steps": bad["total"]})
+                    plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "step", "loss", "pretraining loss", log_y=True)
                 t0, losses, logged = time.time(), [], step
             if step % args.save_every == 0 or step == stage_end:
                 save()
+            if prompts and (step % args.sample_every == 0 or step == args.steps):  # every rank runs the (sharded) model
+                sample_grid(os.path.join(args.out, "samples", f"step-{step:09d}.png"), ema, ae, text_encoder, diffusion,
+                            stage.image_size, prompts, write=world.main)
         skipped = dict(batches.skipped)
     progress.close()
     if not replicas_agree(unet, world):

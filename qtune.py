@@ -15,27 +15,37 @@ images, with accurate captions, restricts its outputs to that high-quality subse
 import argparse
 import json
 import os
+import random
 import time
 
 import torch
 
 from emu import EmuError
+from emu.dist import World
 from emu.checkpoint import append_metrics, load_checkpoint
 from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
 from emu.judges import appeal_score
-from emu.pipeline import diffusion_from_args, load_frozen_parts, unet_from_checkpoint
-from emu.training import (LatentBatches, add_training_flags, count_bad_step, make_ema, make_optimizer, resume_path,
-                          resume_training_state, save_rolling, save_training_state, too_many_bad_steps, train_step, update_ema,
-                          warmup_schedule)
+from emu.pipeline import diffusion_from_args, load_frozen_parts, sample_grid, unet_from_checkpoint
+from emu.plot import plot_metrics
+from emu.shards import ShardDataset, first_samples
+from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
+                          resume_training_state, save_rolling, save_training_state, shard_paths, too_many_bad_steps, train_step,
+                          training_batches, update_ema, warmup_schedule)
+
+
+SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process: the whole data set is its share
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt", help="pretraining checkpoint to start from")
-    p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt (+ key.json) to curate from")
+    p.add_argument("--data", default="runs/toy/haystack",
+                   help="folder of key.png + key.txt (+ key.json) to curate from; with --curate-top 0, the curated images "
+                        "themselves: such a folder or tar shards")
     p.add_argument("--out", default="runs/qtune", help="output directory")
-    p.add_argument("--curate-top", type=int, default=200, help="how many images the aesthetic filter keeps (the paper keeps 2000)")
+    p.add_argument("--curate-top", type=int, default=200,
+                   help="how many images the aesthetic filter keeps (the paper keeps 2000); 0: --data is already curated")
     p.add_argument("--caption-field", default="true_caption",
                    help="metadata field with the curated images' accurate captions ('' to use key.txt)")
     p.add_argument("--holdout", type=int, default=24, help="curated images held out for early stopping")
@@ -76,6 +86,38 @@ def curate(data_dir, image_size, top, caption_field):
 
 
 @torch.no_grad()
+def needles(args):
+    """(training set, held-out images, held-out captions) for quality-tuning.
+
+    With --curate-top N the automatic filter picks the N best images of the haystack folder --data
+    (curated.json says which and why). With --curate-top 0, --data is already curated: a folder of
+    image + caption pairs, or tar shards (key.jpg, key.txt, key.json). Either way --holdout of the
+    needles check early stopping and are never trained on.
+    """
+    field = args.caption_field or None
+    if args.curate_top:
+        keys, report = curate(args.data, args.image_size, args.curate_top, field)
+        with open(os.path.join(args.out, "curated.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
+              + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
+        heldout = keys[:args.holdout]  # the best few: a check set that looks like what the model should make
+    elif shard_paths(args.data):  # the first --holdout usable samples of the shards
+        images, captions, heldout = first_samples(shard_paths(args.data), args.holdout, args.image_size, field)
+        return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
+    else:  # a seeded random --holdout of the folder's images
+        keys = open_training_data(args.data, args.image_size, args, SINGLE).keys
+        heldout = random.Random(args.seed).sample(keys, min(args.holdout, len(keys)))
+    train = ImageCaptionFolder(args.data, args.image_size, keys=[k for k in keys if k not in set(heldout)],
+                               caption_field=field, skip_bad=True)
+    check = ImageCaptionFolder(args.data, args.image_size, keys=heldout, caption_field=field, skip_bad=True)
+    images = check.load_all()  # the usable ones: line their captions up with them
+    captions = [c for i, c in enumerate(check.captions) if i not in check.skipped]
+    if len(images) == 0:
+        raise EmuError(f"{args.data}: none of the {len(heldout)} held-out needles is usable (--caption-field {field!r}?)")
+    return train, images, captions
+
+
 def heldout_loss(unet, ae, text_encoder, diffusion, images, captions, seed=1234):
     """Denoising loss on held-out images with fixed timesteps and noise, so checks are comparable."""
     device = next(unet.parameters()).device
@@ -106,38 +148,33 @@ def main(args):
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
     diffusion = diffusion_from_args(args)
     unet = unet_from_checkpoint(pre, args.pretrained, weights="ema").to(device).requires_grad_(True)
+    unet.grad_checkpoint = args.grad_checkpoint
 
-    # curate the needles, split off a held-out check set
-    keys, report = curate(args.data, args.image_size, args.curate_top, args.caption_field)
-    with open(os.path.join(args.out, "curated.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
-          + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
-    train_keys, check_keys = keys[args.holdout:], keys[:args.holdout]
-    field = args.caption_field or None
-    train_data = ImageCaptionFolder(args.data, args.image_size, keys=train_keys, caption_field=field, skip_bad=True)
-    check_data = ImageCaptionFolder(args.data, args.image_size, keys=check_keys, caption_field=field, skip_bad=True)
-    check_images = check_data.load_all()  # the usable ones: line their captions up with them
-    check_captions = [c for i, c in enumerate(check_data.captions) if i not in check_data.skipped]
-    if len(check_images) == 0:
-        raise EmuError(f"{args.data}: none of the {len(check_keys)} held-out needles is usable (--caption-field {field!r}?)")
+    # the needles: curated here from the haystack, or already curated; a held-out part checks early stopping
+    train_data, check_images, check_captions = needles(args)
 
     ema = make_ema(unet)
     opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed)
     step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions), "best_step": 0, "bad": 0}
-    ckpt_file, bad = os.path.join(args.out, "ckpt.pt"), {"in_a_row": 0, "total": 0}
+    ckpt_file, bad, position = os.path.join(args.out, "ckpt.pt"), {"in_a_row": 0, "total": 0}, None
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
-        step, stop, bad = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad)
+        step, stop, bad, position = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad), ckpt.get("data_position")
         print(f"resumed from {ckpt_path} at iteration {step}")
     else:
         save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
-    batches = LatentBatches(train_data, ae, text_encoder, min(args.bs, len(train_data)), args.seed, step, args.cache_mb, args.workers)
+    bs = args.bs if isinstance(train_data, ShardDataset) else min(args.bs, len(train_data))
+    batches = training_batches(train_data, ae, text_encoder, args, bs, step, position, SINGLE)
     print(f"training data: {batches.describe()}")
+
+    def save(path):
+        save_training_state(path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
+                            data_position=batches.position())
+
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
     append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "iter": step, "time": time.time()})
 
@@ -153,22 +190,27 @@ def main(args):
         if loss is not None:
             update_ema(ema, unet, args.ema_decay)
         if bad["in_a_row"] > args.max_bad_steps:
-            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
-                path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad))
+            save_rolling(args.out, step, args.keep, save)
             raise too_many_bad_steps(bad, args, ckpt_file)
         if step % args.eval_every == 0 or step == args.iters:
+            seconds = (time.time() - t0) / args.eval_every
             check = heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions)
+            # the EMA model's images of the held-out captions: a grid for a human, and the automatic filter's score
+            samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), ema, ae, text_encoder,
+                                  diffusion, args.image_size, check_captions)
+            appeal = float(appeal_score(samples).mean())
             improved = check < stop["best"]
             stop = {"best": check, "best_step": step, "bad": 0} if improved else {**stop, "bad": stop["bad"] + 1}
-            print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}{'  *best' if improved else ''}  "
-                  f"{(time.time() - t0) / args.eval_every:.3f}s/iter")
+            print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}"
+                  f"{'  *best' if improved else ''}  appeal {appeal:.3f}  {seconds:.3f}s/iter")
             append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],
-                                         "sec_per_iter": (time.time() - t0) / args.eval_every})
-            t0 = time.time()
+                                         "appeal": appeal, "sec_per_iter": seconds})
+            plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "iter", ["loss", "heldout"],
+                         "quality-tuning: training and held-out loss", log_y=True)
             if improved:
-                save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, step, gen, args, early_stop=stop)
-            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
-                path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad))
+                save(os.path.join(args.out, "best.pt"))
+            save_rolling(args.out, step, args.keep, save)
+            t0 = time.time()
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
     print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
           f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")

@@ -5,12 +5,14 @@ training checkpoint (which records where its autoencoder and text towers live) a
 and seeds into images with classifier-free guidance.
 """
 import dataclasses
+import os
 
 import torch
 
 from emu import EmuError
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
+from emu.data import make_grid, save_png, to_uint8
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
 from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
@@ -96,3 +98,15 @@ class TextToImage:
             latents = self.diffusion.sample(model_fn, noise, steps=steps, sampler=sampler, eta=eta, generator=gen)
             out.append(self.ae.decode(latents).clamp(-1, 1).cpu())
         return torch.cat(out)
+
+
+def sample_grid(path, unet, ae, text_encoder, diffusion, image_size, prompts, steps=25, cfg_scale=5.0, write=True):
+    """Sample one image per prompt (seeds 0, 1, ...: the same starting noise every time, so the grids
+    of successive checkpoints show what training changed), write them as one PNG grid at `path` if
+    `write`, and return them as (N, H, W, 3) uint8. `unet` is in eval mode (training keeps its EMA so)."""
+    images = to_uint8(TextToImage(unet, ae, text_encoder, diffusion, image_size).generate(
+        prompts, list(range(len(prompts))), cfg_scale, steps))
+    if write:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_png(path, make_grid(images, ncol=min(8, len(images))), {"prompts": " | ".join(prompts)})
+    return images

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from emu import EmuError
 from emu.data import (BadFile, Skipped, caption_from_metadata, collate, decode_caption, decode_metadata, open_rgb,
                       square_tensor)
 
@@ -149,6 +150,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     a buffer seeded with (seed, e, stream) and yields (stream, item) pairs, item being
     (image, caption) or Skipped: collate_stream makes them batches that remember their stream.
 
+    `exclude` names samples ("shard.tar:key") that are never read: a held-out set (first_samples).
+
     `position` maps a stream to how many of its items were already consumed this epoch: a resumed
     run sets it (and `epoch`) from its checkpoint and each stream starts past them. `rotation`
     turns which worker reads which stream, so that a resumed loader's round robin over its workers
@@ -156,13 +159,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards, image_size, caption_field=None, seed=0, shuffle_buffer=1000, rank=0,
-                 world_size=1, min_size=0, max_aspect=0.0):
+                 world_size=1, min_size=0, max_aspect=0.0, exclude=()):
         super().__init__()
         self.shards = sorted(str(s) for s in shards)
         self.image_size, self.caption_field = image_size, caption_field
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.min_size, self.max_aspect = min_size, max_aspect
+        self.exclude = frozenset(exclude)
         self.epoch, self.position, self.rotation = 0, {}, 0
 
     def stream_shards(self, stream, num_streams):
@@ -175,12 +179,29 @@ class ShardDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         stream = self.rank * workers + (worker + self.rotation) % workers
-        raw = (sample for shard in self.stream_shards(stream, self.world_size * workers) for sample in read_shard(shard))
+        raw = (sample for shard in self.stream_shards(stream, self.world_size * workers) for sample in read_shard(shard)
+               if sample.name not in self.exclude)
         rng = random.Random(f"{self.seed}-{self.epoch}-{stream}")
         start = self.position.get(stream, 0)
         for i, sample in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
             if i >= start:  # the samples before `start` were trained on before a resume: read, not decoded
                 yield stream, decode_sample(sample, self.image_size, self.caption_field, self.min_size, self.max_aspect)
+
+
+def first_samples(shards, n, image_size, caption_field=None):
+    """The first n usable samples of the shards (in sorted order, unshuffled), to hold out:
+    (images (n, 3, S, S), captions, names); ShardDataset(exclude=names) then never trains on them."""
+    images, captions, names = [], [], []
+    for shard in sorted(str(s) for s in shards):
+        for raw in read_shard(shard):
+            item = decode_sample(raw, image_size, caption_field)
+            if not isinstance(item, Skipped):
+                images.append(item[0])
+                captions.append(item[1])
+                names.append(raw.name)
+                if len(names) == n:
+                    return torch.stack(images), captions, names
+    raise EmuError(f"{shards[0]}: the shards hold {len(names)} usable samples, fewer than the {n} to hold out")
 
 
 def collate_stream(pairs):

@@ -233,18 +233,26 @@ def _nbytes(x):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def open_training_data(path, image_size, args, world):
+def shard_paths(path):
+    """The tar shards at `path` (a .tar file, or a folder's .tar files), or [] if it holds none."""
+    path = Path(path)
+    return [path] if path.suffix == ".tar" and path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
+
+
+def open_training_data(path, image_size, args, world, caption_field=None, exclude=()):
     """The training set at `path`: a folder of image + caption pairs (ImageCaptionFolder, unusable
     samples skipped), or tar shards (ShardDataset, this rank's share of them): a .tar file or a
-    folder holding .tar files."""
-    path = Path(path)
-    shards = [path] if path.suffix == ".tar" and path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
+    folder holding .tar files. `exclude` names held-out samples to leave out (folder keys, or
+    "shard.tar:key" names)."""
+    shards = shard_paths(path)
     if shards:
-        return ShardDataset(shards, image_size, seed=args.seed, shuffle_buffer=args.shuffle_buffer, rank=world.rank,
-                            world_size=world.world_size, min_size=args.min_size, max_aspect=args.max_aspect)
-    if not path.is_dir():
+        return ShardDataset(shards, image_size, caption_field, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
+                            rank=world.rank, world_size=world.world_size, min_size=args.min_size,
+                            max_aspect=args.max_aspect, exclude=exclude)
+    if not Path(path).is_dir():
         raise EmuError(f"{path}: data folder not found (run python data/make_toy.py first)")
-    return ImageCaptionFolder(str(path), image_size, skip_bad=True)  # a broken file is counted, not fatal
+    keys = [k for k in ImageCaptionFolder(str(path), image_size, skip_bad=True).keys if k not in set(exclude)] if exclude else None
+    return ImageCaptionFolder(str(path), image_size, keys=keys, caption_field=caption_field, skip_bad=True)  # a broken file is counted
 
 
 def training_batches(data, ae, text_encoder, args, bs, step, position, world):

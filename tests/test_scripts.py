@@ -209,3 +209,33 @@ def test_progressive_resolution_resumes_inside_a_stage_and_at_its_end(world, tmp
         resumed = torch.load(f"{tmp_path}/from{resume_at}/ckpt.pt", weights_only=True)
         for part in ("model", "ema"):
             assert all(torch.equal(final[part][k], resumed[part][k]) for k in final[part]), (resume_at, part)
+
+
+def test_qtune_on_curated_shards_holds_out_and_resumes_bitwise(world, tmp_path):
+    """--curate-top 0: the shards are the curated set. The first --holdout samples are held out (never
+    trained on); the run writes a loss curve and sample grids; 2 + resume + 2 iterations equal 4."""
+    w, _ = world
+    curated = tmp_path / "curated"
+    curated.mkdir()
+    for key in sorted({f.name.split(".")[0] for f in (w / "haystack").iterdir()})[:30]:
+        for ext in ("png", "txt", "json"):
+            shutil.copy(w / "haystack" / f"{key}.{ext}", curated)
+    shards = pack_folder(curated, tmp_path / "shards", samples_per_shard=10)
+    common = ["qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", str(tmp_path / "shards"), "--curate-top", "0",
+              "--holdout", "4", "--bs", "4", "--eval-every", "2", "--shuffle-buffer", "5", "--iters", "4"]
+    out = run(*common, "--out", f"{tmp_path}/straight")
+    assert "training data: 3 tar shards" in out and "appeal" in out
+    assert os.path.exists(f"{tmp_path}/straight/loss.png") and Image.open(f"{tmp_path}/straight/samples/iter-000004.png").size == (4 * 32, 32)
+    run(*common[:-1], "2", "--out", f"{tmp_path}/split")
+    out = run(*common, "--out", f"{tmp_path}/split", "--resume", "auto")
+    assert "resumed from" in out
+    a, b = (torch.load(f"{tmp_path}/{run_}/ckpt.pt", weights_only=True) for run_ in ("straight", "split"))
+    assert a["data_position"] == b["data_position"] and a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(a["opt"]["state"][i][m], b["opt"]["state"][i][m]) for i in a["opt"]["state"] for m in ("exp_avg", "exp_avg_sq"))
+    # the held-out samples are the first 4 of the first shard, and no stream ever reads them
+    from emu.shards import ShardDataset, first_samples
+    _, _, names = first_samples(shards, 4, 32)
+    assert names == [f"{shards[0]}:{key}" for key in sorted(p.stem for p in curated.glob("*.png"))[:4]]
+    assert len(list(ShardDataset(shards, 32, exclude=names))) == 30 - 4
