@@ -14,18 +14,18 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-
 from tqdm import tqdm
 
 from emu import EmuError
-from emu.checkpoint import append_metrics
+from emu.checkpoint import append_metrics, save_checkpoint
 from emu.data import SkipLog, read_prompts
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
+from emu.fsdp import full_state_dict, save_sharded, shard_unet
 from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts, sample_grid
 from emu.plot import plot_metrics
-from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, parse_stages,
-                          resume_path, resume_training_state, save_rolling, save_training_state, stage_at, too_many_bad_steps,
-                          train_step, training_batches, update_ema, warmup_schedule)
+from emu.training import (add_training_flags, check_data_path, count_bad_step, make_ema, make_optimizer, open_training_data,
+                          parse_stages, prune_checkpoints, resume_path, resume_training_state, save_rolling, save_training_state,
+                          stage_at, too_many_bad_steps, train_step, training_batches, training_extra, update_ema, warmup_schedule)
 from emu.unet import PRESETS
 
 
@@ -51,10 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
     p.add_argument("--sample-every", type=int, default=500, help="write a grid of EMA samples every N steps (0: never)")
-    p.add_argument("--sample-prompts", default="data/prompts/toy.tsv", help="prompts for the sample grids (.tsv or one per line)")
+    p.add_argument("--sample-prompts", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "prompts", "toy.tsv"),
+                   help="prompts for the sample grids (.tsv or one per line; default: the toy world's)")
     p.add_argument("--sample-n", type=int, default=8, help="how many of those prompts the grids show")
     p.add_argument("--text-cache", default=None,
                    help="caption embeddings from data/embed_captions.py, made with --clip/--t5: the towers are not loaded")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/fsdp.py); "
+                        "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
     add_training_flags(p)
     return p.parse_args(argv)
 
@@ -68,13 +72,18 @@ def main(args):
     stages = parse_stages(args)  # progressive resolution: [(image size, steps, batch size, noise offset), ...]
     args.steps, args.image_size = sum(s.steps for s in stages), stages[-1].image_size  # recorded in checkpoints
 
+    check_data_path(args.data)  # opened stage by stage below; a wrong path fails now
+
     # frozen parts and the model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
     unet = build_unet(args.preset, ae, text_encoder).to(device)
     unet.grad_checkpoint = args.grad_checkpoint
-    ema = make_ema(unet)
-    # DDP averages the gradients over ranks during backward; every rank then takes the same step.
-    model = DDP(unet) if world.world_size > 1 else unet
+    ema = make_ema(unet)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
+    if args.fsdp:  # every rank keeps 1/N of the weights, gradients, AdamW state and EMA
+        model = shard_unet(unet, world, args.precision)
+        shard_unet(ema, world)
+    else:  # DDP averages the gradients over ranks during backward; every rank then takes the same step.
+        model = DDP(unet) if world.world_size > 1 else unet
     diffusion = diffusion_from_args(args)
     opt = make_optimizer(unet, args)
     sched = warmup_schedule(opt, args.warmup)
@@ -82,7 +91,10 @@ def main(args):
     log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
     prompts = [p for p, _ in read_prompts(args.sample_prompts)][:args.sample_n] if args.sample_every else []
     if prompts:
-        text_encoder.encode(prompts)  # a text cache without them fails now, not after hours of training
+        try:
+            text_encoder.encode(prompts)  # a text cache without them fails now, not hours later
+        except EmuError as e:
+            raise EmuError(f"--sample-prompts: {e} (--prompts {args.sample_prompts}), or pass --sample-every 0") from None
 
     step, skipped, position, bad = 0, {}, None, {"in_a_row": 0, "total": 0}
     ckpt_file = os.path.join(args.out, "ckpt.pt")
@@ -101,14 +113,18 @@ def main(args):
     def save():
         # every rank's data position and noise generator, so that each continues where it stopped
         positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
-        if world.main:
-            save_rolling(args.out, step, args.keep, lambda path: save_training_state(
-                path, unet, ema, opt, sched, step, gen, args, skipped=dict(batches.skipped), data_position=positions, gens=gens,
-                stage=index, bad_steps=bad))
+        extra = dict(skipped=dict(batches.skipped), data_position=positions, gens=gens, stage=index, bad_steps=bad)
+        if args.fsdp:  # every rank writes its own pieces
+            save_sharded(os.path.join(args.out, f"ckpt-{step:09d}"), unet, ema, opt,
+                         training_extra(unet, sched, step, gen, args, **extra))
+            if world.main:
+                prune_checkpoints(args.out, args.keep)
+        elif world.main:
+            save_rolling(args.out, step, args.keep,
+                         lambda path: save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra))
 
     # train, stage after stage: each at its own resolution, batch size and noise offset
     unet.train()
-    progress = tqdm(total=args.steps, initial=step, unit="step", disable=not world.main, dynamic_ncols=True)
     for index in range(stage_at(stages, step)[0], len(stages)):
         stage = stages[index]
         stage_start, stage_end = sum(s.steps for s in stages[:index]), sum(s.steps for s in stages[:index + 1])
@@ -118,6 +134,8 @@ def main(args):
         position = None  # a later stage starts its data afresh
         log(f"stage {index + 1}/{len(stages)}: {stage.image_size} px, batch {stage.bs}, steps {stage_start}-{stage_end}, "
             f"noise offset {stage.noise_offset}; data: {batches.describe()}")
+        progress = tqdm(total=stage_end, initial=step, unit="step", desc=f"stage {index + 1}", disable=not world.main,
+                        dynamic_ncols=True)
         t0, losses, logged = time.time(), [], step
         for latents, text in batches:
             if step >= stage_end:
@@ -132,7 +150,7 @@ def main(args):
             if bad["in_a_row"] > args.max_bad_steps:
                 save()
                 progress.close()
-                raise too_many_bad_steps(bad, args, ckpt_file)
+                raise too_many_bad_steps(bad, args, os.path.join(args.out, f"ckpt-{step:09d}") if args.fsdp else ckpt_file)
             if step % args.log_every == 0 or step == stage_end:
                 loss = mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"), world)
                 seconds = (time.time() - t0) / (step - logged)
@@ -150,12 +168,16 @@ def main(args):
             if prompts and (step % args.sample_every == 0 or step == args.steps):  # every rank runs the (sharded) model
                 sample_grid(os.path.join(args.out, "samples", f"step-{step:09d}.png"), ema, ae, text_encoder, diffusion,
                             stage.image_size, prompts, write=world.main)
+        progress.close()
         skipped = dict(batches.skipped)
-    progress.close()
-    if not replicas_agree(unet, world):
+    if args.fsdp:  # a plain ckpt.pt too, for sample.py and qtune.py: the whole weights, gathered on rank 0
+        whole = {"model": full_state_dict(unet), "ema": full_state_dict(ema)}
+        if world.main:
+            save_checkpoint(ckpt_file, {**whole, **training_extra(unet, sched, step, gen, args, skipped=skipped)})
+    elif not replicas_agree(unet, world):
         raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
     log(f"saved {ckpt_file}; data: {SkipLog.summary(skipped)}; {bad['total']} steps skipped for a non-finite loss"
-        + ("; the replicas' weights agree" if world.world_size > 1 else ""))
+        + ("; the replicas' weights agree" if world.world_size > 1 and not args.fsdp else ""))
     close_world(world)
 
 

@@ -22,11 +22,11 @@ import torch
 
 from emu import EmuError
 from emu.dist import World
-from emu.checkpoint import append_metrics, load_checkpoint
+from emu.checkpoint import append_metrics
 from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
 from emu.judges import appeal_score
-from emu.pipeline import diffusion_from_args, load_frozen_parts, sample_grid, unet_from_checkpoint
+from emu.pipeline import diffusion_from_args, load_frozen_parts, read_training_checkpoint, sample_grid, unet_from_checkpoint
 from emu.plot import plot_metrics
 from emu.shards import ShardDataset, first_samples
 from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
@@ -39,7 +39,8 @@ SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt", help="pretraining checkpoint to start from")
+    p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt",
+                   help="pretraining checkpoint to start from (a .pt file, or a ckpt-<step>/ directory of pretrain.py --fsdp)")
     p.add_argument("--data", default="runs/toy/haystack",
                    help="folder of key.png + key.txt (+ key.json) to curate from; with --curate-top 0, the curated images "
                         "themselves: such a folder or tar shards")
@@ -139,7 +140,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
 
     # the pretrained model and the frozen parts it was trained with
-    pre = load_checkpoint(args.pretrained)
+    pre = read_training_checkpoint(args.pretrained)
     if "unet_config" not in pre or "args" not in pre:
         raise EmuError(f"{args.pretrained}: not a pretraining checkpoint (no unet_config/args)")
     pre_args = pre["args"]

@@ -42,7 +42,12 @@ def init_world(device):
 
 
 def close_world(world):
+    """Leave the process group. The barrier first lets every collective finish and be cleaned up: gloo
+    frees a finished operation on its own thread, which needs the GIL for the operation's Python-visible
+    tensors, and tearing the group down (which waits for those threads) while holding the GIL could
+    otherwise deadlock at exit."""
     if world.world_size > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

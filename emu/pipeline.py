@@ -41,6 +41,15 @@ def build_unet(preset, ae, text_encoder):
     return UNet(cfg)
 
 
+def read_training_checkpoint(path):
+    """What a training checkpoint holds: a .pt file, or the whole weights (and the plain part) of a
+    sharded checkpoint directory that pretrain.py --fsdp writes (ckpt-<step>/)."""
+    if os.path.isdir(path):
+        from emu.fsdp import load_full_weights  # torch.distributed.checkpoint: loaded only when needed
+        return load_full_weights(path)
+    return load_checkpoint(path)
+
+
 def unet_from_checkpoint(ckpt, path, weights="ema"):
     """Rebuild the U-Net recorded in a training checkpoint and load its `weights` ('ema' or 'model')."""
     cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["unet_config"].items()})
@@ -64,7 +73,7 @@ class TextToImage:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights="ema"):
-        ckpt = load_checkpoint(path)
+        ckpt = read_training_checkpoint(path)
         for key in ("unet_config", weights, "args"):
             if key not in ckpt:
                 raise EmuError(f"{path}: not a diffusion training checkpoint (no '{key}' entry)")

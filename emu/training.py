@@ -35,9 +35,9 @@ def make_ema(model):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (one fused call over all of them:
+    the 2.8B U-Net has about 1400 tensors, and under FSDP each is a sharded piece)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 def make_optimizer(model, args):
@@ -239,18 +239,25 @@ def shard_paths(path):
     return [path] if path.suffix == ".tar" and path.is_file() else sorted(path.glob("*.tar")) if path.is_dir() else []
 
 
+def check_data_path(path):
+    """The tar shards at `path`, or [] for a folder of image + caption pairs; EmuError if it is neither.
+    Cheap: a script calls it first, so a wrong --data fails before any model is loaded."""
+    shards = shard_paths(path)
+    if not shards and not Path(path).is_dir():
+        raise EmuError(f"{path}: data folder not found (run python data/make_toy.py first)")
+    return shards
+
+
 def open_training_data(path, image_size, args, world, caption_field=None, exclude=()):
     """The training set at `path`: a folder of image + caption pairs (ImageCaptionFolder, unusable
     samples skipped), or tar shards (ShardDataset, this rank's share of them): a .tar file or a
     folder holding .tar files. `exclude` names held-out samples to leave out (folder keys, or
     "shard.tar:key" names)."""
-    shards = shard_paths(path)
+    shards = check_data_path(path)
     if shards:
         return ShardDataset(shards, image_size, caption_field, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
                             rank=world.rank, world_size=world.world_size, min_size=args.min_size,
                             max_aspect=args.max_aspect, exclude=exclude)
-    if not Path(path).is_dir():
-        raise EmuError(f"{path}: data folder not found (run python data/make_toy.py first)")
     keys = [k for k in ImageCaptionFolder(str(path), image_size, skip_bad=True).keys if k not in set(exclude)] if exclude else None
     return ImageCaptionFolder(str(path), image_size, keys=keys, caption_field=caption_field, skip_bad=True)  # a broken file is counted
 
@@ -332,21 +339,30 @@ def too_many_bad_steps(bad, args, path):
                     f"{args.max_bad_steps}); saved the last good weights to {path}; lower --lr or check the data")
 
 
+def training_extra(unet, sched, step, gen, args, **extra):
+    """Everything a training checkpoint holds besides the weights and AdamW's state (plain values)."""
+    return {"sched": sched.state_dict(), "step": step, "args": vars(args), "rng": rng_state(), "gen": gen.get_state(),
+            "unet_config": _config_dict(unet.cfg), **extra}
+
+
 def save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra):
     """Atomically write {model, ema, opt, sched, step, args, rng, gen, ...} to `path`."""
-    save_checkpoint(path, {
-        "model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-        "sched": sched.state_dict(), "step": step, "args": vars(args), "rng": rng_state(),
-        "gen": gen.get_state(), "unet_config": _config_dict(unet.cfg), **extra,
-    })
+    save_checkpoint(path, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                           **training_extra(unet, sched, step, gen, args, **extra)})
 
 
 def resume_training_state(path, unet, ema, opt, sched, gen):
-    """Load a checkpoint written by save_training_state into live objects; return it (step etc.)."""
-    ckpt = load_checkpoint(path)
-    load_state_dict_checked(unet, ckpt["model"], path)
-    load_state_dict_checked(ema, ckpt["ema"], path)
-    opt.load_state_dict(ckpt["opt"])
+    """Load a checkpoint written by save_training_state (a file), or by save_sharded (a directory,
+    under --fsdp: every rank calls this and reads its own pieces), into live objects; return its
+    plain part (step etc.)."""
+    if os.path.isdir(path):
+        from emu.fsdp import load_sharded  # torch.distributed.checkpoint: loaded only for a sharded checkpoint
+        ckpt = load_sharded(path, unet, ema, opt)
+    else:
+        ckpt = load_checkpoint(path)
+        load_state_dict_checked(unet, ckpt["model"], path)
+        load_state_dict_checked(ema, ckpt["ema"], path)
+        opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     gen.set_state(ckpt["gen"])
     set_rng_state(ckpt["rng"])
@@ -366,21 +382,33 @@ def save_rolling(out_dir, step, keep, save):
     except OSError:  # a filesystem without hard links
         shutil.copyfile(path, tmp)
     os.replace(tmp, latest)
-    for old in sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt")))[:-max(1, keep)]:
-        os.remove(old)
+    prune_checkpoints(out_dir, keep)
+
+
+def prune_checkpoints(out_dir, keep):
+    """Delete all but the newest `keep` checkpoints: ckpt-<step>.pt files and (--fsdp) ckpt-<step>/ directories."""
+    for old in sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*")))[:-max(1, keep)]:
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
 
 
 def resume_path(resume, out_dir):
     """The checkpoint to resume from: an explicit path; or, for 'auto', the newest intact one in
-    out_dir (ckpt-<step>.pt newest first, else ckpt.pt). A corrupt one is reported and passed over,
-    so a crash that damaged the newest file falls back to the one before."""
+    out_dir (ckpt-<step>.pt files and ckpt-<step>/ directories newest first, else ckpt.pt). A corrupt
+    one is reported and passed over, so a crash that damaged the newest falls back to the one before."""
     if resume != "auto":
         return resume or None
-    candidates = sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt")), reverse=True)
+    candidates = sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*")), reverse=True)
     if not candidates and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         candidates = [os.path.join(out_dir, "ckpt.pt")]
     for path in candidates:
-        problem = checkpoint_problem(path)
+        if os.path.isdir(path):
+            from emu.fsdp import sharded_checkpoint_problem  # loaded only for a sharded checkpoint
+            problem = sharded_checkpoint_problem(path)
+        else:
+            problem = checkpoint_problem(path)
         if problem is None:
             return path
         print(f"warning: {path}: {problem}; trying the checkpoint before it")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from emu.checkpoint import read_metrics
+from emu.pipeline import read_training_checkpoint
 from emu.shards import pack_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,29 +102,36 @@ def test_pretrain_on_tar_shards_resumes_where_the_streams_stopped(world, tmp_pat
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
-def test_two_ranks_keep_identical_replicas_and_resume_bitwise(world, tmp_path):
-    """torchrun, 2 processes over gloo on tar shards: the replicas agree at the end, and 3 steps +
-    resume + 3 steps equals 6 steps in one go (model, EMA and each rank's data position)."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_ranks_train_and_resume_bitwise(world, tmp_path, engine):
+    """torchrun, 2 processes over gloo on tar shards: 3 steps + resume + 3 steps equals 6 steps in one
+    go (model, EMA and each rank's data position). DDP: the replicas agree at the end. FSDP: each rank
+    saves its pieces into ckpt-<step>/ directories, and the whole weights are exported as ckpt.pt."""
     w, frozen = world
     pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=12)
-    common = ["--data", str(tmp_path / "shards"), "--bs", "8", "--save-every", "3", "--shuffle-buffer", "4", *frozen]
+    common = ["--data", str(tmp_path / "shards"), "--bs", "8", "--save-every", "3", "--shuffle-buffer", "4",
+              "--sample-every", "0", *frozen, *(["--fsdp"] if engine == "fsdp" else [])]
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain.py"]
     out = run(*launch, *common, "--out", f"{tmp_path}/straight", "--steps", "6")
-    assert "2 rank(s)" in out and "the replicas' weights agree" in out
+    assert "2 rank(s)" in out and ("the replicas' weights agree" in out) == (engine == "ddp")
     run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "3")
     run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "6", "--resume", "auto")
-    a = torch.load(f"{tmp_path}/straight/ckpt.pt", weights_only=True)
-    b = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
-    assert len(a["data_position"]) == 2 and a["data_position"] == b["data_position"]
+    newest = "ckpt-000000006" + (".pt" if engine == "ddp" else "")
+    assert os.path.isdir(f"{tmp_path}/split/{newest}") == (engine == "fsdp")
+    a, b = (read_training_checkpoint(f"{tmp_path}/{run_}/{newest}") for run_ in ("straight", "split"))
+    assert len(a["data_position"]) == 2 and a["data_position"] == b["data_position"] and a["step"] == 6
+    exported = torch.load(f"{tmp_path}/split/ckpt.pt", weights_only=True)
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert all(torch.equal(exported[key][k], b[key][k]) for k in a[key]), key
 
 
 def test_resume_auto_passes_over_a_corrupt_newest_checkpoint_and_keeps_the_last_n(world, tmp_path):
     w, frozen = world
     common = ["--data", f"{w}/haystack", "--bs", "8", "--save-every", "2", "--keep", "2", *frozen, "--out", f"{tmp_path}/pre"]
     run("pretrain.py", *common, "--steps", "6")
-    assert sorted(os.listdir(f"{tmp_path}/pre")) == ["ckpt-000000004.pt", "ckpt-000000006.pt", "ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(f"{tmp_path}/pre")) == ["ckpt-000000004.pt", "ckpt-000000006.pt", "ckpt.pt", "loss.png",
+                                                     "metrics.jsonl", "samples"]
     newest = f"{tmp_path}/pre/ckpt-000000006.pt"
     assert os.path.samefile(newest, f"{tmp_path}/pre/ckpt.pt")
     data = open(newest, "rb").read()

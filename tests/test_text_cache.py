@@ -12,11 +12,13 @@ import pretrain
 from emu import EmuError, toyworld
 from emu.autoencoder import PRESETS as AE_PRESETS
 from emu.autoencoder import Autoencoder, save_autoencoder
+from emu.data import read_prompts
 from emu.text import TextEmbedding, TextEncoder, make_toy_towers
 from emu.text_cache import TextEmbeddingCache, load_text_cache, write_text_cache
 from emu.unet import PRESETS, UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_PROMPTS = os.path.join(ROOT, "data", "prompts", "toy.tsv")
 CAPTIONS = ["a red circle", "two blue squares on the left", "a green triangle at the top on a grey background",
             "three yellow circles", "a purple square in the centre", "one red triangle", "blue",
             "two orange diamonds at the bottom on a teal background"]
@@ -144,9 +146,10 @@ def test_pretrain_from_the_cache_matches_pretrain_from_the_towers(tmp_path):
     save_autoencoder(Autoencoder(AE_PRESETS["toy"]), tmp_path / "ae")
     frozen = ["--ae", f"{tmp_path}/ae", "--clip", f"{tmp_path}/towers/clip", "--t5", f"{tmp_path}/towers/t5"]
     embed_captions.main(embed_captions.parse_args(["--data", f"{tmp_path}/haystack", "--out", f"{tmp_path}/cache",
-                                                   "--device", "cpu", *frozen[2:]]))
+                                                   "--prompts", TOY_PROMPTS, "--device", "cpu", *frozen[2:]]))
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["captions"] == len({"", *(t for _, t, _ in examples), *(m["true_caption"] for _, _, m in examples)})
+    prompts = {p for p, _ in read_prompts(TOY_PROMPTS)}  # for pretrain.py's sample grids
+    assert manifest["captions"] == len({"", *prompts, *(t for _, t, _ in examples), *(m["true_caption"] for _, _, m in examples)})
 
     # a high caption dropout, so the empty caption's embedding is used too
     common = ["--data", f"{tmp_path}/haystack", "--steps", "2", "--bs", "4", "--caption-dropout", "0.5", "--device", "cpu", *frozen]
