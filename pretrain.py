@@ -134,8 +134,9 @@ def main(args):
         position = None  # a later stage starts its data afresh
         log(f"stage {index + 1}/{len(stages)}: {stage.image_size} px, batch {stage.bs}, steps {stage_start}-{stage_end}, "
             f"noise offset {stage.noise_offset}; data: {batches.describe()}")
-        progress = tqdm(total=stage_end, initial=step, unit="step", desc=f"stage {index + 1}", disable=not world.main,
-                        dynamic_ncols=True)
+        # a bar on rank 0's terminal; none when the output goes to a file or a pipe (disable=None), where the log lines suffice
+        progress = tqdm(total=stage_end, initial=step, unit="step", desc=f"stage {index + 1}",
+                        disable=None if world.main else True, dynamic_ncols=True)
         t0, losses, logged = time.time(), [], step
         for latents, text in batches:
             if step >= stage_end:
