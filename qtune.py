@@ -21,10 +21,10 @@ import time
 import torch
 
 from emu import EmuError
-from emu.dist import World
 from emu.checkpoint import append_metrics
 from emu.data import ImageCaptionFolder, to_uint8
 from emu.diffusion import sample_noise
+from emu.dist import World
 from emu.judges import appeal_score
 from emu.pipeline import diffusion_from_args, load_frozen_parts, read_training_checkpoint, sample_grid, unet_from_checkpoint
 from emu.plot import plot_metrics
@@ -32,7 +32,6 @@ from emu.shards import ShardDataset, first_samples
 from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
                           resume_training_state, save_rolling, save_training_state, shard_paths, too_many_bad_steps, train_step,
                           training_batches, update_ema, warmup_schedule)
-
 
 SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process: the whole data set is its share
 

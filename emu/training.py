@@ -251,15 +251,13 @@ def check_data_path(path):
 def open_training_data(path, image_size, args, world, caption_field=None, exclude=()):
     """The training set at `path`: a folder of image + caption pairs (ImageCaptionFolder, unusable
     samples skipped), or tar shards (ShardDataset, this rank's share of them): a .tar file or a
-    folder holding .tar files. `exclude` names held-out samples to leave out (folder keys, or
-    "shard.tar:key" names)."""
+    folder holding .tar files. `exclude` names held-out shard samples to leave out ("shard.tar:key")."""
     shards = check_data_path(path)
     if shards:
         return ShardDataset(shards, image_size, caption_field, seed=args.seed, shuffle_buffer=args.shuffle_buffer,
                             rank=world.rank, world_size=world.world_size, min_size=args.min_size,
                             max_aspect=args.max_aspect, exclude=exclude)
-    keys = [k for k in ImageCaptionFolder(str(path), image_size, skip_bad=True).keys if k not in set(exclude)] if exclude else None
-    return ImageCaptionFolder(str(path), image_size, keys=keys, caption_field=caption_field, skip_bad=True)  # a broken file is counted
+    return ImageCaptionFolder(str(path), image_size, caption_field=caption_field, skip_bad=True)  # a broken file is counted
 
 
 def training_batches(data, ae, text_encoder, args, bs, step, position, world):
@@ -301,13 +299,13 @@ def parse_stages(args):
     stages = []
     for i, piece in enumerate(pieces):
         final = i == len(pieces) - 1
-        fields_ = piece.strip().split(":")
+        parts = piece.strip().split(":")
         try:
-            if not 2 <= len(fields_) <= 4:
+            if not 2 <= len(parts) <= 4:
                 raise ValueError
-            size, steps = int(fields_[0]), int(fields_[1])
-            bs = int(fields_[2]) if len(fields_) > 2 and fields_[2] else args.bs
-            offset = float(fields_[3]) if len(fields_) > 3 else args.noise_offset if final else 0.0
+            size, steps = int(parts[0]), int(parts[1])
+            bs = int(parts[2]) if len(parts) > 2 and parts[2] else args.bs
+            offset = float(parts[3]) if len(parts) > 3 else args.noise_offset if final else 0.0
         except ValueError:
             raise EmuError(f"--stages: {piece.strip()!r} is not SIZE:STEPS[:BS[:NOISE_OFFSET]]") from None
         if size <= 0 or steps <= 0 or bs <= 0:
