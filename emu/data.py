@@ -429,11 +429,13 @@ def read_prompts(path):
     """Prompts from a file, as (prompt, category) pairs.
 
     A `.tsv` file is read in PartiPrompts' format: a header row naming a `Prompt` column (and
-    optionally `Category`); any other file is one prompt per line, blank lines skipped.
+    optionally `Category`; `Challenge` and `Note` are read past), fields split at tabs with no
+    quoting, so a prompt may hold quotes; any other file is one prompt per line, blank lines skipped.
+    A byte-order mark and Windows line ends are accepted.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.rstrip("\r\n") for line in f]
     except FileNotFoundError:
         raise EmuError(f"{path}: prompt file not found") from None
     except UnicodeDecodeError:

@@ -80,32 +80,58 @@ def bootstrap_ci(outcomes, n_boot=2000, seed=0, level=0.95):
     return intervals
 
 
+def summarize_outcomes(outcomes, n_boot=2000, seed=0, level=0.95):
+    """Rates and intervals of one task's pair outcomes, as plain JSON-ready values:
+    {"n": pairs, "win": %, "tie": %, "lose": %, "ci": {"win": [lo, hi], ...}, "level": level}."""
+    rates = win_rates(outcomes)
+    ci = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed, level=level)
+    return {"n": int(np.size(outcomes)), **{k: float(v) for k, v in rates.items()},
+            "ci": {k: [lo, hi] for k, (lo, hi) in ci.items()}, "level": level}
+
+
 def summarize(votes_by_task, n_boot=2000, seed=0, level=0.95):
-    """Majority vote, rates and intervals for every task, as plain JSON-ready values.
+    """Majority vote, rates and intervals for every task.
 
     :param votes_by_task: {task name: (n_raters, n_pairs) votes in {+1, 0, -1}}.
-    :return: {task: {"n": pairs, "raters": raters, "win": %, "tie": %, "lose": %,
-             "ci": {"win": [lo, hi], ...}, "level": level}}.
+    :return: {task: summarize_outcomes(...) plus "raters": raters per pair}.
     """
-    summary = {}
-    for task, votes in votes_by_task.items():
-        outcomes = majority_vote(votes)
-        rates = win_rates(outcomes)
-        ci = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed, level=level)
-        summary[task] = {"n": int(outcomes.size), "raters": int(np.shape(votes)[0]),
-                         **{k: float(v) for k, v in rates.items()},
-                         "ci": {k: [lo, hi] for k, (lo, hi) in ci.items()}, "level": level}
-    return summary
+    return {task: {**summarize_outcomes(majority_vote(votes), n_boot, seed, level), "raters": int(np.shape(votes)[0])}
+            for task, votes in votes_by_task.items()}
 
 
-def to_markdown(summary, name_a, name_b):
-    """A markdown table of `summarize`'s output: task | win | tie | lose, each with its interval."""
+def fleiss_kappa(counts):
+    """Fleiss' kappa: how much raters agree beyond what chance would give.
+
+    :param counts: (n_items, n_categories) array; counts[i, j] = raters who put item i in category j.
+        Items may have different numbers of raters; items with fewer than two are ignored.
+    :return: (kappa, observed agreement). The observed agreement of an item is the share of its
+        ordered pairs of raters who agree; chance agreement comes from the pooled category shares.
+        With the same number of raters on every item this is Fleiss (1971) exactly. kappa is NaN
+        when chance agreement is 1 (every vote in one category).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.sum(axis=1)
+    counts, n = counts[n >= 2], n[n >= 2]
+    if len(counts) == 0:
+        return float("nan"), float("nan")
+    observed = float(np.mean((counts * (counts - 1)).sum(axis=1) / (n * (n - 1))))
+    shares = counts.sum(axis=0) / counts.sum()
+    chance = float((shares ** 2).sum())
+    kappa = (observed - chance) / (1.0 - chance) if chance < 1.0 else float("nan")
+    return kappa, observed
+
+
+def to_markdown(by_category, name_a, name_b):
+    """A Markdown table of {category: summarize(...)}: category | task | pairs | win | tie | lose."""
     lines = [f"Pairwise preference of **{name_a}** (A) over **{name_b}** (B): win = A preferred, lose = B preferred.",
-             "", "| task | pairs | win | tie | lose |", "|---|---|---|---|---|"]
-    for task, s in summary.items():
-        cells = [f"{s[k]:.1f}% [{s['ci'][k][0]:.1f}, {s['ci'][k][1]:.1f}]" for k in RATES]
-        lines.append(f"| {task} | {s['n']} | " + " | ".join(cells) + " |")
-    level = next(iter(summary.values()))["level"] if summary else 0.95
+             "", "| prompts | task | pairs | win | tie | lose |", "|---|---|---|---|---|---|"]
+    level = 0.95
+    for category, summary in by_category.items():
+        for task, s in summary.items():
+            cells = [f"{s[k]:.1f}% [{s['ci'][k][0]:.1f}, {s['ci'][k][1]:.1f}]" for k in RATES]
+            name = str(category).replace("|", "\\|")  # a category is user data: keep the table whole
+            lines.append(f"| {name} | {task} | {s['n']} | " + " | ".join(cells) + " |")
+            level = s["level"]
     lines.append("")
     lines.append(f"Brackets: {100 * level:.0f}% bootstrap confidence intervals over prompts.")
     return "\n".join(lines)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,21 @@ def test_read_prompts_tsv_and_text(tmp_path):
     bad.write_text("Text\nx\n")
     with pytest.raises(EmuError, match=r"bad\.tsv: .*'Prompt' column"):
         read_prompts(str(bad))
+    windows = tmp_path / "w.tsv"  # saved by a spreadsheet: byte-order mark, CRLF, quotes inside a prompt
+    windows.write_bytes('\ufeffPrompt\tCategory\tChallenge\tNote\r\na sign that says "caf\u00e9"\tText\tWriting\t\r\n'.encode())
+    assert read_prompts(str(windows)) == [('a sign that says "caf\u00e9"', "Text")]
+
+
+@pytest.mark.parametrize("name, n, categories", [
+    ("oui.tsv", 120, {"People", "Animals", "Food", "Landscapes", "Architecture", "Vehicles", "Fantasy", "Art styles",
+                      "Objects", "Events", "Plants", "Abstract"}),
+    ("general.tsv", 80, {"People", "Animals", "Food & Beverage", "Outdoor Scenes", "Indoor Scenes", "Artifacts", "Vehicles",
+                         "Illustrations", "Arts", "Abstract"}),
+])
+def test_shipped_prompt_sets_have_every_prompt_categorised_once(name, n, categories):
+    prompts = read_prompts(os.path.join(os.path.dirname(__file__), "..", "data", "prompts", name))
+    assert len(prompts) == n and len({p.lower() for p, _ in prompts}) == n
+    assert {c for _, c in prompts} == categories
 
 
 def test_png_metadata_and_grid(tmp_path):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from emu.pairwise import (A, B, BOTH, NEITHER, TIE, bootstrap_ci, faithfulness_to_ternary, majority_vote, summarize,
-                          to_markdown, win_rates)
+from emu.pairwise import (A, B, BOTH, NEITHER, TIE, bootstrap_ci, faithfulness_to_ternary, fleiss_kappa, majority_vote,
+                          summarize, to_markdown, win_rates)
 
 
 def test_majority_vote_with_five_raters():
@@ -72,7 +72,19 @@ def test_summarize_and_markdown_report_the_numbers():
     assert summary["text faithfulness"]["tie"] == pytest.approx(60.0)
     lo, hi = summary["text faithfulness"]["ci"]["win"]
     assert lo <= 30.0 <= hi
-    table = to_markdown(summary, "tuned", "base")
+    table = to_markdown({"all": summary}, "tuned", "base")
     assert "tuned" in table and "base" in table
-    assert "| visual appeal | 10 | 70.0% [" in table
+    assert "| all | visual appeal | 10 | 70.0% [" in table
     assert "60.0%" in table and "10.0%" in table
+
+
+def test_fleiss_kappa_matches_the_published_example():
+    """Fleiss (1971) as worked in most textbooks: 10 subjects, 14 raters, 5 categories -> kappa 0.210."""
+    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    kappa, observed = fleiss_kappa(counts)
+    assert kappa == pytest.approx(0.2099, abs=5e-4) and observed == pytest.approx(0.378, abs=5e-4)
+    assert fleiss_kappa([[5, 0, 0], [0, 5, 0], [0, 0, 5]]) == (1.0, 1.0)  # perfect agreement
+    kappa, _ = fleiss_kappa([[1, 1, 1]] * 4)  # every item split three ways: worse than chance
+    assert kappa < 0
+    assert fleiss_kappa([[2, 1], [1, 0]])[1] == pytest.approx(1 / 3)  # a lone rater's item is left out

@@ -1,4 +1,5 @@
 """End-to-end smoke runs of every script on a tiny toy world, through their command lines."""
+import csv
 import json
 import os
 import shutil
@@ -58,13 +59,18 @@ def test_pretrain_qtune_sample_eval_end_to_end(world):
     run("eval_pairs.py", "--a", f"{w}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
         "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{w}/eval")
     results = json.load(open(f"{w}/eval/results.json"))
+    assert set(results) == {"study", "judge"}  # no people have voted yet
+    assert results["study"]["a"] == f"{w}/qt/best.pt" and results["study"]["steps"] == "2"
     for task in ("visual appeal", "text faithfulness"):
-        rates = results["summary"]["all"][task]
-        assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0)
-    assert set(results["summary"]) == {"all", "A", "B"}
-    pairs = [json.loads(line) for line in open(f"{w}/eval/pairs.jsonl")]
-    assert len(pairs) == 6 and len(pairs[0]["visual appeal"]["votes"]) == 5 and len(pairs[0]["text faithfulness"]["votes"]) == 3
-    assert "| visual appeal |" in open(f"{w}/eval/results.md").read()
+        rates = results["judge"]["summary"]["all"][task]
+        assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0) and rates["n"] == 6
+    assert set(results["judge"]["summary"]) == {"all", "A", "B"}
+    votes = list(csv.DictReader(open(f"{w}/eval/votes.csv")))
+    assert len(votes) == 6 * (5 + 3) and {v["kind"] for v in votes} == {"judge"}
+    assert "| all | visual appeal | 6 |" in open(f"{w}/eval/results.md").read()
+    assert sorted(os.listdir(f"{w}/eval/images")) == sorted(f"{i:04d}-{s}.png" for i in range(6) for s in "ab")
+    again = run("eval_pairs.py", "report", "--study", f"{w}/eval", "--n-boot", "50")
+    assert "| all | text faithfulness | 6 |" in again
 
 
 def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
@@ -181,6 +187,8 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         (["pretrain.py", "--data", f"{w}/haystack", "--ae", f"{tmp_path}/no-ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"], "no-ae"),
         (["sample.py", "--ckpt", f"{tmp_path}/missing.pt"], "missing.pt: checkpoint not found"),
         (["qtune.py", "--pretrained", f"{w}/ae/model.safetensors"], "model.safetensors"),
+        (["eval_pairs.py", "report", "--study", f"{tmp_path}"], "study.sqlite: no rating study here"),
+        (["eval_pairs.py", "serve", "--study", f"{tmp_path}/none"], "no rating study here"),
     ]:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode != 0
