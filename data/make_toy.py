@@ -14,7 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+import numpy as np  # noqa: E402
+
 from emu import toyworld  # noqa: E402
+from emu.judges import appeal_score  # noqa: E402
 from emu.text import make_toy_towers  # noqa: E402
 
 
@@ -26,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
     p.add_argument("--towers", default="runs/towers", help="where to write the toy text towers")
+    p.add_argument("--ratings", type=int, default=1000,
+                   help="images of the haystack given a simulated human aesthetic rating (ratings.csv), for the curation funnel")
     return p.parse_args(argv)
 
 
@@ -33,6 +38,15 @@ def main(args):
     examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles)
     toyworld.write_folder(args.out, examples)
     print(f"wrote {len(examples)} images ({sum(m['needle'] for _, _, m in examples)} needles) to {args.out}")
+    if args.ratings:
+        # a rating study like AVA's: people score images from 1 to 10; here a noisy view of the appeal measurement
+        rng = np.random.default_rng([args.seed, 7])
+        rated = np.sort(rng.choice(len(examples), size=min(args.ratings, len(examples)), replace=False))
+        score = appeal_score(np.stack([examples[i][0] for i in rated]))
+        rating = np.clip(1 + 9 * (score + rng.normal(0, 0.05, size=len(rated))), 1, 10)
+        with open(os.path.join(args.out, "ratings.csv"), "w") as f:
+            f.write("key,rating\n" + "".join(f"{i:06d},{r:.2f}\n" for i, r in zip(rated, rating)))
+        print(f"wrote simulated aesthetic ratings of {len(rated)} images to {args.out}/ratings.csv")
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
     clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed)
     print(f"wrote toy text towers to {clip_dir} and {t5_dir}")
