@@ -23,15 +23,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from emu import EmuError  # noqa: E402
-from emu.curate import (FunnelConfig, Measurer, export_curated, open_store, read_ratings, read_store,  # noqa: E402
-                        register_images, run_automatic, save_head, summary, train_aesthetic_head, why)
+from emu.curate import (HUMAN_STAGES, FunnelConfig, Measurer, export_curated, open_store, read_ratings,  # noqa: E402
+                        read_store, register_images, run_automatic, save_head, summary, train_aesthetic_head, why)
+from emu.curate_people import (add_raters, assign, decide, final_keys, human_captions, pending, prepare,  # noqa: E402
+                               simulate)
+from emu.curate_people import CurationStage  # noqa: E402
+from emu.rating import RatingServer  # noqa: E402
 
-COMMANDS = ("run", "train-aesthetic", "why")
+DEFAULT_PER_IMAGE = {"generalists": 3, "specialists": 1, "captions": 1}  # our choice: the paper gives no numbers
+
+COMMANDS = ("run", "train-aesthetic", "serve", "simulate", "why")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{run,train-aesthetic,why}")
+    sub = p.add_subparsers(dest="command", metavar="{run,train-aesthetic,serve,simulate,why}")
 
     r = sub.add_parser("run", help="run the automatic stages (the default)")
     r.add_argument("--data", default="runs/toy/haystack", help="the haystack: key.png + key.txt [+ key.json with likes]")
@@ -50,7 +56,23 @@ def parse_args(argv=None):
     r.add_argument("--per-cluster", type=int, default=None, help="balance: the most images a cluster keeps (its most aesthetic)")
     r.add_argument("--min-likes", type=int, default=None, help="popularity: the fewest likes kept (images without likes stay)")
     r.add_argument("--seed", type=int, default=0, help="seed of the clustering")
+    r.add_argument("--target-size", type=int, default=None,
+                   help="kept images whose shorter side is below this are upsampled to it (bicubic) in curated/")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    for name, text in (("serve", "a human stage on the rating page: people keep, check and caption images"),
+                       ("simulate", "toy world: simulated raters answer a human stage")):
+        h = sub.add_parser(name, help=text)
+        h.add_argument("--out", default="runs/curate", help="the curation store's folder")
+        h.add_argument("--stage", required=True, choices=HUMAN_STAGES, help="generalists, then specialists, then captions")
+        h.add_argument("--raters", default="3" if name == "simulate" else None,
+                       help="comma-separated names, or a number N" + (" of simulated raters" if name == "simulate" else ""))
+        h.add_argument("--per-image", type=int, default=None,
+                       help="distinct raters per image (default: generalists 3, specialists 1, captions 1)")
+        h.add_argument("--seed", type=int, default=0, help="seed of the assignment (and of simulated raters' noise)")
+        if name == "serve":
+            h.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback is reachable by others")
+            h.add_argument("--port", type=int, default=8001, help="port to listen on")
 
     t = sub.add_parser("train-aesthetic", help="fit the aesthetic head to a ratings file")
     t.add_argument("--data", default="runs/toy/haystack", help="the folder holding the rated images")
@@ -93,14 +115,74 @@ def run(args):
     with closing(open_store(args.out)) as conn:
         new = register_images(conn, args.data)
         print(f"{args.data}: {new} new images entered")
-        kept, measured = run_automatic(conn, cfg, args.clip, args.device)
+        _, measured = run_automatic(conn, cfg, args.clip, args.device)
         print(f"measured {measured} images in this run (the rest were measured before)")
-        table = summary_markdown(summary(conn))
-        export_curated(conn, kept, os.path.join(args.out, "curated"))
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        finish(conn, args.out, args.target_size)
+
+
+def finish(conn, out, target_size=None):
+    """Decide the human stages that have answers, export what came through, print the summary."""
+    prepare(conn)
+    for stage in HUMAN_STAGES:
+        if pending(conn, stage) or conn.execute("SELECT 1 FROM tasks WHERE stage = ?", (stage,)).fetchone():
+            decided, kept, waiting = decide(conn, stage)
+            print(f"{stage}: {decided} images decided, {kept} kept" + (f"; {waiting} still wait for answers" if waiting else ""))
+    keys = final_keys(conn)
+    export_curated(conn, keys, os.path.join(out, "curated"), human_captions(conn), target_size)
+    table = summary_markdown(summary(conn))
+    with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
     print(table)
-    print(f"{len(kept)} images in {args.out}/curated; `data/curate.py why --out {args.out} KEY` tells any image's path")
+    print(f"{len(keys)} images in {out}/curated; `data/curate.py why --out {out} KEY` tells any image's path")
+
+
+def rater_names(text):
+    names = [f"rater-{i + 1}" for i in range(int(text))] if text.isdigit() else [n.strip() for n in text.split(",") if n.strip()]
+    if len(set(names)) != len(names) or not names:
+        raise EmuError(f"--raters: give distinct names, or a number: {text!r}")
+    return names
+
+
+def serve(args):
+    per_image = args.per_image or DEFAULT_PER_IMAGE[args.stage]
+    with read_store(args.out) as conn:
+        prepare(conn)
+        if args.raters:
+            tokens = add_raters(conn, rater_names(args.raters), "human")
+        else:
+            tokens = dict(conn.execute("SELECT name, token FROM raters WHERE kind = 'human'"))
+            if not tokens:
+                raise EmuError(f"{args.out}: no raters yet; give --raters on the first start")
+        new = assign(conn, args.stage, list(tokens), per_image, seed=args.seed)
+        print(f"{args.stage}: {new} images newly assigned, {pending(conn, args.stage)} answers to give")
+        folder = os.path.dirname(conn.execute("SELECT file FROM images LIMIT 1").fetchone()[0])
+    try:
+        server = RatingServer(folder, args.host, args.port, backend=CurationStage(args.out, args.stage))
+    except OSError as e:
+        raise EmuError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    if not server.loopback:
+        print(f"warning: listening on {args.host}: the links' tokens are the only key (plain HTTP)", file=sys.stderr)
+    print("".join(f"{name}\t{server.link(token)}\n" for name, token in tokens.items()), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped; every answer is already saved; `data/curate.py` again decides the stage and exports")
+    finally:
+        server.server_close()
+
+
+def simulate_stage(args):
+    with read_store(args.out) as conn:
+        prepare(conn)
+        if args.stage != HUMAN_STAGES[0]:
+            earlier = HUMAN_STAGES[HUMAN_STAGES.index(args.stage) - 1]
+            decided, _, waiting = decide(conn, earlier)
+            if waiting or not decided:
+                raise EmuError(f"{args.stage}: the {earlier} stage must be finished first ({waiting} images wait)")
+        n = simulate(conn, args.stage, len(rater_names(args.raters)), args.per_image or DEFAULT_PER_IMAGE[args.stage],
+                     seed=args.seed)
+        print(f"{args.stage}: simulated raters gave {n} answers")
+        finish(conn, args.out)
 
 
 def summary_markdown(rows):
@@ -144,7 +226,7 @@ def explain(args):
 
 
 def main(args):
-    {"run": run, "train-aesthetic": train_aesthetic, "why": explain}[args.command](args)
+    {"run": run, "train-aesthetic": train_aesthetic, "serve": serve, "simulate": simulate_stage, "why": explain}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ from emu.hf import tokenize
 
 STORE_FILE = "curation.sqlite"
 AUTOMATIC_STAGES = ("offensive", "aesthetic", "text", "clip", "size", "balance", "popularity")
+HUMAN_STAGES = ("generalists", "specialists", "captions")  # emu/curate_people.py
+FUNNEL_ORDER = ("usable", *AUTOMATIC_STAGES, *HUMAN_STAGES)
 CHUNK = 256  # images measured per transaction
 
 SCHEMA = """
@@ -196,7 +198,7 @@ def register_images(conn, data_dir):
         key, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTENSIONS or key in known:
             continue
-        path, stem = os.path.join(data_dir, name), os.path.join(data_dir, key)
+        path, stem = os.path.abspath(os.path.join(data_dir, name)), os.path.join(data_dir, key)
         caption = width = height = likes = unusable = None
         try:
             meta = read_metadata(stem + ".json")
@@ -439,8 +441,7 @@ def run_automatic(conn, cfg, clip_dir, device="cpu"):
 def stage_order(conn):
     """The stages that made decisions, in funnel order."""
     present = {s for (s,) in conn.execute("SELECT DISTINCT stage FROM decisions")}
-    order = ("usable", *AUTOMATIC_STAGES)
-    return [s for s in order if s in present] + sorted(present - set(order))
+    return [s for s in FUNNEL_ORDER if s in present]
 
 
 def why(conn, key):
@@ -463,17 +464,38 @@ def summary(conn):
     return rows
 
 
-def export_curated(conn, keys, out_dir):
-    """Copy the kept images with their captions and provenance into a folder qtune.py reads."""
-    os.makedirs(out_dir, exist_ok=True)
+def export_curated(conn, keys, out_dir, captions=None, target_size=None):
+    """Write the kept images with their captions and provenance into a folder qtune.py reads.
+
+    :param captions: {key: caption} written by people; the others keep the haystack's caption.
+    :param target_size: an image whose shorter side is below it is upsampled to it (bicubic; the paper
+        used a pixel diffusion upsampler) and marked so in its key.json.
+    The folder is written beside the old one and swapped in, so it never holds a mix of two runs.
+    """
+    captions = captions or {}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     for key in keys:
         file, caption = conn.execute("SELECT file, caption FROM images WHERE key = ?", (key,)).fetchone()
-        path, verdict = why(conn, key)
-        shutil.copyfile(file, os.path.join(out_dir, key + os.path.splitext(file)[1].lower()))
-        with open(os.path.join(out_dir, key + ".txt"), "w", encoding="utf-8") as f:
-            f.write(caption + "\n")
-        with open(os.path.join(out_dir, key + ".json"), "w") as f:
-            json.dump({"source": file, "funnel": [{"stage": s, "kept": k, "why": w} for s, k, w in path]}, f, indent=1)
+        path, _ = why(conn, key)
+        record = {"source": file, "caption_by": "person" if key in captions else "haystack",
+                  "funnel": [{"stage": s, "kept": k, "why": w} for s, k, w in path]}
+        with Image.open(file) as im:
+            short = min(im.size)
+            if target_size and short < target_size:
+                scale = target_size / short
+                size = (round(im.width * scale), round(im.height * scale))
+                open_rgb(file).resize(size, Image.BICUBIC).save(os.path.join(tmp, key + ".png"))
+                record["upsampled"] = f"bicubic from {im.width}x{im.height} to {size[0]}x{size[1]}"
+            else:
+                shutil.copyfile(file, os.path.join(tmp, key + os.path.splitext(file)[1].lower()))
+        with open(os.path.join(tmp, key + ".txt"), "w", encoding="utf-8") as f:
+            f.write(captions.get(key, caption) + "\n")
+        with open(os.path.join(tmp, key + ".json"), "w") as f:
+            json.dump(record, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def read_store(folder):

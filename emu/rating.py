@@ -38,7 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from emu.study import STUDY_FILE, TASKS, VoteError, connect, image_of, next_item, progress, rater_of, record_vote
 
-MAX_FORM_BYTES = 4096
+MAX_FORM_BYTES = 8192  # a caption of up to 1000 characters, percent-encoded, fits
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
@@ -69,6 +70,11 @@ button { font-size: 18px; padding: 10px 26px; border-radius: 6px; border: 1px so
 button:hover, button:focus { background: #e6f0ea; }
 kbd { font-size: 12px; color: #777; border: 1px solid #bbb; border-radius: 3px; padding: 0 4px; margin-left: 6px; }
 .hint { text-align: center; color: #777; font-size: 13px; }
+.single { text-align: center; }
+.single img { width: 420px; max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; background: #fff; }
+form.checklist, form.caption { flex-direction: column; align-items: stretch; max-width: 640px; margin: 18px auto; }
+label.check { background: #fff; padding: 8px 12px; border-radius: 4px; font-size: 15px; }
+textarea { font: inherit; font-size: 17px; padding: 8px; }
 """
 
 # Keys: 1 2 3 4 pick the buttons in order; the arrow keys pick A (left), B (right) and, down, Tie.
@@ -120,13 +126,45 @@ def done_page(rater, total):
 # -----------------------------------------------------------------------------
 # the server
 
+class PairStudy:
+    """The backend for a pairwise study (emu/study.py): what the server asks of any backend.
+
+    db_path: the sqlite file; rater(conn, token) -> name or None; page(conn, token, rater) -> HTML;
+    image(conn, rater, query) -> an image path relative to the folder, or None; vote(conn, rater,
+    form) stores one answer or raises VoteError.
+    """
+
+    def __init__(self, folder):
+        self.db_path = os.path.join(folder, STUDY_FILE)
+
+    def connect(self):
+        return connect(self.db_path)
+
+    def rater(self, conn, token):
+        return rater_of(conn, token)
+
+    def page(self, conn, token, rater):
+        done, total = progress(conn, rater)
+        item = next_item(conn, rater)
+        return done_page(rater, total) if item is None else rating_page(token, rater, item, done, total)
+
+    def image(self, conn, rater, query):
+        item = query.get("item", "")
+        return image_of(conn, rater, int(item), query.get("side")) if item.isdigit() else None
+
+    def vote(self, conn, rater, form):
+        if not form.get("item", "").isdigit():
+            raise VoteError("bad item")
+        record_vote(conn, rater, int(form["item"]), form.get("choice", ""))
+
+
 class RatingServer(ThreadingHTTPServer):
-    """Serves one study folder. `allowed_hosts`: the Host header values it answers to."""
+    """Serves one folder through a backend (PairStudy, or the curation funnel's human stages)."""
     daemon_threads = True
 
-    def __init__(self, folder, host="127.0.0.1", port=8000):
+    def __init__(self, folder, host="127.0.0.1", port=8000, backend=None):
         self.folder = os.path.realpath(folder)
-        self.db_path = os.path.join(self.folder, STUDY_FILE)
+        self.backend = backend or PairStudy(self.folder)
         super().__init__((host, port), RatingHandler)
         port = self.server_address[1]
         self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
@@ -195,7 +233,7 @@ class RatingHandler(BaseHTTPRequestHandler):
             raise BadRequest(400, "bad query string") from None
 
     def rater(self, conn, token):
-        name = rater_of(conn, token) if token else None
+        name = self.server.backend.rater(conn, token) if token else None
         if name is None:
             raise BadRequest(403, "unknown or missing token: use the link you were given")
         return name
@@ -226,42 +264,35 @@ class RatingHandler(BaseHTTPRequestHandler):
 
     def get_rate(self):
         token = self.query().get("t", "")
-        with closing(connect(self.server.db_path)) as conn:
-            rater = self.rater(conn, token)
-            done, total = progress(conn, rater)
-            item = next_item(conn, rater)
-            body = done_page(rater, total) if item is None else rating_page(token, rater, item, done, total)
+        with closing(self.server.backend.connect()) as conn:
+            body = self.server.backend.page(conn, token, self.rater(conn, token))
         self.send(200, body)
 
     def get_image(self):
         q = self.query()
-        if not q.get("item", "").isdigit():
-            raise BadRequest(404, "not found")
-        with closing(connect(self.server.db_path)) as conn:
-            rater = self.rater(conn, q.get("t", ""))
-            relative = image_of(conn, rater, int(q["item"]), q.get("side"))
+        with closing(self.server.backend.connect()) as conn:
+            relative = self.server.backend.image(conn, self.rater(conn, q.get("t", "")), q)
         if relative is None:
             raise BadRequest(404, "not found")
         path = os.path.realpath(os.path.join(self.server.folder, relative))
-        if os.path.commonpath([path, self.server.folder]) != self.server.folder or not path.lower().endswith(".png"):
+        if os.path.commonpath([path, self.server.folder]) != self.server.folder or \
+                os.path.splitext(path)[1].lower() not in IMAGE_TYPES:
             raise BadRequest(403, "forbidden")  # a study whose image paths point outside it
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             raise BadRequest(404, "image missing from the study folder") from None
-        self.send(200, data, "image/png", {"Cache-Control": "private, max-age=3600"})
+        self.send(200, data, IMAGE_TYPES[os.path.splitext(path)[1].lower()], {"Cache-Control": "private, max-age=3600"})
 
     def post_vote(self):
         self.check_origin()
         form = self.read_form()
-        if not form.get("item", "").isdigit():
-            raise BadRequest(400, "bad item")
-        with self.server.lock, closing(connect(self.server.db_path)) as conn:
-            token = form.get("t", "")
+        token = form.get("t", "")
+        with self.server.lock, closing(self.server.backend.connect()) as conn:
             rater = self.rater(conn, token)
             try:
-                record_vote(conn, rater, int(form["item"]), form.get("choice", ""))
+                self.server.backend.vote(conn, rater, form)
             except VoteError as e:
                 raise BadRequest(400, str(e)) from None
         self.send(303, "", "text/plain; charset=utf-8", {"Location": f"/rate?t={token}"})
@@ -287,6 +318,6 @@ class RatingHandler(BaseHTTPRequestHandler):
             raise BadRequest(413, "form too large")
         try:
             body = self.rfile.read(length).decode("ascii")
-            return {k: v[0] for k, v in parse_qs(body, strict_parsing=True).items()}
+            return {k: v[0] for k, v in parse_qs(body, strict_parsing=True, keep_blank_values=True).items()}
         except (UnicodeDecodeError, ValueError):
             raise BadRequest(400, "malformed form") from None

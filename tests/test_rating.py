@@ -227,7 +227,7 @@ def test_a_vote_needs_the_raters_token_and_this_servers_origin(served):
 @pytest.mark.parametrize("method, path, body, headers, status", [
     ("GET", "/rate?t={t}", None, {"Host": "evil.example:80"}, 400),  # DNS rebinding
     ("POST", "/vote", "t={t}&item=1&choice=left", {"Content-Type": "text/plain"}, 415),
-    ("POST", "/vote", "x" * 5000, {"Content-Type": "application/x-www-form-urlencoded"}, 413),
+    ("POST", "/vote", "x" * 9000, {"Content-Type": "application/x-www-form-urlencoded"}, 413),
     ("POST", "/vote", "%%%&&==", {"Content-Type": "application/x-www-form-urlencoded"}, 400),
     ("POST", "/vote", "t={t}&item=abc&choice=left", {"Content-Type": "application/x-www-form-urlencoded"}, 400),
     ("POST", "/vote", b"t=\xff\xfe", {"Content-Type": "application/x-www-form-urlencoded"}, 400),
