@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Emu recipe on the toy world, end to end, on a CPU:
-# data -> autoencoder -> pretraining -> quality-tuning -> sampling -> pairwise evaluation.
+# data -> autoencoder -> pretraining -> curation funnel -> quality-tuning -> sampling -> pairwise evaluation.
 # Creates .venv with the pinned requirements (and the test-only ones) on first use. Extra arguments are not passed on:
 # run the scripts one by one to change their flags (each has --help).
 set -euo pipefail
@@ -15,7 +15,13 @@ start=$SECONDS
 step data/make_toy.py
 step train_ae.py
 step pretrain.py
-step qtune.py
+step data/curate.py train-aesthetic
+step data/curate.py --blocklist data/blocklist.txt --aesthetic-head runs/curate/aesthetic.safetensors --aesthetic-min 5.5 \
+  --text-max-words 4 --min-size 32 --max-aspect 2 --clusters 16 --per-cluster 80 --min-likes 40
+step data/curate.py simulate --stage generalists
+step data/curate.py simulate --stage specialists
+step data/curate.py simulate --stage captions
+step qtune.py --curate-top 0 --data runs/curate/curated --caption-field "" --holdout 11
 step sample.py --ckpt runs/qtune/best.pt --out runs/samples/qtune
 step sample.py --ckpt runs/pretrain/ckpt.pt --out runs/samples/pretrain
 step eval_pairs.py --a runs/qtune/best.pt --b runs/pretrain/ckpt.pt

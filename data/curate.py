@@ -3,8 +3,8 @@
     python data/curate.py train-aesthetic --data runs/toy/haystack --ratings runs/toy/haystack/ratings.csv \\
         --clip runs/towers/clip --head runs/curate/aesthetic.safetensors
     python data/curate.py --data runs/toy/haystack --clip runs/towers/clip --out runs/curate \\
-        --blocklist data/blocklist.txt --aesthetic-head runs/curate/aesthetic.safetensors --aesthetic-min 0.6 \\
-        --text-max-words 4 --min-size 32 --max-aspect 2 --clusters 16 --per-cluster 40 --min-likes 10
+        --blocklist data/blocklist.txt --aesthetic-head runs/curate/aesthetic.safetensors --aesthetic-min 5.5 \\
+        --text-max-words 4 --min-size 32 --max-aspect 2 --clusters 16 --per-cluster 80 --min-likes 40
     python data/curate.py why --out runs/curate 000123
 
 The stages run in the paper's order (emu/curate.py); each is on when its flag is given. The images

@@ -34,19 +34,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def write_ratings(folder, images, n, seed):
+    """ratings.csv for `n` of the images: a rating study like AVA's, where people score images from 1
+    to 10; here each rating is a noisy view of the toy judges' appeal measurement."""
+    rng = np.random.default_rng([seed, 7])
+    rated = np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))
+    score = appeal_score(np.stack([images[i] for i in rated]))
+    rating = np.clip(1 + 9 * (score + rng.normal(0, 0.05, size=len(rated))), 1, 10)
+    with open(os.path.join(folder, "ratings.csv"), "w") as f:
+        f.write("key,rating\n" + "".join(f"{i:06d},{r:.2f}\n" for i, r in zip(rated, rating)))
+    return len(rated)
+
+
 def main(args):
     examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles)
     toyworld.write_folder(args.out, examples)
     print(f"wrote {len(examples)} images ({sum(m['needle'] for _, _, m in examples)} needles) to {args.out}")
     if args.ratings:
-        # a rating study like AVA's: people score images from 1 to 10; here a noisy view of the appeal measurement
-        rng = np.random.default_rng([args.seed, 7])
-        rated = np.sort(rng.choice(len(examples), size=min(args.ratings, len(examples)), replace=False))
-        score = appeal_score(np.stack([examples[i][0] for i in rated]))
-        rating = np.clip(1 + 9 * (score + rng.normal(0, 0.05, size=len(rated))), 1, 10)
-        with open(os.path.join(args.out, "ratings.csv"), "w") as f:
-            f.write("key,rating\n" + "".join(f"{i:06d},{r:.2f}\n" for i, r in zip(rated, rating)))
-        print(f"wrote simulated aesthetic ratings of {len(rated)} images to {args.out}/ratings.csv")
+        n = write_ratings(args.out, [image for image, _, _ in examples], args.ratings, args.seed)
+        print(f"wrote simulated aesthetic ratings of {n} images to {args.out}/ratings.csv")
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
     clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed)
     print(f"wrote toy text towers to {clip_dir} and {t5_dir}")

@@ -27,6 +27,7 @@ and are made again from the stored scores on every run, so a threshold can chang
 `why(key)` answers "why was this image dropped?" from the decisions.
 """
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from emu.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_visi
 from emu.data import IMAGE_EXTENSIONS, BadCaption, BadImage, open_rgb, read_caption, read_metadata, square_tensor
 from emu.filters import balance_clusters, kmeans, text_word_count
 from emu.hf import tokenize
+from emu.text_cache import hash_tower
 
 STORE_FILE = "curation.sqlite"
 AUTOMATIC_STAGES = ("offensive", "aesthetic", "text", "clip", "size", "balance", "popularity")
@@ -54,8 +56,9 @@ FUNNEL_ORDER = ("usable", *AUTOMATIC_STAGES, *HUMAN_STAGES)
 CHUNK = 256  # images measured per transaction
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, file TEXT NOT NULL, caption TEXT, width INTEGER, height INTEGER,
-                                   likes INTEGER, unusable TEXT);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (key TEXT PRIMARY KEY, file TEXT NOT NULL, stamp TEXT NOT NULL, caption TEXT, width INTEGER,
+                                   height INTEGER, likes INTEGER, unusable TEXT);
 CREATE TABLE IF NOT EXISTS scores (key TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (key, name));
 CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (key TEXT NOT NULL, stage TEXT NOT NULL, kept INTEGER NOT NULL, why TEXT NOT NULL,
@@ -188,17 +191,22 @@ def register_images(conn, data_dir):
     """Enter every image of a folder (key.png + key.txt [+ key.json]) that the store does not yet hold.
 
     Only the header of each image is read here (its size); an image that cannot be used is entered
-    with the reason, so the funnel accounts for every file.
+    with the reason, so the funnel accounts for every file. An image whose file changed (size or
+    modification time) since it was entered is entered afresh: its measurements are forgotten.
     """
     if not os.path.isdir(data_dir):
         raise EmuError(f"{data_dir}: data folder not found")
-    known = {k for (k,) in conn.execute("SELECT key FROM images")}
+    known = dict(conn.execute("SELECT key, stamp FROM images"))
     rows = []
     for name in sorted(os.listdir(data_dir)):
         key, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS or key in known:
+        if ext.lower() not in IMAGE_EXTENSIONS:
             continue
         path, stem = os.path.abspath(os.path.join(data_dir, name)), os.path.join(data_dir, key)
+        stat = os.stat(path)
+        stamp = f"{stat.st_size} {stat.st_mtime_ns}"
+        if known.get(key) == stamp:
+            continue
         caption = width = height = likes = unusable = None
         try:
             meta = read_metadata(stem + ".json")
@@ -210,10 +218,36 @@ def register_images(conn, data_dir):
             unusable = f"caption: {e.reason}"
         except Exception as e:  # an unreadable image header; decoding would fail too
             unusable = f"image: {type(e).__name__}"
-        rows.append((key, path, caption, width, height, likes, unusable))
+        rows.append((key, path, stamp, caption, width, height, likes, unusable))
     with conn:
-        conn.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        for table in ("scores", "embeddings"):
+            conn.executemany(f"DELETE FROM {table} WHERE key = ?", [(r[0],) for r in rows if r[0] in known])
+        conn.executemany("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
+
+
+def head_fingerprint(path):
+    """A short hash of a head file's bytes: scores made by one head are never read as another's."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except FileNotFoundError:
+        raise EmuError(f"{path}: head not found") from None
+
+
+def check_clip(conn, clip_dir):
+    """Forget the embeddings and CLIP-based scores made with another CLIP than `clip_dir`."""
+    digest = hashlib.sha256(b"emu curation: CLIP image and text towers\n")
+    hash_tower(digest, clip_dir)
+    fingerprint = digest.hexdigest()
+    row = conn.execute("SELECT value FROM meta WHERE key = 'clip'").fetchone()
+    if row is not None and row[0] != fingerprint:
+        print(f"{clip_dir}: a different CLIP from the one the store's embeddings came from; measuring again")
+        with conn:
+            conn.execute("DELETE FROM embeddings")
+            conn.execute("DELETE FROM scores WHERE name = 'clip' OR name LIKE 'aesthetic %' OR name LIKE 'unsafe %'")
+    with conn:
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('clip', ?)", (fingerprint,))
 
 
 def cached_scores(conn, name, keys):
@@ -236,6 +270,7 @@ class Measurer:
     def __init__(self, conn, clip_dir, image_size=224, device="cpu"):
         self.conn, self.clip_dir, self.image_size, self.device = conn, clip_dir, image_size, device
         self.vision = self.text = self.tokenizer = None
+        self.clip_checked = False
         self.files = dict(conn.execute("SELECT key, file FROM images"))
         self.measured = 0  # images measured in this run (the rest came from the store)
 
@@ -251,9 +286,16 @@ class Measurer:
                     self.conn.execute("UPDATE images SET unusable = ? WHERE key = ?", (f"image: {e.reason}", key))
         return images, good
 
+    def ensure_clip(self):
+        """Before reading anything made with CLIP: forget it if it was made with another CLIP."""
+        if not self.clip_checked:
+            check_clip(self.conn, self.clip_dir)
+            self.clip_checked = True
+
     @torch.no_grad()
     def embed(self, keys):
         """CLIP image embeddings for every key, computing the missing ones."""
+        self.ensure_clip()
         have = cached_embeddings(self.conn, keys)
         missing = [k for k in keys if k not in have]
         for i in range(0, len(missing), CHUNK):
@@ -285,6 +327,7 @@ class Measurer:
         return have
 
     def head_scores(self, name, keys, head, squash=False):
+        self.ensure_clip()
         def measure(chunk):
             emb = self.embed(chunk)
             good = [k for k in chunk if k in emb]
@@ -305,6 +348,7 @@ class Measurer:
     @torch.no_grad()
     def clip_scores(self, keys):
         """Cosine similarity of each image's CLIP embedding with its caption's."""
+        self.ensure_clip()
         captions = dict(self.conn.execute("SELECT key, caption FROM images"))
 
         def measure(chunk):
@@ -327,7 +371,8 @@ class Measurer:
 
 def decide_offensive(keys, cfg, m, captions):
     words = {w.lower() for w in (cfg.blocklist or ())}
-    unsafe = m.head_scores("unsafe", keys, load_head(cfg.unsafe_head), squash=True) if cfg.unsafe_head else {}
+    unsafe = (m.head_scores(f"unsafe {head_fingerprint(cfg.unsafe_head)}", keys, load_head(cfg.unsafe_head), squash=True)
+              if cfg.unsafe_head else {})
     out = {}
     for k in keys:
         hit = sorted(words & set(clip_clean(captions[k]).lower().replace(",", " ").replace(".", " ").split()))
@@ -417,7 +462,7 @@ def run_automatic(conn, cfg, clip_dir, device="cpu"):
         elif stage == "aesthetic":
             if cfg.aesthetic_head is None:
                 raise EmuError("the aesthetic stage needs --aesthetic-head (train one with `data/curate.py train-aesthetic`)")
-            aesthetic = m.head_scores("aesthetic", survivors, load_head(cfg.aesthetic_head))
+            aesthetic = m.head_scores(f"aesthetic {head_fingerprint(cfg.aesthetic_head)}", survivors, load_head(cfg.aesthetic_head))
             out = decide_threshold(aesthetic, survivors, cfg.aesthetic_min, "aesthetic score")
         elif stage == "text":
             out = decide_threshold(m.text_words(survivors), survivors, cfg.text_max_words, "text words", keep_above=False)

@@ -66,20 +66,26 @@ def tower_fingerprint(clip_dir, t5_dir, dtype=torch.bfloat16, t5_max_length=T5_L
     digest = hashlib.sha256(f"emu text cache; dtype {str(dtype).removeprefix('torch.')}; "
                             f"t5 length {t5_max_length}\n".encode())
     for tower in (Path(clip_dir), Path(t5_dir)):
-        if not tower.is_dir():
-            raise EmuError(f"{tower}: text tower directory not found")
-        files, source = find_weight_files(tower)  # the single file, or the index and its shards
-        for path in (tower / "config.json", tower / "tokenizer.json", source):
-            if not path.is_file():
-                raise EmuError(f"{path}: not found")
-            digest.update(f"{path.name} ".encode() + path.read_bytes())
-        for weights in sorted({file.path: file for file in files.values()}.values(), key=lambda file: file.path.name):
-            digest.update(f"{weights.path.name} {weights.size} {sorted(weights.entries.items())}\n".encode())
-            with open(weights.path, "rb") as f:
-                for i in range(SAMPLES):
-                    f.seek(weights.data_start + (weights.size - weights.data_start) * i // SAMPLES)
-                    digest.update(f.read(SAMPLE_BYTES))
+        hash_tower(digest, tower)
     return digest.hexdigest()
+
+
+def hash_tower(digest, tower):
+    """Feed one Hugging Face model directory into `digest` (see tower_fingerprint for what is read)."""
+    tower = Path(tower)
+    if not tower.is_dir():
+        raise EmuError(f"{tower}: text tower directory not found")
+    files, source = find_weight_files(tower)  # the single file, or the index and its shards
+    for path in (tower / "config.json", tower / "tokenizer.json", source):
+        if not path.is_file():
+            raise EmuError(f"{path}: not found")
+        digest.update(f"{path.name} ".encode() + path.read_bytes())
+    for weights in sorted({file.path: file for file in files.values()}.values(), key=lambda file: file.path.name):
+        digest.update(f"{weights.path.name} {weights.size} {sorted(weights.entries.items())}\n".encode())
+        with open(weights.path, "rb") as f:
+            for i in range(SAMPLES):
+                f.seek(weights.data_start + (weights.size - weights.data_start) * i // SAMPLES)
+                digest.update(f.read(SAMPLE_BYTES))
 
 
 def caption_key(fingerprint, caption):

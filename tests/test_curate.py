@@ -171,3 +171,35 @@ def test_the_script_curates_explains_and_refuses_bad_input_in_one_line(haystack,
                                "--out", str(tmp_path / "other"), *argv], cwd=ROOT, capture_output=True, text=True)
         err = proc.stderr.strip()
         assert proc.returncode != 0 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_an_unsafe_content_head_from_local_weights_drops_what_it_flags(haystack, tmp_path, towers):
+    """The offensive stage's optional image classifier: a head on CLIP image embeddings read from a
+    safetensors file. Fitted here to flag one picture, it drops that one and keeps the rest."""
+    with closing(open_store(tmp_path / "out")) as conn:
+        register_images(conn, str(haystack))
+        keys = [k for (k,) in conn.execute("SELECT key FROM images WHERE unusable IS NULL")]
+        emb = curate.Measurer(conn, towers).embed(keys)
+        logits = [6.0 if k == "good-2" else -6.0 for k in keys]  # the unsafe logit the head should give
+        head = curate.train_aesthetic_head(torch.from_numpy(np.stack([emb[k] for k in keys])), logits)
+        curate.save_head(head, str(tmp_path / "unsafe.safetensors"))
+        kept, _ = run_automatic(conn, FunnelConfig(unsafe_head=str(tmp_path / "unsafe.safetensors"), unsafe_max=0.5), towers)
+        d = decisions(conn)
+    assert d[("good-2", "offensive")][0] is False and d[("good-2", "offensive")][1] == "unsafe probability 1.00 > 0.5"
+    assert d[("good-1", "offensive")] == (True, f"caption clean, unsafe probability {d[('good-1', 'offensive')][1][-4:]}")
+    assert set(kept) == set(keys) - {"good-2"}
+
+
+def test_a_changed_image_or_another_clip_is_measured_again(haystack, tmp_path, towers, tmp_path_factory):
+    cfg = config(tmp_path, towers)
+    with closing(open_store(tmp_path / "out")) as conn:
+        run_automatic(conn, cfg, towers)
+        write(haystack, "good-1", photo_like(64, seed=99), "a red ball on a green lawn", likes=120)  # replaced
+        register_images(conn, str(haystack))
+        _, embedded = run_automatic(conn, cfg, towers)
+        assert embedded == 1
+        other, _ = make_toy_towers(CAPTIONS * 3, tmp_path_factory.mktemp("other-towers"), seed=1)
+        _, embedded = run_automatic(conn, cfg, str(other))
+        assert embedded == 14  # every usable image past the blocklist, with the new tower
+        names = {n for (n,) in conn.execute("SELECT DISTINCT name FROM scores")}
+        assert any(n.startswith("aesthetic ") for n in names) and "clip" in names
