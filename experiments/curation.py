@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -27,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.judges import appeal_score  # noqa: E402
+from common import run  # noqa: E402  (experiments/common.py)
 
 
 def parse_args(argv=None):
@@ -37,14 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/exp-curation", help="everything goes here")
     p.add_argument("--seed", type=int, default=0, help="seed of the random subset, the funnel and quality-tuning")
     return p.parse_args(argv)
-
-
-def run(*argv):
-    print("$ python " + " ".join(argv), flush=True)
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return proc.stdout
 
 
 def appeal_and_needles(folder, haystack):

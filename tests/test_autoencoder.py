@@ -261,6 +261,57 @@ def test_ssim_decreases_with_noise():
     assert psnr(x, x + 0.02 * noise).mean() > psnr(x, x + 0.1 * noise).mean()
 
 
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # Flat images have no variance and no covariance, so the contrast-structure factor is
+    # (0 + C2) / (0 + C2) = 1 and SSIM reduces to (2ab + C1) / (a^2 + b^2 + C1) for the two grey levels.
+    c1 = 0.01 ** 2
+    for a, b in [(0.2, 0.7), (0.5, 0.5), (0.9, 0.1), (0.0, 1.0)]:
+        x = torch.full((1, 3, 16, 16), 2 * a - 1, dtype=torch.float64)
+        y = torch.full((1, 3, 16, 16), 2 * b - 1, dtype=torch.float64)
+        expected = (2 * a * b + c1) / (a * a + b * b + c1)
+        assert ssim(x, y).item() == pytest.approx(expected, rel=1e-9)
+
+
+def wave_pair():
+    """Two smooth, different, deterministic (3, 24, 20) images in [0, 1] defined by formulas."""
+    yy, xx = torch.meshgrid(torch.arange(24, dtype=torch.float64), torch.arange(20, dtype=torch.float64), indexing="ij")
+    a = torch.stack([0.5 + 0.4 * torch.sin(xx / 3.0 + c) * torch.cos(yy / 4.0) for c in range(3)])
+    b = torch.stack([(0.5 + 0.35 * torch.sin(xx / 3.2 + c) * torch.cos(yy / 3.7) + 0.05 * torch.cos(xx * yy / 7.0)).clamp(0, 1)
+                     for c in range(3)])
+    return a, b
+
+
+def test_ssim_matches_a_published_implementation():
+    # The value scikit-image 0.26.0 gives for these two images with Wang et al.'s settings:
+    # skimage.metrics.structural_similarity(a, b, channel_axis=0, data_range=1.0, gaussian_weights=True,
+    # sigma=1.5, use_sample_covariance=False) -> 0.8646901987765648.
+    a, b = wave_pair()
+    assert ssim(a[None] * 2 - 1, b[None] * 2 - 1).item() == pytest.approx(0.8646901987765648, abs=1e-10)
+
+
+def test_ssim_matches_a_window_by_window_reference():
+    # The definition written out: at every valid window position, Gaussian-weighted means, variances and
+    # covariance of the two patches, the SSIM formula, then the mean over positions and channels.
+    a, b = wave_pair()
+    k, sigma, c1, c2 = 11, 1.5, 0.01 ** 2, 0.03 ** 2
+    g = [math.exp(-((i - (k - 1) / 2) ** 2) / (2 * sigma ** 2)) for i in range(k)]
+    weights = torch.tensor([[gi * gj for gj in g] for gi in g], dtype=torch.float64)
+    weights = weights / weights.sum()
+    values = []
+    for c in range(3):
+        for i in range(a.shape[1] - k + 1):
+            for j in range(a.shape[2] - k + 1):
+                p, q = a[c, i:i + k, j:j + k], b[c, i:i + k, j:j + k]
+                mp, mq = (weights * p).sum(), (weights * q).sum()
+                vp, vq = (weights * (p - mp) ** 2).sum(), (weights * (q - mq) ** 2).sum()
+                cov = (weights * (p - mp) * (q - mq)).sum()
+                values.append(((2 * mp * mq + c1) * (2 * cov + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))).item())
+    reference = sum(values) / len(values)
+    assert ssim(a[None] * 2 - 1, b[None] * 2 - 1).item() == pytest.approx(reference, abs=1e-12)
+    # The same images in float32 (as the models give them) agree to float32 precision.
+    assert ssim(a[None].float() * 2 - 1, b[None].float() * 2 - 1).item() == pytest.approx(reference, abs=1e-5)
+
 # -----------------------------------------------------------------------------
 # train_ae.py end to end
 

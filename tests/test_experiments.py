@@ -1,0 +1,88 @@
+"""The experiment scripts in experiments/, run at the smallest size: they finish, write their table and
+plots, and the parts that must be deterministic are."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import table1_autoencoder  # noqa: E402
+
+
+def write_photos(folder):
+    """Four smooth 72x96 'photographs' (b.jpg a JPEG), from formulas so every run has the same ones."""
+    os.makedirs(folder)
+    yy, xx = np.mgrid[0:72, 0:96]
+    for i, name in enumerate(["a.png", "b.jpg", "c.png", "held.png"]):
+        image = np.stack([128 + 100 * np.sin(xx / (3 + i) + c) * np.cos(yy / (4 + c)) for c in range(3)], -1)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(folder, name))
+
+
+def test_table1_dataset_is_random_crops_then_every_held_out_tile_and_repeats_for_a_seed(tmp_path):
+    write_photos(tmp_path / "photos")
+    args = table1_autoencoder.parse_args(["--photos", str(tmp_path / "photos"), "--heldout", "held.png",
+                                          "--photo-size", "48", "--size", "16", "--crops", "10"])
+    folder, train, held = table1_autoencoder.find_photos(args)
+    assert sorted(train) == ["a.png", "b.jpg", "c.png"] and list(held) == ["held.png"]
+    n_held, photos = table1_autoencoder.write_dataset(str(tmp_path / "d1"), folder, train, held, args)
+    assert photos["held.png"].shape == (48, 64, 3)  # the shorter side resized to 48
+    assert n_held == (48 // 16) * (64 // 16)
+    names = sorted(n for n in os.listdir(tmp_path / "d1") if n.endswith(".png"))
+    assert len(names) == 10 + n_held
+    # train_ae.py --holdout N holds out the last N images in name order: they must be the held-out tiles
+    assert all(n.startswith("0-train-") for n in names[:10]) and all(n.startswith("1-heldout-held-") for n in names[10:])
+    first_tile = np.asarray(Image.open(tmp_path / "d1" / "1-heldout-held-0000.png"))
+    assert np.array_equal(first_tile, photos["held.png"][:16, :16])
+    table1_autoencoder.write_dataset(str(tmp_path / "d2"), folder, train, held, args)
+    for name in names:
+        assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes()
+
+
+def test_table1_bad_input_gets_one_line(tmp_path):
+    write_photos(tmp_path / "photos")
+    for argv, message in [(["--photos", str(tmp_path / "nowhere"), "--heldout", "x.png"], "photo folder not found"),
+                          (["--photos", str(tmp_path / "photos")], "--photos needs --heldout"),
+                          (["--photos", str(tmp_path / "photos"), "--heldout", "gone.png"], "gone.png: photograph not found"),
+                          (["--variants", "AE-32"], "unknown variant 'AE-32'")]:
+        proc = subprocess.run([sys.executable, "experiments/table1_autoencoder.py", "--out", str(tmp_path / "out"), *argv],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
+    write_photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "experiments/table1_autoencoder.py", "--photos", str(tmp_path / "photos"),
+                           "--heldout", "held.png", "--out", str(out), "--photo-size", "48", "--size", "16",
+                           "--crops", "16", "--steps", "3", "--bs", "4", "--disc-start", "2",
+                           "--variants", "AE-4,Fourier-AE-16"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| AE-") or line.startswith("| Fourier-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| AE-4", "| Fourier-AE-16"] * 2  # the main table, then per photograph
+    assert "| AE-4 | 4 | no |" in table and "| Fourier-AE-16 | 16 | yes |" in table
+    # the table's numbers are the trained models' own: recompute AE-4's held-out SSIM and PSNR
+    from emu.autoencoder import load_autoencoder
+    from emu.metrics import psnr, ssim
+    photo = np.asarray(Image.open(out / "data" / "1-heldout-held-0000.png"))
+    ae = load_autoencoder(str(out / "AE-4"))
+    tiles = table1_autoencoder.tiles(np.asarray(Image.open(tmp_path / "photos" / "held.png").resize((64, 48), Image.BICUBIC)), 16)
+    assert np.array_equal(tiles[0], photo)
+    x = table1_autoencoder.to_tensor(tiles)
+    with torch.no_grad():
+        r = table1_autoencoder.reconstruct(ae, x)
+    expected = f"| AE-4 | 4 | no | {ssim(r, x).mean().item():.3f} ± "
+    assert expected in table and f"{psnr(r, x).mean().item():.2f} ± " in table
+    for png in ["reconstructions.png", "heldout_psnr.png"]:
+        with Image.open(out / png) as im:
+            assert im.width > 0 and im.height > 0
+    with Image.open(out / "reconstructions.png") as im:  # one row per held-out photo, original + 2 models
+        assert im.width == 3 * (48 + 4) * 2
