@@ -86,3 +86,48 @@ def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
             assert im.width > 0 and im.height > 0
     with Image.open(out / "reconstructions.png") as im:  # one row per held-out photo, original + 2 models
         assert im.width == 3 * (48 + 4) * 2
+
+
+# -----------------------------------------------------------------------------
+# noise offset
+
+import noise_offset  # noqa: E402
+
+
+def test_luma_stats_and_histogram_on_constructed_images(tmp_path):
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "a.png")  # black: brightness 0, contrast 0
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "b.png")  # white: brightness 1
+    half = np.zeros((8, 8, 3), np.uint8)
+    half[:, 4:] = 255  # half black, half white: brightness 0.5, contrast 0.5
+    Image.fromarray(half).save(tmp_path / "c.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "grid.png")  # the sample grid is not an image of the set
+    stats = noise_offset.luma_stats(str(tmp_path))
+    assert np.allclose(stats, [[0, 0], [1, 0], [0.5, 0.5]], atol=1e-9)
+    hist = noise_offset.histogram(stats[:, 0], 3)
+    assert np.allclose([x for x, _ in hist], [1 / 6, 1 / 2, 5 / 6])
+    assert np.allclose([f for _, f in hist], [1 / 3, 1 / 3, 1 / 3])  # 1.0 counts in the last bin
+    assert np.allclose([f for _, f in noise_offset.histogram(np.array([0.1, 0.2, 0.9, 1.5]), 2)], [0.5, 0.5])
+
+
+def test_noise_offset_experiment_runs_end_to_end(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def script(*argv):
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    script("data/make_toy.py", "--n", "48", "--out", f"{tmp_path}/haystack", "--towers", f"{tmp_path}/towers")
+    script("train_ae.py", "--data", f"{tmp_path}/haystack", "--out", f"{tmp_path}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
+    (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares on the left\n")
+    out = tmp_path / "exp"
+    script("experiments/noise_offset.py", "--data", f"{tmp_path}/haystack", "--ae", f"{tmp_path}/ae",
+           "--clip", f"{tmp_path}/towers/clip", "--t5", f"{tmp_path}/towers/t5", "--prompts", str(tmp_path / "prompts.txt"),
+           "--n", "2", "--steps", "2", "--bs", "4", "--out", str(out))
+    table = (out / "results.md").read_text()
+    assert "| training images | 48 |" in table and "| no offset | 4 |" in table and "| offset 0.1 | 4 |" in table
+    b = noise_offset.luma_stats(str(out / "samples-offset-0"))[:, 0]
+    assert f"| no offset | 4 | {b.mean():.3f} ± {b.std():.3f} |" in table
+    for png in ["brightness.png", "contrast.png"]:
+        with Image.open(out / png) as im:
+            assert im.size == (640, 400)
