@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--caption-field", default="true_caption",
                    help="metadata field with the curated images' accurate captions ('' to use key.txt)")
     p.add_argument("--holdout", type=int, default=24, help="curated images held out for early stopping")
+    p.add_argument("--heldout-data", default=None,
+                   help="a folder of image + caption pairs to check early stopping on instead: every image of --data is "
+                        "then trained on and --holdout is not used (experiments comparing training sets keep one check set)")
     p.add_argument("--iters", type=int, default=150, help="hard cap on fine-tuning iterations (paper: at most 15K)")
     p.add_argument("--noise-offset", type=float, default=0.1,
                    help="noise offset while quality-tuning; the paper's text drops the number, its published value is 0.1")
@@ -92,30 +95,43 @@ def needles(args):
     With --curate-top N the automatic filter picks the N best images of the haystack folder --data
     (curated.json says which and why). With --curate-top 0, --data is already curated: a folder of
     image + caption pairs, or tar shards (key.jpg, key.txt, key.json). Either way --holdout of the
-    needles check early stopping and are never trained on.
+    needles check early stopping and are never trained on, unless --heldout-data gives the check set.
     """
     field = args.caption_field or None
+    own_check = not args.heldout_data  # the check set is cut from --data
     if args.curate_top:
         keys, report = curate(args.data, args.image_size, args.curate_top, field)
         with open(os.path.join(args.out, "curated.json"), "w") as f:
             json.dump(report, f, indent=1)
         print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
               + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
-        heldout = keys[:args.holdout]  # the best few: a check set that looks like what the model should make
-    elif shard_paths(args.data):  # the first --holdout usable samples of the shards
-        images, captions, heldout = first_samples(shard_paths(args.data), args.holdout, args.image_size, field)
-        return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
+        heldout = keys[:args.holdout] if own_check else []  # the best few: a check set that looks like what the model should make
+    elif shard_paths(args.data):
+        if own_check:  # the first --holdout usable samples of the shards
+            images, captions, heldout = first_samples(shard_paths(args.data), args.holdout, args.image_size, field)
+            return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
+        return (open_training_data(args.data, args.image_size, args, SINGLE, field),
+                *check_set(args.heldout_data, None, args.image_size, field))
     else:  # a seeded random --holdout of the folder's images
         keys = open_training_data(args.data, args.image_size, args, SINGLE).keys
-        heldout = random.Random(args.seed).sample(keys, min(args.holdout, len(keys)))
+        heldout = random.Random(args.seed).sample(keys, min(args.holdout, len(keys))) if own_check else []
     train = ImageCaptionFolder(args.data, args.image_size, keys=[k for k in keys if k not in set(heldout)],
                                caption_field=field, skip_bad=True)
-    check = ImageCaptionFolder(args.data, args.image_size, keys=heldout, caption_field=field, skip_bad=True)
+    check = check_set(args.data, heldout, args.image_size, field) if own_check else \
+        check_set(args.heldout_data, None, args.image_size, field)
+    return (train, *check)
+
+
+def check_set(folder, keys, image_size, field):
+    """The usable images of `keys` in `folder` (all of its images when keys is None), and their captions."""
+    if shard_paths(folder) and keys is None:
+        raise EmuError(f"--heldout-data {folder}: must be a folder of image + caption pairs, not tar shards")
+    check = ImageCaptionFolder(folder, image_size, keys=keys, caption_field=field, skip_bad=True)
     images = check.load_all()  # the usable ones: line their captions up with them
     captions = [c for i, c in enumerate(check.captions) if i not in check.skipped]
     if len(images) == 0:
-        raise EmuError(f"{args.data}: none of the {len(heldout)} held-out needles is usable (--caption-field {field!r}?)")
-    return train, images, captions
+        raise EmuError(f"{folder}: none of the {len(check.keys)} held-out images is usable (--caption-field {field!r}?)")
+    return images, captions
 
 
 def heldout_loss(unet, ae, text_encoder, diffusion, images, captions, seed=1234):
@@ -137,6 +153,8 @@ def main(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
+    if args.heldout_data and not os.path.isdir(args.heldout_data):  # before any model is loaded
+        raise EmuError(f"--heldout-data {args.heldout_data}: folder not found")
 
     # the pretrained model and the frozen parts it was trained with
     pre = read_training_checkpoint(args.pretrained)
@@ -167,9 +185,11 @@ def main(args):
     else:
         save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
-    bs = args.bs if isinstance(train_data, ShardDataset) else min(args.bs, len(train_data))
-    batches = training_batches(train_data, ae, text_encoder, args, bs, step, position, SINGLE)
+    # the paper's batch of 64 even for a set of 100 images: a set smaller than a batch fills it with repeats
+    batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, SINGLE, repeat=True)
     print(f"training data: {batches.describe()}")
+    if not isinstance(train_data, ShardDataset) and len(train_data) < args.bs:
+        print(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")
 
     def save(path):
         save_training_state(path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
@@ -177,6 +197,8 @@ def main(args):
 
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
     append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "iter": step, "time": time.time()})
+    if not ckpt_path:  # the check before any tuning: where the held-out curve and early stopping start
+        append_metrics(metrics_log, {"iter": 0, "heldout": stop["best"], "best": stop["best"]})
 
     # fine-tune with early stopping
     unet.train()

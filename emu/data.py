@@ -401,10 +401,15 @@ class EpochBatches(torch.utils.data.Sampler):
     an uninterrupted run would have read from step s on. The last incomplete batch is dropped.
     In a world of several ranks, `batch_size` is the global batch and rank r reads every
     world_size-th index of it, from the r-th on.
+
+    A set smaller than one batch is an error, unless `repeat=True` (quality-tuning on a handful of
+    images keeps the paper's batch of 64): then batch s is ceil(batch_size / n) whole epochs'
+    permutations, s * k to s * k + k - 1, joined and cut to batch_size, so every example appears
+    floor or ceil(batch_size / n) times in it.
     """
 
-    def __init__(self, n, batch_size, seed, start_step=0, rank=0, world_size=1):
-        if n < batch_size:
+    def __init__(self, n, batch_size, seed, start_step=0, rank=0, world_size=1, repeat=False):
+        if n < batch_size and not (repeat and n > 0):
             raise EmuError(f"only {n} examples for batch size {batch_size}: lower --bs or add data")
         if batch_size % world_size:
             raise EmuError(f"batch size {batch_size} does not split over {world_size} ranks")
@@ -412,12 +417,19 @@ class EpochBatches(torch.utils.data.Sampler):
         self.rank, self.world_size = rank, world_size
         self.per_epoch = n // batch_size
 
+    def permutation(self, epoch):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+
     def __iter__(self):
         step = self.start_step
         while True:
-            epoch, i = divmod(step, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world_size].tolist()
+            if self.per_epoch:
+                epoch, i = divmod(step, self.per_epoch)
+                batch = self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+            else:  # fewer examples than a batch: whole epochs, joined
+                k = -(-self.batch_size // self.n)
+                batch = torch.cat([self.permutation(step * k + j) for j in range(k)])[:self.batch_size]
+            yield batch[self.rank::self.world_size].tolist()
             step += 1
 
 

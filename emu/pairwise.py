@@ -64,14 +64,17 @@ def win_rates(outcomes):
 def bootstrap_ci(outcomes, n_boot=2000, seed=0, level=0.95):
     """Percentile bootstrap confidence intervals of the win / tie / lose rates.
 
-    The unit of resampling is the prompt: each resample draws len(outcomes) pairs with
+    The unit of resampling is the prompt: each resample draws len(outcomes) prompts with
     replacement, and the interval is the central `level` range of the resampled rates.
+    `outcomes` is (n_prompts,), or (n_prompts, n_repeats) when every prompt was judged several times
+    (other seeds): a prompt's row is drawn whole, so its repeats, which are not independent, stay together.
 
     :return: {"win": (lo, hi), "tie": (lo, hi), "lose": (lo, hi)} in percent.
     """
     outcomes = np.asarray(outcomes)
     rng = np.random.default_rng(seed)
-    resampled = outcomes[rng.integers(0, len(outcomes), size=(n_boot, len(outcomes)))]  # (n_boot, n)
+    resampled = outcomes[rng.integers(0, len(outcomes), size=(n_boot, len(outcomes)))]  # (n_boot, n_prompts[, n_repeats])
+    resampled = resampled.reshape(n_boot, -1)
     tail = 100.0 * (1.0 - level) / 2
     intervals = {}
     for name, option in zip(RATES, (A, TIE, B)):
@@ -81,8 +84,8 @@ def bootstrap_ci(outcomes, n_boot=2000, seed=0, level=0.95):
 
 
 def summarize_outcomes(outcomes, n_boot=2000, seed=0, level=0.95):
-    """Rates and intervals of one task's pair outcomes, as plain JSON-ready values:
-    {"n": pairs, "win": %, "tie": %, "lose": %, "ci": {"win": [lo, hi], ...}, "level": level}."""
+    """Rates and intervals of one task's pair outcomes ((n_prompts,) or (n_prompts, n_repeats), see
+    bootstrap_ci), as plain JSON-ready values: {"n": pairs, "win": %, "tie": %, "lose": %, "ci": {"win": [lo, hi], ...}, "level": level}."""
     rates = win_rates(outcomes)
     ci = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed, level=level)
     return {"n": int(np.size(outcomes)), **{k: float(v) for k, v in rates.items()},

@@ -1,9 +1,11 @@
-"""Line charts of training progress, drawn with Pillow alone.
+"""Charts drawn with Pillow alone: line charts of training progress, stacked bars of win rates.
 
 The training scripts append their losses to metrics.jsonl; a loss-curve PNG next to the checkpoints
 shows at a glance whether a run is learning, without a plotting dependency (matplotlib) on a
 training machine. plot_metrics reads such a log; plot_curves draws any {name: [(x, y), ...]}.
 Non-finite values (a skipped step logs NaN) are gaps in the line and never stretch the axes.
+plot_win_rates draws pairwise results as the paper's figures do: one bar per comparison, split into
+win, tie and lose.
 """
 import math
 
@@ -145,6 +147,49 @@ def plot_curves(path, series, title="", x_label="step", log_y=False, size=(640, 
 
     save_png(path, np.asarray(image))
     return len(drawn)
+
+
+# win / tie / lose in the paper's figures' spirit: A's wins in a strong colour, ties grey, losses in a pale one
+WIN_TIE_LOSE = {"win": (31, 119, 180), "tie": (200, 200, 200), "lose": (255, 160, 122)}
+
+
+def plot_win_rates(path, rows, title="", size=(640, None)):
+    """One horizontal bar per row of `rows` ([(label, {"win": %, "tie": %, "lose": %}), ...]), split into
+    its win, tie and lose shares from left to right, each segment labelled with its percentage when it
+    is wide enough. The bar spans the plot's width at 100%. Returns the pixel x where each row's
+    segments start and end: [(x_win, x_tie, x_lose, x_end), ...]."""
+    row_h, label_w = 26, 0
+    width = size[0]
+    height = size[1] or MARGINS[1] + 30 + row_h * len(rows) + 16
+    font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    if rows:
+        label_w = max(draw.textlength(str(label), font=font) for label, _ in rows) + 12
+    left, right, top = 8 + label_w, width - MARGINS[2], MARGINS[1] + 24
+    draw.text((width / 2, MARGINS[1] / 2), title, fill=INK, font=font, anchor="mm")
+    x = left  # the legend, on one line above the bars
+    for name, color in WIN_TIE_LOSE.items():
+        draw.rectangle([x, MARGINS[1], x + 12, MARGINS[1] + 12], fill=color)
+        draw.text((x + 16, MARGINS[1] + 6), name, fill=INK, font=font, anchor="lm")
+        x += 24 + draw.textlength(name, font=font) + 12
+    edges = []
+    for i, (label, rates) in enumerate(rows):
+        y0 = top + i * row_h
+        y1 = y0 + row_h - 6
+        draw.text((left - 8, (y0 + y1) / 2), str(label), fill=INK, font=font, anchor="rm")
+        xs = [left]
+        for name in WIN_TIE_LOSE:
+            xs.append(xs[-1] + (right - left) * rates[name] / 100.0)
+        for (name, color), a, b in zip(WIN_TIE_LOSE.items(), xs, xs[1:]):
+            if b - a >= 1:
+                draw.rectangle([round(a), y0, round(b) - 1, y1], fill=color)
+            share = f"{rates[name]:.0f}%"
+            if b - a > draw.textlength(share, font=font) + 4:
+                draw.text(((a + b) / 2, (y0 + y1) / 2), share, fill=INK, font=font, anchor="mm")
+        edges.append(tuple(round(x) for x in xs))
+    save_png(path, np.asarray(image))
+    return edges
 
 
 # ----------------------------------------------------------------------------------------------------

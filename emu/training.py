@@ -126,7 +126,7 @@ class LatentBatches:
     """
 
     def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0, rank=0,
-                 world_size=1):
+                 world_size=1, repeat=False):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
         self.device = next(ae.parameters()).device
         self.skipped = SkipLog()
@@ -148,7 +148,7 @@ class LatentBatches:
                     chunks.append(self.encode(*batch))
             self.cache = torch.cat([c[0] for c in chunks]), TextEmbedding.cat([c[1] for c in chunks]).without_padding()
         self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step,
-                                    rank, world_size)
+                                    rank, world_size, repeat)
 
     @torch.no_grad()
     def encode(self, images, captions):
@@ -260,15 +260,16 @@ def open_training_data(path, image_size, args, world, caption_field=None, exclud
     return ImageCaptionFolder(str(path), image_size, caption_field=caption_field, skip_bad=True)  # a broken file is counted
 
 
-def training_batches(data, ae, text_encoder, args, bs, step, position, world):
-    """This rank's share of each global batch of `bs`: LatentBatches for a folder (starting at `step`),
-    ShardBatches for shards (continuing at `position`, this rank's from a checkpoint)."""
+def training_batches(data, ae, text_encoder, args, bs, step, position, world, repeat=False):
+    """This rank's share of each global batch of `bs`: LatentBatches for a folder (starting at `step`;
+    with `repeat`, a folder smaller than a batch fills it with repeats), ShardBatches for shards
+    (continuing at `position`, this rank's from a checkpoint)."""
     if bs % world.world_size:
         raise EmuError(f"batch size {bs} does not split over {world.world_size} ranks")
     if isinstance(data, ShardDataset):
         return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position)
     return LatentBatches(data, ae, text_encoder, bs, args.seed, step, args.cache_mb, args.workers,
-                         world.rank, world.world_size)
+                         world.rank, world.world_size, repeat)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -69,6 +69,20 @@ def test_epoch_batches_resume_where_an_uninterrupted_run_would_be():
         EpochBatches(2, 3, seed=0)
 
 
+def test_epoch_batches_repeat_a_set_smaller_than_the_batch_evenly_and_resume():
+    it = iter(EpochBatches(3, 8, seed=2, repeat=True))
+    straight = [next(it) for _ in range(5)]
+    for batch in straight:  # 8 = 3 + 3 + 2: every example two or three times, a whole epoch before any third
+        assert len(batch) == 8 and sorted(batch[:3]) == sorted(batch[3:6]) == [0, 1, 2]
+        assert sorted(batch.count(i) for i in range(3)) == [2, 3, 3]
+    assert len({tuple(b) for b in straight}) > 1  # a fresh order each batch
+    it = iter(EpochBatches(3, 8, seed=2, start_step=3, repeat=True))
+    assert [next(it) for _ in range(2)] == straight[3:]
+    assert next(iter(EpochBatches(10, 3, seed=4, repeat=True))) == next(iter(EpochBatches(10, 3, seed=4)))  # no change when it fits
+    with pytest.raises(EmuError, match="only 0 examples"):
+        EpochBatches(0, 8, seed=0, repeat=True)
+
+
 def test_read_prompts_tsv_and_text(tmp_path):
     tsv = tmp_path / "p.tsv"
     tsv.write_text("Prompt\tCategory\tChallenge\tNote\na red circle\tBasic\tSimple\t\ntwo squares\tCount\tCounting\t\n")

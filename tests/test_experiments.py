@@ -1,8 +1,10 @@
 """The experiment scripts in experiments/, run at the smallest size: they finish, write their table and
 plots, and the parts that must be deterministic are."""
+import json
 import os
 import subprocess
 import sys
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -12,7 +14,12 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import common  # noqa: E402
+import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
+from emu.pairwise import summarize_outcomes  # noqa: E402
+from emu.study import open_study, study_report  # noqa: E402
+from emu.toyworld import parse_caption  # noqa: E402
 
 
 def write_photos(folder):
@@ -131,3 +138,121 @@ def test_noise_offset_experiment_runs_end_to_end(tmp_path):
     for png in ["brightness.png", "contrast.png"]:
         with Image.open(out / png) as im:
             assert im.size == (640, 400)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quality-tuning experiments: quality-tuned vs pretrained, set size, overfitting
+
+def script(*argv):
+    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tuning_world(tmp_path_factory):
+    """A 48-image toy world, a 2-step autoencoder and pretrained model, and the flags that make each
+    experiment's quality-tuning and evaluation as small as they go; the haystack stands in for the curated set."""
+    w = tmp_path_factory.mktemp("tuning")
+    script("data/make_toy.py", "--n", "48", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
+    script("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
+    script("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "2", "--bs", "4", "--ae", f"{w}/ae",
+           "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5", "--sample-every", "0")
+    flags = ["--pretrained", f"{w}/pre/ckpt.pt", "--curated", f"{w}/haystack", "--haystack", f"{w}/haystack",
+             "--heldout", "4", "--prompts", "4", "--iters", "2", "--bs", "4", "--eval-every", "1", "--sample-steps", "2",
+             "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50"]
+    return w, flags
+
+
+def scenes(haystack):
+    seen = set()
+    for name in os.listdir(haystack):
+        if name.endswith(".json"):
+            attributes = json.load(open(os.path.join(haystack, name)))["attributes"]
+            seen.add(tuple(sorted(attributes.items())))
+    return seen
+
+
+def test_unseen_prompts_name_scenes_no_haystack_image_shows(tuning_world):
+    w, _ = tuning_world
+    prompts = common.unseen_prompts(f"{w}/haystack", 30, seed=1)
+    assert prompts == common.unseen_prompts(f"{w}/haystack", 30, seed=1) != common.unseen_prompts(f"{w}/haystack", 30, seed=2)
+    assert len({p for p, _ in prompts}) == 30
+    seen = scenes(f"{w}/haystack")
+    for prompt, category in prompts:
+        attributes = parse_caption(prompt)
+        assert tuple(sorted(attributes.items())) not in seen
+        assert category == ("Counting" if attributes["count"] > 1 else "Basic")
+    with pytest.raises(SystemExit, match="fewer than the 5000 prompts"):
+        common.unseen_prompts(f"{w}/haystack", 5000, seed=0)
+
+
+def test_early_stop_point_follows_qtunes_patience_rule():
+    losses = [(0, 1.0), (25, 0.9), (50, 0.95), (75, 0.8), (100, 0.85), (125, 0.81), (150, 0.9)]
+    assert qtune_overfitting.early_stop_point(losses, 3) == (150, 75)
+    assert qtune_overfitting.early_stop_point(losses, 4) == (None, 75)
+    assert qtune_overfitting.early_stop_point(losses, 1) == (50, 25)
+
+
+def study_outcomes(folder):
+    with closing(open_study(str(folder))) as conn:
+        outcomes = study_report(conn, "judge", n_boot=10)["outcomes"]
+    return {task: np.array([o for _, o in sorted(v.items())]) for task, v in outcomes.items()}
+
+
+def test_qtune_vs_pretrained_pools_its_seeds(tuning_world, tmp_path):
+    w, flags = tuning_world
+    out = tmp_path / "exp"
+    script("experiments/qtune_vs_pretrained.py", *flags, "--seeds", "0,1", "--out", out)
+    table = (out / "results.md").read_text()
+    for seed in (0, 1):  # each seed tuned on its own split: 44 trained, 4 held out, never trained on
+        train = {f for f in os.listdir(out / f"seed-{seed}/train") if f.endswith(".png")}
+        assert len(train) == 44 and not train & set(os.listdir(out / f"seed-{seed}/heldout"))
+        assert f"| {seed} | visual appeal |" in table and f"| {seed} | text faithfulness |" in table
+    assert set(os.listdir(out / "seed-0/heldout")) != set(os.listdir(out / "seed-1/heldout"))
+    by_seed = [study_outcomes(out / f"seed-{seed}/eval") for seed in (0, 1)]
+    pooled = summarize_outcomes(np.stack([o["appeal"] for o in by_seed], axis=1), n_boot=50)
+    assert (f"| all 2 pooled (8 pairs) | visual appeal | {pooled['win']:.1f}% [{pooled['ci']['win'][0]:.1f}, "
+            f"{pooled['ci']['win'][1]:.1f}] |") in table
+    assert "| paper (PartiPrompts) | visual appeal | 82.9% | 1.7% | 15.4% |" in table
+    assert Image.open(out / "win_rates.png").size[0] == 640
+
+
+def test_qtune_set_size_tunes_nested_subsets_against_a_stand_in(tuning_world, tmp_path):
+    w, flags = tuning_world
+    out = tmp_path / "exp"
+    stdout = script("experiments/qtune_set_size.py", *flags, "--seeds", "0", "--fractions", "0.05,1", "--out", out)
+    assert "--seed 1 --sample-every 0" in stdout  # the stand-in: the pretrained recipe, another seed
+    stand_in = torch.load(out / "baseline/ckpt.pt", weights_only=True)
+    assert stand_in["args"]["seed"] == 1 and stand_in["args"]["steps"] == 2 and stand_in["args"]["bs"] == 4
+    small, large = (sorted(f for f in os.listdir(out / f"seed-0/set-{n}") if f.endswith(".png")) for n in (2, 44))
+    assert len(small) == 2 and set(small) <= set(large)
+    assert not set(large) & set(os.listdir(out / "heldout"))
+    assert torch.load(out / "seed-0/qtune-2/ckpt.pt", weights_only=True)["step"] == 2  # 2 images, batches of 4
+    table = (out / "results.md").read_text()
+    none = summarize_outcomes(study_outcomes(out / "seed-0/eval-none")["appeal"][:, None], n_boot=50)
+    assert f"| none (pretrained) | 0 | visual appeal | {none['win']:.1f}% [" in table and "| none: 24.8% |" in table
+    assert "| 5% of the pool | 2 | visual appeal |" in table and "| 100: 60.3% |" in table
+    assert "| 100% of the pool | 44 | visual appeal |" in table and "| 2000: 67.0% |" in table
+    assert Image.open(out / "win_rate_by_size.png").size == (640, 400)
+
+
+def test_qtune_overfitting_keeps_each_milestone_of_one_run(tuning_world, tmp_path):
+    w, flags = tuning_world
+    out = tmp_path / "exp"
+    script("experiments/qtune_overfitting.py", *flags, "--milestones", "2,4", "--out", out)
+    for m in (2, 4):
+        assert torch.load(out / f"iter-{m}.pt", weights_only=True)["step"] == m
+    records = [json.loads(line) for line in open(out / "qtune/metrics.jsonl")]
+    assert [r["iter"] for r in records if "heldout" in r] == [0, 1, 2, 3, 4]  # one run, resumed once, checked every iteration
+    assert [r["event"] for r in records if "event" in r] == ["start", "resume"]
+    train_prompts = (out / "prompts-train.tsv").read_text().splitlines()[1:]
+    assert len(train_prompts) == 4 and all(p.split("\t")[1] == "Training" for p in train_prompts)
+    table = (out / "results.md").read_text()
+    for m in (2, 4):
+        for prompts in ("held-out prompts", "training captions"):
+            assert f"| {m} |" in table and f"| {prompts} | visual appeal |" in table
+    heldout = {r["iter"]: r["heldout"] for r in records if "heldout" in r}
+    assert f"| 4 | {heldout[4]:.4f} |" in table and f"Held-out loss before tuning: {heldout[0]:.4f}." in table
+    assert Image.open(out / "win_rates_by_iteration.png").size == (640, 400)

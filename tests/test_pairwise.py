@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from emu.pairwise import (A, B, BOTH, NEITHER, TIE, bootstrap_ci, faithfulness_to_ternary, fleiss_kappa, majority_vote,
-                          summarize, to_markdown, win_rates)
+                          summarize, summarize_outcomes, to_markdown, win_rates)
 
 
 def test_majority_vote_with_five_raters():
@@ -56,6 +56,20 @@ def test_bootstrap_ci_brackets_the_estimate_and_is_deterministic():
         assert 2.0 < hi - lo < 25.0  # about +-7 points for 200 pairs at 50%
     assert bootstrap_ci(outcomes, n_boot=1000, seed=3) == ci
     assert bootstrap_ci(outcomes, n_boot=1000, seed=4) != ci
+
+
+def test_bootstrap_ci_over_repeats_resamples_whole_prompts():
+    rng = np.random.default_rng(3)
+    outcomes = rng.choice([A, TIE, B], size=40)
+    twice = np.stack([outcomes, outcomes], axis=1)  # each prompt judged twice with the same outcome
+    assert bootstrap_ci(twice, n_boot=300, seed=1) == bootstrap_ci(outcomes, n_boot=300, seed=1)
+    s = summarize_outcomes(twice, n_boot=300)
+    assert s["n"] == 80 and s["win"] == pytest.approx(100 * np.mean(outcomes == A))
+    # repeats that disagree: the rates pool both columns, the interval comes from whole rows
+    other = np.where(outcomes == A, TIE, outcomes)
+    mixed = summarize_outcomes(np.stack([outcomes, other], axis=1), n_boot=300)
+    assert mixed["win"] == pytest.approx(50 * np.mean(outcomes == A))
+    assert mixed["ci"]["win"][0] <= mixed["win"] <= mixed["ci"]["win"][1]
 
 
 def test_bootstrap_ci_of_a_clean_sweep_is_a_point():

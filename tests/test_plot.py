@@ -4,7 +4,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from emu.checkpoint import append_metrics
-from emu.plot import COLORS, MARGINS, log_ticks, metric_series, nice_ticks, plot_curves, plot_metrics, y_range
+from emu.plot import (COLORS, MARGINS, WIN_TIE_LOSE, log_ticks, metric_series, nice_ticks, plot_curves, plot_metrics,
+                      plot_win_rates, y_range)
 
 
 def read_rgb(path):
@@ -166,3 +167,21 @@ def test_plot_metrics_reads_a_torn_resumed_log(tmp_path):
     assert plot_metrics(log, png, "step", ["loss"], "pretrain") == 7
     assert has_color(read_rgb(png), COLORS[0])
     assert plot_metrics(log, tmp_path / "two.png", "step", ["loss", "sec_per_step"], "pretrain") == 7 + 7
+
+
+def test_win_rate_bars_are_split_in_proportion_to_the_rates(tmp_path):
+    rows = [("appeal", {"win": 60.0, "tie": 10.0, "lose": 30.0}), ("faithfulness, a longer label", {"win": 0.0, "tie": 50.0, "lose": 50.0})]
+    edges = plot_win_rates(tmp_path / "bars.png", rows, title="A vs B")
+    image = read_rgb(tmp_path / "bars.png")
+    for (x_win, x_tie, x_lose, x_end), (_, rates) in zip(edges, rows):
+        span = x_end - edges[0][0]
+        assert x_win == edges[0][0] and abs(span - (edges[0][3] - edges[0][0])) <= 1  # every bar is 100% wide
+        assert abs((x_tie - x_win) - span * rates["win"] / 100) <= 1 and abs((x_lose - x_tie) - span * rates["tie"] / 100) <= 1
+    (x_win, x_tie, x_lose, x_end), = edges[:1]
+    bar = image[MARGINS[1] + 24 + 2]  # a row of pixels through the first bar, above its labels
+    assert has_color(bar[x_win + 1:x_win + 4][None], WIN_TIE_LOSE["win"])
+    assert has_color(bar[x_tie + 1:x_tie + 4][None], WIN_TIE_LOSE["tie"])
+    assert has_color(bar[x_end - 4:x_end - 1][None], WIN_TIE_LOSE["lose"])
+    second = image[MARGINS[1] + 24 + 26 + 2]  # no wins: the second bar starts grey
+    assert has_color(second[edges[1][0] + 1:edges[1][0] + 4][None], WIN_TIE_LOSE["tie"])
+    assert not has_color(second[:, None], WIN_TIE_LOSE["win"])

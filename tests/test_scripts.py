@@ -255,3 +255,24 @@ def test_qtune_on_curated_shards_holds_out_and_resumes_bitwise(world, tmp_path):
     _, _, names = first_samples(shards, 4, 32)
     assert names == [f"{shards[0]}:{key}" for key in sorted(p.stem for p in curated.glob("*.png"))[:4]]
     assert len(list(ShardDataset(shards, 32, exclude=names))) == 30 - 4
+
+
+def test_qtune_checks_on_a_separate_folder_and_repeats_a_set_smaller_than_the_batch(world, tmp_path):
+    """--heldout-data: every image of --data is trained on and the other folder checks early stopping;
+    3 training images fill batches of 8 with repeats instead of shrinking the batch."""
+    w, _ = world
+    keys = sorted(p.stem for p in (w / "haystack").glob("*.png"))
+    for folder, some in (("train", keys[:3]), ("check", keys[3:5])):
+        (tmp_path / folder).mkdir()
+        for key in some:
+            for ext in ("png", "txt", "json"):
+                shutil.copy(w / "haystack" / f"{key}.{ext}", tmp_path / folder)
+    out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", str(tmp_path / "train"), "--curate-top", "0",
+              "--heldout-data", str(tmp_path / "check"), "--bs", "8", "--iters", "2", "--eval-every", "1", "--out", f"{tmp_path}/qt")
+    assert "training data: 3 images" in out and "3 training images for batch size 8: each batch repeats them" in out
+    assert Image.open(f"{tmp_path}/qt/samples/iter-000002.png").size == (2 * 32, 32)  # the check set's 2 captions
+    checks = [r for r in read_metrics(f"{tmp_path}/qt/metrics.jsonl") if "heldout" in r]
+    assert [r["iter"] for r in checks] == [0, 1, 2] and checks[0]["heldout"] == checks[0]["best"]
+    proc = subprocess.run([sys.executable, "qtune.py", "--curate-top", "0", "--heldout-data", f"{tmp_path}/nope"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip() == f"error: --heldout-data {tmp_path}/nope: folder not found"
