@@ -50,6 +50,27 @@ def sample_noise(x, offset=0.0, generator=None):
     return noise
 
 
+def dynamic_threshold(x0, percentile=0.995):
+    """Imagen's dynamic thresholding (Saharia et al. 2022) of an x0 estimate, image by image.
+
+    s is the `percentile` quantile of |x0| over each image's values, at least 1; x0 is clamped to
+    [-s, s] and divided by s. An image already within [-1, 1] is unchanged; one that overshoots is
+    pulled back into [-1, 1] instead of saturating, which lets large guidance scales work.
+
+    :param x0: (B, ...) estimate of the clean image.
+    :param percentile: in [0, 1]; Imagen uses 0.995.
+    :return: x0's shape, within [-1, 1].
+    """
+    a = x0.abs().flatten(1).float().sort(dim=1).values  # (B, N)
+    # the quantile with linear interpolation, as torch.quantile (which refuses inputs over 2^24 values)
+    pos = percentile * (a.shape[1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, a.shape[1] - 1)
+    s = (a[:, lo] + (pos - lo) * (a[:, hi] - a[:, lo])).clamp(min=1.0)  # (B,)
+    s = s.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return x0.clamp(-s, s) / s
+
+
 class GaussianDiffusion:
     """Holds the schedule and does the maths: q_sample, the loss, and the sampling steps."""
 
@@ -135,12 +156,15 @@ class GaussianDiffusion:
         return torch.cat([ts, torch.tensor([-1])])
 
     @torch.no_grad()
-    def sample(self, model_fn, noise, steps=50, sampler="ddim", eta=0.0, generator=None, clip_x0=None):
+    def sample(self, model_fn, noise, steps=50, sampler="ddim", eta=0.0, generator=None, clip_x0=None,
+               threshold_percentile=None):
         """Run the reverse process from `noise` (B, C, H, W) and return the final x_0.
 
         :param model_fn: called as model_fn(x_t, t) -> model output (guidance already applied).
         :param sampler: "ddim" (with `eta`) or "ddpm" (ancestral).
         :param clip_x0: clamp the x0 estimate to [-clip_x0, clip_x0] at every step (None: off).
+        :param threshold_percentile: dynamically threshold the x0 estimate at every step with this
+            percentile (dynamic_threshold; Imagen's 0.995), for data in [-1, 1] such as pixels (None: off).
         """
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r} (choose ddim or ddpm)")
@@ -152,6 +176,8 @@ class GaussianDiffusion:
             x0, eps = self.predict_x0_eps(model_fn(x, t), x, t)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
+            if threshold_percentile is not None:
+                x0 = dynamic_threshold(x0, threshold_percentile)
             if sampler == "ddpm":
                 x = self.ddpm_step(x0, x, t, s, generator)
             else:
@@ -159,14 +185,18 @@ class GaussianDiffusion:
         return x
 
 
-def classifier_free_guidance(model, x, t, text, uncond, scale):
+def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None):
     """Guided model output: out_uncond + scale * (out_cond - out_uncond), in one batched call.
 
     :param text: the prompts' TextEmbedding (B rows); uncond: the empty prompt's (B rows).
     :param scale: 1.0 is plain conditional sampling; larger trades diversity for faithfulness.
+    :param model_kwargs: other inputs of the model, each with B rows and the same in both halves
+        (a super-resolution model's low-resolution image and its augmentation level).
     """
+    model_kwargs = model_kwargs or {}
     if scale == 1.0:
-        return model(x, t, text)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), TextEmbedding.cat([text, uncond]))
+        return model(x, t, text, **model_kwargs)
+    both = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
+    out = model(torch.cat([x, x]), torch.cat([t, t]), TextEmbedding.cat([text, uncond]), **both)
     cond, unc = out.chunk(2)
     return unc + scale * (cond - unc)

@@ -88,6 +88,7 @@ def plot_curves(path, series, title="", x_label="step", log_y=False, size=(640, 
     text((width / 2, top / 2), title, "mm")
     text(((left + right) / 2, height - 4), x_label, "md")
 
+    traced = []  # points along every drawn line, to keep the legend off them
     if not drawn:
         draw.rectangle([left, top, right, bottom], outline=INK)
         text(((left + right) / 2, (top + bottom) / 2), "no data yet", "mm")
@@ -127,19 +128,27 @@ def plot_curves(path, series, title="", x_label="step", log_y=False, size=(640, 
                     runs.append(run)
                     run = []
             for run in runs:
+                traced += [(ax + (bx - ax) * k / 16, ay + (by - ay) * k / 16)
+                           for (ax, ay), (bx, by) in zip(run, run[1:] + run[-1:]) for k in range(16)]
                 if len(run) == 1:
                     (px, py), = run
                     draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
                 else:
                     draw.line(run, fill=color, width=2, joint="curve")
 
-    # legend in the top-right corner of the plot area, over a background box so the grid doesn't cross it
+    # the legend, over a background box so the grid doesn't cross it, in the corner of the plot area that
+    # hides the least of the lines: top-right unless the lines pass there
     if series:
         line_h = 14
         names = [str(name) for name in series]
         box_w = 28 + max(draw.textlength(name, font=font) for name in names)
-        bx, by = right - box_w - 6, top + 6
-        draw.rectangle([bx, by, bx + box_w, by + line_h * len(names) + 4], fill=BACKGROUND, outline=GRID)
+        box_h = line_h * len(names) + 4
+        corners = [(right - box_w - 6, top + 6), (right - box_w - 6, bottom - box_h - 6), (left + 6, top + 6),
+                   (left + 6, bottom - box_h - 6)]
+        hidden = [sum(cx - 3 <= x <= cx + box_w + 3 and cy - 3 <= y <= cy + box_h + 3 for x, y in traced)
+                  for cx, cy in corners]
+        bx, by = corners[hidden.index(min(hidden))]
+        draw.rectangle([bx, by, bx + box_w, by + box_h], fill=BACKGROUND, outline=GRID)
         for i, name in enumerate(names):
             cy = by + 2 + line_h * i + line_h / 2
             draw.line([(bx + 4, cy), (bx + 20, cy)], fill=COLORS[i % len(COLORS)], width=3)
@@ -186,7 +195,8 @@ def plot_win_rates(path, rows, title="", size=(640, None)):
                 draw.rectangle([round(a), y0, round(b) - 1, y1], fill=color)
             share = f"{rates[name]:.0f}%"
             if b - a > draw.textlength(share, font=font) + 4:
-                draw.text(((a + b) / 2, (y0 + y1) / 2), share, fill=INK, font=font, anchor="mm")
+                draw.text(((a + b) / 2, (y0 + y1) / 2), share, fill=BACKGROUND if name == "win" else INK, font=font,
+                          anchor="mm")
         edges.append(tuple(round(x) for x in xs))
     save_png(path, np.asarray(image))
     return edges

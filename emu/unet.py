@@ -12,6 +12,14 @@ Conditioning (emu_paper.txt, section 3.1: CLIP ViT-L and T5-XXL text embeddings)
   * the timestep embedding, plus the pooled CLIP text embedding, drives every ResBlock (FiLM);
   * the token embeddings of both towers, each projected to `context_dim` and concatenated along
     the sequence (with their padding masks), are the keys/values of every cross-attention layer.
+
+The same network, configured, is also an Imagen-like pixel diffusion model (emu/pixel.py):
+  * `t5_only`: condition on the T5 tokens alone, as Imagen does; the pooled vector added to the
+    timestep embedding is then the mean of the T5 tokens;
+  * `cond_channels`: an image concatenated to the input on the channels (a super-resolution model's
+    upsampled low-resolution image);
+  * `aug_embedding`: the noise-augmentation level of that image, embedded like the timestep and added
+    to the timestep embedding.
 """
 from dataclasses import dataclass
 
@@ -37,6 +45,9 @@ class UNetConfig:
     t5_dim: int = 64               # T5 token width (4096 for T5-XXL)
     pooled_dim: int = 64           # pooled CLIP embedding width (768 for ViT-L/14)
     dropout: float = 0.0
+    t5_only: bool = False          # cross-attend to T5 tokens alone, pool them instead of CLIP's vector (Imagen)
+    cond_channels: int = 0         # channels of an image concatenated to the input (super-resolution)
+    aug_embedding: bool = False    # embed a noise-augmentation level next to the timestep (super-resolution)
 
 
 PRESETS = {
@@ -123,11 +134,13 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch = cfg.model_channels
         emb_dim = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim)
-        self.clip_proj = nn.Linear(cfg.clip_dim, cfg.context_dim)
+        embedding_mlp = lambda: nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = embedding_mlp()
+        self.aug_mlp = embedding_mlp() if cfg.aug_embedding else None  # the augmentation level, embedded alike
+        self.pooled_proj = nn.Linear(cfg.t5_dim if cfg.t5_only else cfg.pooled_dim, emb_dim)
+        self.clip_proj = None if cfg.t5_only else nn.Linear(cfg.clip_dim, cfg.context_dim)
         self.t5_proj = nn.Linear(cfg.t5_dim, cfg.context_dim)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
 
         self.down, skip_chs = nn.ModuleList(), [ch]
         for level, mult in enumerate(cfg.channel_mult):
@@ -160,20 +173,39 @@ class UNet(nn.Module):
             return checkpoint(stage, h, emb, context, context_mask, use_reentrant=False)
         return stage(h, emb, context, context_mask)
 
-    def forward(self, x, t, text):
-        """Predict the noise (or v) in `x`.
+    def text_conditioning(self, text):
+        """The pooled vector for the timestep embedding and the cross-attention context with its mask.
 
-        :param x: (B, C, H, W) noisy latents.
-        :param t: (B,) timesteps.
-        :param text: an emu.text.TextEmbedding for the batch.
-        :return: (B, C, H, W)
+        :return: pooled (B, E), context (B, L, ctx), context_mask (B, L) with L = Lc + Lt, or Lt if t5_only.
         """
         text = text.without_padding()
-        emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + self.pooled_proj(text.pooled)  # (B, E)
+        if self.cfg.t5_only:
+            mask = text.t5_mask[:, :, None].to(text.t5.dtype)  # (B, Lt, 1)
+            pooled = (text.t5 * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, Dt) mean of the real tokens
+            return self.pooled_proj(pooled), self.t5_proj(text.t5), text.t5_mask
         context = torch.cat([self.clip_proj(text.clip), self.t5_proj(text.t5)], dim=1)  # (B, Lc + Lt, ctx)
         context_mask = torch.cat([text.clip_mask, text.t5_mask], dim=1)  # (B, Lc + Lt)
+        return self.pooled_proj(text.pooled), context, context_mask
 
-        h = self.conv_in(x)
+    def forward(self, x, t, text, cond=None, t_aug=None):
+        """Predict the noise (or v) in `x`.
+
+        :param x: (B, C, H, W) noisy latents (or pixels).
+        :param t: (B,) timesteps.
+        :param text: an emu.text.TextEmbedding for the batch.
+        :param cond: (B, cond_channels, H, W) image concatenated to x; only with cfg.cond_channels.
+        :param t_aug: (B,) timesteps of the noise augmentation `cond` went through; only with cfg.aug_embedding.
+        :return: (B, C, H, W)
+        """
+        if (cond is not None) != (self.cfg.cond_channels > 0) or (t_aug is not None) != self.cfg.aug_embedding:
+            raise ValueError("pass `cond` if and only if cfg.cond_channels > 0, "
+                             "and `t_aug` if and only if cfg.aug_embedding")
+        pooled, context, context_mask = self.text_conditioning(text)
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + pooled  # (B, E)
+        if self.aug_mlp is not None:
+            emb = emb + self.aug_mlp(timestep_embedding(t_aug, self.cfg.model_channels))
+
+        h = self.conv_in(x if cond is None else torch.cat([x, cond], dim=1))  # (B, ch, H, W)
         skips = [h]
         for layer in self.down:
             h = layer(h) if isinstance(layer, Downsample) else self.run_stage(layer, h, emb, context, context_mask)

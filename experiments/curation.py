@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.judges import appeal_score  # noqa: E402
-from common import run  # noqa: E402  (experiments/common.py)
+from common import run, write_results  # noqa: E402  (experiments/common.py)
 
 
 def parse_args(argv=None):
@@ -96,9 +96,7 @@ def main(args):
             cells = " | ".join(f"{s[k]:.1f}% [{s['ci'][k][0]:.1f}, {s['ci'][k][1]:.1f}]" for k in ("win", "tie", "lose"))
             lines.append(f"| tuned on {a} vs {b if b == 'pretrained' else 'tuned on ' + b} | {task} | {cells} |")
     lines += ["", f"Funnel summary ({funnel}/summary.md):", "", open(os.path.join(funnel, "summary.md")).read()]
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_results(args.out, lines)
 
 
 if __name__ == "__main__":

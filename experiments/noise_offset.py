@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.plot import plot_curves  # noqa: E402
-from common import run  # noqa: E402  (experiments/common.py)
+from common import fresh_out, run, write_results  # noqa: E402  (experiments/common.py)
 
 
 def parse_args(argv=None):
@@ -66,8 +66,7 @@ def histogram(values, bins):
 
 
 def main(args):
-    if os.path.exists(args.out):
-        raise SystemExit(f"{args.out}: already exists; remove it or give another --out")
+    fresh_out(args.out)
     sets = {}
     for name, offset in (("no offset", 0.0), (f"offset {args.offset:g}", args.offset)):
         tag = "offset-" + f"{offset:g}"
@@ -93,9 +92,7 @@ def main(args):
                 title="mean brightness of each image (fraction per bin)", x_label="brightness")
     plot_curves(os.path.join(args.out, "contrast.png"), {k: histogram(s[:, 1], 20) for k, s in sets.items()},
                 title="contrast of each image (fraction per bin)", x_label="contrast")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, lines)
     print(f"wrote {args.out}/results.md, brightness.png and contrast.png")
 
 

@@ -6,6 +6,7 @@ concepts"; it stops at 15K iterations at most "despite the loss still decreasing
 project's own scripts:
 
   1. the funnel's curated set split into a check set and the training set, as qtune.py does
+     (--train-size keeps a random part of the training set: a smaller set overfits sooner)
   2. one qtune.py run with early stopping turned off, in segments that end at each --milestones
      iteration (each segment resumes the last exactly, so they are one unbroken run); the EMA
      checkpoint at each milestone is kept
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--milestones", default="150,300,600,1200",
                    help="iterations at which the model is kept and evaluated (the toy cap is 150)")
     p.add_argument("--patience", type=int, default=4, help="the early-stopping rule to report: checks without improvement")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="tune on only this many of the curated training images (default: all; few overfit sooner)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, quality-tuning and evaluation")
     return p.parse_args(argv)
 
@@ -65,6 +68,7 @@ def main(args):
     milestones = sorted(int(m) for m in args.milestones.split(","))
     fresh_out(args.out)
     pool, heldout = split_curated(args.curated, args.heldout, args.seed, args.out)
+    pool = pool[:args.train_size]  # a random subset: the pool comes in a seeded random order
     train = copy_examples(args.curated, pool, os.path.join(args.out, "train"))
     prompt_sets = {"held-out prompts": os.path.join(args.out, "prompts-heldout.tsv"),
                    "training captions": os.path.join(args.out, "prompts-train.tsv")}

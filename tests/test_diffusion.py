@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emu.diffusion import GaussianDiffusion, classifier_free_guidance, make_betas, sample_noise
+from emu.diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, make_betas, sample_noise
 from emu.text import TextEmbedding
 
 
@@ -109,3 +109,82 @@ def test_classifier_free_guidance_combines_conditional_and_unconditional():
     assert torch.allclose(out, torch.full_like(out, 1.0 + 4.0 * (3.0 - 1.0)))
     assert calls == [4]  # conditional and unconditional in one batched call
     assert torch.allclose(classifier_free_guidance(model, x, t, cond, uncond, scale=1.0), torch.full_like(out, 3.0))
+
+
+def test_dynamic_threshold_leaves_an_image_within_range_unchanged():
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert torch.equal(dynamic_threshold(x0), x0)
+
+
+def test_dynamic_threshold_maps_the_percentile_to_one_image_by_image():
+    inside = torch.linspace(-0.9, 0.9, 100)
+    outside = torch.arange(1, 101) / 10.0  # 0.1 .. 10.0: the median of |x| is 5.05
+    x0 = torch.stack([inside, outside]).view(2, 1, 10, 10)
+    out = dynamic_threshold(x0, percentile=0.5)
+    assert torch.equal(out[0], x0[0])  # per image: the outlier image does not rescale its neighbour
+    expected = outside.clamp(max=5.05) / 5.05
+    torch.testing.assert_close(out[1].flatten(), expected)
+    assert out.abs().max() <= 1
+    # on random data, the percentile is torch.quantile's
+    x0 = 4 * torch.randn(3, 3, 8, 8)
+    s = torch.quantile(x0.abs().flatten(1), 0.995, dim=1).clamp(min=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(dynamic_threshold(x0), x0.clamp(-s, s) / s)
+    assert dynamic_threshold(x0).abs().amax(dim=(1, 2, 3)).tolist() == [1.0] * 3  # the top 0.5% all map to +-1
+
+
+def _reference_sample(d, model_fn, noise, steps, sampler, eta, generator):
+    """The sampler as a plain loop of predict and step, as it was before thresholding options."""
+    x, ts = noise, d.timesteps(steps)
+    for t_now, t_next in zip(ts[:-1], ts[1:]):
+        t, s = t_now.expand(len(x)), t_next.expand(len(x))
+        x0, eps = d.predict_x0_eps(model_fn(x, t), x, t)
+        x = d.ddpm_step(x0, x, t, s, generator) if sampler == "ddpm" else d.ddim_step(x0, eps, x, t, s, eta, generator)
+    return x
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_without_thresholding_is_bitwise_the_plain_loop(sampler):
+    d = GaussianDiffusion("scaled_linear", 1000, "eps")
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    model_fn = lambda x, t: torch.tanh(x @ w) * (1 + t[:, None] / 1000)  # an arbitrary fixed "model"
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    out = d.sample(model_fn, noise, steps=6, sampler=sampler, eta=0.5, generator=torch.Generator().manual_seed(2))
+    ref = _reference_sample(d, model_fn, noise, 6, sampler, 0.5, torch.Generator().manual_seed(2))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampler_thresholds_dynamically_only_when_estimates_leave_the_range(sampler):
+    d = GaussianDiffusion("cosine", 1000, "eps")
+
+    def oracle_for(target):
+        def oracle(x, t):
+            ab = d._ab(t, x)
+            return (x - ab.sqrt() * target) / (1 - ab).sqrt()
+        return oracle
+
+    noise = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda target, **kw: d.sample(oracle_for(target), noise, steps=10, sampler=sampler,
+                                        generator=torch.Generator().manual_seed(1), **kw)
+    inside = torch.tensor([[0.7, -0.9, 0.3, 0.0]])
+    assert torch.equal(run(inside, threshold_percentile=0.995), run(inside))
+    outside = torch.tensor([[3.0, -1.5, 0.3, 0.0]])
+    assert torch.allclose(run(outside), outside.expand(6, 4), atol=1e-3)
+    thresholded = run(outside, threshold_percentile=0.995)
+    assert torch.allclose(thresholded, dynamic_threshold(outside, 0.995).expand(6, 4), atol=1e-3)
+    assert thresholded.abs().max() <= 1 + 1e-4
+
+
+def test_classifier_free_guidance_passes_model_kwargs_to_both_halves():
+    seen = []
+
+    def model(x, t, text, cond):
+        seen.append(cond.clone())
+        return x + cond + text.pooled[:, :1, None, None]
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    cond = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
+    out = classifier_free_guidance(model, x, t, _text(2, 3.0), _text(2, 1.0), scale=4.0, model_kwargs={"cond": cond})
+    assert torch.equal(seen[0], torch.cat([cond, cond]))
+    assert torch.allclose(out, cond + 1.0 + 4.0 * (3.0 - 1.0))
+    assert torch.allclose(classifier_free_guidance(model, x, t, _text(2, 3.0), None, 1.0, {"cond": cond}), cond + 3.0)

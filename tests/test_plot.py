@@ -185,3 +185,14 @@ def test_win_rate_bars_are_split_in_proportion_to_the_rates(tmp_path):
     second = image[MARGINS[1] + 24 + 26 + 2]  # no wins: the second bar starts grey
     assert has_color(second[edges[1][0] + 1:edges[1][0] + 4][None], WIN_TIE_LOSE["tie"])
     assert not has_color(second[:, None], WIN_TIE_LOSE["win"])
+
+
+def test_legend_moves_to_the_corner_the_lines_leave_free(tmp_path):
+    rising = {"up": [(0, 0.0), (1, 1.0)], "up too": [(0, 0.1), (1, 0.9)]}  # the lines end top-right
+    plot_curves(tmp_path / "rising.png", rising)
+    area = plot_area(read_rgb(tmp_path / "rising.png"))
+    h, w = area.shape[:2]
+    bottom_right, top_left = area[-h // 5:, -w // 4:], area[:h // 5, :w // 4]
+    # the swatches are in the bottom-right corner, where no line passes; the top-left has none of them
+    assert has_color(bottom_right, COLORS[0]) and has_color(bottom_right, COLORS[1])
+    assert not has_color(top_left, COLORS[0])

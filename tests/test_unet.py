@@ -1,10 +1,13 @@
 import dataclasses
+import hashlib
 from unittest import mock
 
+import pytest
 import torch
 
+from emu.nn import ResBlock
 from emu.text import TextEmbedding
-from emu.unet import PRESETS, UNet, count_parameters
+from emu.unet import PRESETS, SpatialTransformer, UNet, UNetConfig, count_parameters
 
 
 def random_text(batch, cfg, lengths=(5, 7), seed=0):
@@ -74,3 +77,61 @@ def test_non_square_latents_and_other_channel_counts():
 def test_emu_preset_builds_on_meta_device_with_about_2_8b_parameters():
     n = count_parameters(PRESETS["emu"])
     assert 2.7e9 < n < 2.9e9, n
+
+
+def state_dict_fingerprint(cfg):
+    """sha256 of every state-dict key with its shape, in order, for UNet(cfg) built on the meta device."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    listing = "\n".join(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items())
+    return len(model.state_dict()), hashlib.sha256(listing.encode()).hexdigest()
+
+
+def test_default_config_builds_the_same_parameters_as_before_the_pixel_options():
+    # Checkpoints store unet_config as a dict of the fields they knew and are rebuilt with
+    # UNetConfig(**dict): the fields added since (t5_only, cond_channels, aug_embedding) must default
+    # to the model those checkpoints hold. The fingerprints were taken before those fields existed.
+    assert state_dict_fingerprint(UNetConfig()) == (
+        214, "25a86e7929e85a95b91d4af3057dd26d43a89d67afdae04b3cdfaccf36c17e36")
+    assert count_parameters(UNetConfig()) == 2_429_904
+    assert state_dict_fingerprint(PRESETS["emu"]) == (
+        1376, "ff56dbf7bd169c98149d3398b9cd2e8d33c98597b11efbde0739f33afab7bf93")
+    assert count_parameters(PRESETS["emu"]) == 2_797_888_528
+
+
+def test_t5_only_ignores_clip_and_pools_the_real_t5_tokens():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["toy"], t5_only=True)
+    unet = UNet(cfg)
+    assert not any(name.startswith("clip_proj") for name, _ in unet.named_parameters())
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    for block in unet.modules():
+        if isinstance(block, ResBlock):  # so the pooled vector in the timestep embedding shows in the output
+            torch.nn.init.normal_(block.conv2.weight, std=0.02)
+    x, t = torch.randn(2, 16, 8, 8), torch.tensor([100, 700])
+    text = random_text(2, cfg)
+    base = unet(x, t, text)
+    no_clip = dataclasses.replace(text, clip=torch.randn_like(text.clip), clip_mask=torch.zeros_like(text.clip_mask),
+                                  pooled=torch.randn_like(text.pooled))
+    assert torch.equal(unet(x, t, no_clip), base)
+    padded = dataclasses.replace(text, t5=text.t5.clone())
+    padded.t5[~text.t5_mask] = 99.0  # only padding changes: neither the attention nor the mean sees it
+    torch.testing.assert_close(unet(x, t, padded), base, atol=1e-5, rtol=1e-5)
+    assert (unet(x, t, random_text(2, cfg, seed=1)) - base).abs().max() > 1e-3
+    with mock.patch.object(SpatialTransformer, "forward", lambda self, x, context, mask: x):
+        # without cross-attention the T5 tokens still reach the output, through their mean
+        assert (unet(x, t, random_text(2, cfg, seed=1)) - unet(x, t, text)).abs().max() > 1e-3
+
+
+def test_conditioning_image_and_augmentation_level_are_extra_inputs():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["toy"], in_channels=3, cond_channels=3, aug_embedding=True)
+    unet = UNet(cfg)
+    assert unet.conv_in.in_channels == 6 and unet.conv_out.out_channels == 3
+    x, t, text, cond = torch.randn(2, 3, 8, 8), torch.tensor([5, 900]), random_text(2, cfg), torch.randn(2, 3, 8, 8)
+    assert unet(x, t, text, cond=cond, t_aug=torch.tensor([0, 0])).shape == x.shape
+    with pytest.raises(ValueError, match="t_aug"):
+        unet(x, t, text, cond=cond)
+    with pytest.raises(ValueError, match="cond"):
+        latent_unet = UNet(PRESETS["toy"])
+        latent_unet(torch.randn(1, 16, 8, 8), t[:1], random_text(1, PRESETS["toy"], lengths=(4,)), cond=cond[:1])
