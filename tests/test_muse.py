@@ -16,14 +16,7 @@ from emu.text import TextEmbedding
 from emu.toyworld import make_haystack
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions run fastest on one thread, and on a busy two-core machine two OpenMP
-    # threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_vq(**overrides):

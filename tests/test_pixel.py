@@ -13,14 +13,7 @@ from emu.toyworld import make_example
 from emu.unet import SpatialTransformer, UNet, count_parameters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions run fastest on one thread, and on a busy two-core machine two OpenMP
-    # threads mostly wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def t5_text(batch, dim=64, length=6, seed=0):
