@@ -29,7 +29,7 @@ from emu.judges import appeal_score
 from emu.pipeline import diffusion_from_args, load_frozen_parts, read_training_checkpoint, sample_grid, unet_from_checkpoint
 from emu.plot import plot_metrics
 from emu.shards import ShardDataset, first_samples
-from emu.training import (add_training_flags, count_bad_step, make_ema, make_optimizer, open_training_data, resume_path,
+from emu.training import (add_training_flags, count_bad_step, early_stopping, make_ema, make_optimizer, open_training_data, resume_path,
                           resume_training_state, save_rolling, save_training_state, shard_paths, too_many_bad_steps, train_step,
                           training_batches, update_ema, warmup_schedule)
 
@@ -98,34 +98,33 @@ def needles(args):
     needles check early stopping and are never trained on, unless --heldout-data gives the check set.
     """
     field = args.caption_field or None
-    own_check = not args.heldout_data  # the check set is cut from --data
+    holdout = 0 if args.heldout_data else args.holdout  # a separate check set: nothing of --data is held out
     if args.curate_top:
         keys, report = curate(args.data, args.image_size, args.curate_top, field)
         with open(os.path.join(args.out, "curated.json"), "w") as f:
             json.dump(report, f, indent=1)
         print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
               + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
-        heldout = keys[:args.holdout] if own_check else []  # the best few: a check set that looks like what the model should make
+        heldout = keys[:holdout]  # the best few: a check set that looks like what the model should make
     elif shard_paths(args.data):
-        if own_check:  # the first --holdout usable samples of the shards
-            images, captions, heldout = first_samples(shard_paths(args.data), args.holdout, args.image_size, field)
-            return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
-        return (open_training_data(args.data, args.image_size, args, SINGLE, field),
-                *check_set(args.heldout_data, None, args.image_size, field))
+        if args.heldout_data:
+            return (open_training_data(args.data, args.image_size, args, SINGLE, field),
+                    *check_set(args.heldout_data, None, args.image_size, field))
+        # the first --holdout usable samples of the shards
+        images, captions, heldout = first_samples(shard_paths(args.data), holdout, args.image_size, field)
+        return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
     else:  # a seeded random --holdout of the folder's images
         keys = open_training_data(args.data, args.image_size, args, SINGLE).keys
-        heldout = random.Random(args.seed).sample(keys, min(args.holdout, len(keys))) if own_check else []
+        heldout = random.Random(args.seed).sample(keys, min(holdout, len(keys)))
     train = ImageCaptionFolder(args.data, args.image_size, keys=[k for k in keys if k not in set(heldout)],
                                caption_field=field, skip_bad=True)
-    check = check_set(args.data, heldout, args.image_size, field) if own_check else \
-        check_set(args.heldout_data, None, args.image_size, field)
-    return (train, *check)
+    if args.heldout_data:
+        return (train, *check_set(args.heldout_data, None, args.image_size, field))
+    return (train, *check_set(args.data, heldout, args.image_size, field))
 
 
 def check_set(folder, keys, image_size, field):
     """The usable images of `keys` in `folder` (all of its images when keys is None), and their captions."""
-    if shard_paths(folder) and keys is None:
-        raise EmuError(f"--heldout-data {folder}: must be a folder of image + caption pairs, not tar shards")
     check = ImageCaptionFolder(folder, image_size, keys=keys, caption_field=field, skip_bad=True)
     images = check.load_all()  # the usable ones: line their captions up with them
     captions = [c for i, c in enumerate(check.captions) if i not in check.skipped]
@@ -155,6 +154,8 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     if args.heldout_data and not os.path.isdir(args.heldout_data):  # before any model is loaded
         raise EmuError(f"--heldout-data {args.heldout_data}: folder not found")
+    if args.heldout_data and shard_paths(args.heldout_data):
+        raise EmuError(f"--heldout-data {args.heldout_data}: must be a folder of image + caption pairs, not tar shards")
 
     # the pretrained model and the frozen parts it was trained with
     pre = read_training_checkpoint(args.pretrained)
@@ -221,8 +222,8 @@ def main(args):
             samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), ema, ae, text_encoder,
                                   diffusion, args.image_size, check_captions)
             appeal = float(appeal_score(samples).mean())
-            improved = check < stop["best"]
-            stop = {"best": check, "best_step": step, "bad": 0} if improved else {**stop, "bad": stop["bad"] + 1}
+            stop = early_stopping(stop, step, check)
+            improved = stop["bad"] == 0
             print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}"
                   f"{'  *best' if improved else ''}  appeal {appeal:.3f}  {seconds:.3f}s/iter")
             append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],

@@ -325,6 +325,15 @@ def stage_at(stages, step):
     return len(stages), start
 
 
+def early_stopping(stop, step, loss):
+    """The early-stopping state after a held-out check at `step` with `loss`: {"best": lowest loss so far,
+    "best_step": where, "bad": checks in a row since then without a lower loss}. A run stops once "bad"
+    reaches its patience."""
+    if loss < stop["best"]:
+        return {"best": loss, "best_step": step, "bad": 0}
+    return {**stop, "bad": stop["bad"] + 1}
+
+
 def count_bad_step(loss, bad):
     """The counts {"in_a_row", "total"} of skipped steps after a train_step that returned `loss`."""
     if loss is not None:

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.pairwise import RATES, summarize_outcomes  # noqa: E402
-from emu.study import open_study, study_report  # noqa: E402
+from emu.study import TASKS, open_study, study_report  # noqa: E402
 from emu.toyworld import ATTRIBUTES, BACKGROUNDS, COLORS, POSITIONS, SHAPES, Scene, caption  # noqa: E402
 
 # The paper's pairwise results (emu_paper.txt, section 4.2, Figure 6, PartiPrompts): Emu vs its pretrained model.
@@ -133,11 +133,14 @@ def evaluate(args, a, b, names, prompts, out, seed):
     run("eval_pairs.py", "--a", a, "--b", b, "--name-a", names[0], "--name-b", names[1], "--prompts", prompts,
         "--seed", 1000 * seed, "--rater-seed", seed, "--steps", args.sample_steps, "--n-boot", args.n_boot,
         *judge, "--out", out)
-    with closing(open_study(out)) as conn:
-        report = study_report(conn, "judge", n_boot=10)
-    names_by_task = {"appeal": "visual appeal", "faithfulness": "text faithfulness"}
-    return {names_by_task[task]: np.array([o for _, o in sorted(outcomes.items())])
-            for task, outcomes in report["outcomes"].items()}
+    return judge_outcomes(out)
+
+
+def judge_outcomes(study):
+    """{task name ("visual appeal", ...): (n_prompts,) majority outcomes in prompt order} of a study's judges."""
+    with closing(open_study(study)) as conn:
+        outcomes = study_report(conn, "judge", n_boot=1)["outcomes"]
+    return {TASKS[task].name: np.array([o for _, o in sorted(by_pair.items())]) for task, by_pair in outcomes.items()}
 
 
 def pooled(outcomes_by_seed, n_boot, seed=0):

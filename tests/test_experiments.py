@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import closing
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ import common  # noqa: E402
 import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
 from emu.pairwise import summarize_outcomes  # noqa: E402
-from emu.study import open_study, study_report  # noqa: E402
 from emu.toyworld import parse_caption  # noqa: E402
 
 
@@ -195,12 +193,6 @@ def test_early_stop_point_follows_qtunes_patience_rule():
     assert qtune_overfitting.early_stop_point(losses, 1) == (50, 25)
 
 
-def study_outcomes(folder):
-    with closing(open_study(str(folder))) as conn:
-        outcomes = study_report(conn, "judge", n_boot=10)["outcomes"]
-    return {task: np.array([o for _, o in sorted(v.items())]) for task, v in outcomes.items()}
-
-
 def test_qtune_vs_pretrained_pools_its_seeds(tuning_world, tmp_path):
     w, flags = tuning_world
     out = tmp_path / "exp"
@@ -211,8 +203,8 @@ def test_qtune_vs_pretrained_pools_its_seeds(tuning_world, tmp_path):
         assert len(train) == 44 and not train & set(os.listdir(out / f"seed-{seed}/heldout"))
         assert f"| {seed} | visual appeal |" in table and f"| {seed} | text faithfulness |" in table
     assert set(os.listdir(out / "seed-0/heldout")) != set(os.listdir(out / "seed-1/heldout"))
-    by_seed = [study_outcomes(out / f"seed-{seed}/eval") for seed in (0, 1)]
-    pooled = summarize_outcomes(np.stack([o["appeal"] for o in by_seed], axis=1), n_boot=50)
+    by_seed = [common.judge_outcomes(out / f"seed-{seed}/eval") for seed in (0, 1)]
+    pooled = summarize_outcomes(np.stack([o["visual appeal"] for o in by_seed], axis=1), n_boot=50)
     assert (f"| all 2 pooled (8 pairs) | visual appeal | {pooled['win']:.1f}% [{pooled['ci']['win'][0]:.1f}, "
             f"{pooled['ci']['win'][1]:.1f}] |") in table
     assert "| paper (PartiPrompts) | visual appeal | 82.9% | 1.7% | 15.4% |" in table
@@ -231,7 +223,7 @@ def test_qtune_set_size_tunes_nested_subsets_against_a_stand_in(tuning_world, tm
     assert not set(large) & set(os.listdir(out / "heldout"))
     assert torch.load(out / "seed-0/qtune-2/ckpt.pt", weights_only=True)["step"] == 2  # 2 images, batches of 4
     table = (out / "results.md").read_text()
-    none = summarize_outcomes(study_outcomes(out / "seed-0/eval-none")["appeal"][:, None], n_boot=50)
+    none = summarize_outcomes(common.judge_outcomes(out / "seed-0/eval-none")["visual appeal"][:, None], n_boot=50)
     assert f"| none (pretrained) | 0 | visual appeal | {none['win']:.1f}% [" in table and "| none: 24.8% |" in table
     assert "| 5% of the pool | 2 | visual appeal |" in table and "| 100: 60.3% |" in table
     assert "| 100% of the pool | 44 | visual appeal |" in table and "| 2000: 67.0% |" in table
