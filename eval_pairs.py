@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from emu import EmuError
+from emu.arch import ARCHS
 from emu.data import make_grid, read_prompts, save_png, to_uint8
 from emu.judges import AppealJudge, FaithfulnessJudge, load_classifier, save_classifier, train_attribute_classifier
 from emu.pairwise import A, B, BOTH, NEITHER, RATES, TIE, to_markdown
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     g = sub.add_parser("generate", help="both models' images for every prompt, and the judges' votes (the default)")
     g.add_argument("--a", default="runs/qtune/best.pt", help="checkpoint of model A (the one whose win rate is reported)")
     g.add_argument("--b", default="runs/pretrain/ckpt.pt", help="checkpoint of model B (the baseline)")
+    g.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                   help="the architecture both checkpoints must hold (default: any; each is read from its checkpoint)")
     g.add_argument("--name-a", default="quality-tuned", help="display name of model A")
     g.add_argument("--name-b", default="pretrained", help="display name of model B")
     g.add_argument("--prompts", default="data/prompts/toy.tsv", help="prompt file: PartiPrompts-style .tsv or one prompt per line")
@@ -113,7 +116,7 @@ def generate(args):
     # both sides from the same prompts and seeds
     images = {}
     for side, path in (("a", args.a), ("b", args.b)):
-        model = TextToImage.from_checkpoint(path, device=args.device)
+        model = TextToImage.from_checkpoint(path, device=args.device, arch=args.arch)
         print(f"generating {len(texts)} images with {path}")
         images[side] = to_uint8(model.generate(texts, seeds, args.cfg, args.steps, args.sampler))
         for i, image in enumerate(images[side]):

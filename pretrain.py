@@ -1,4 +1,4 @@
-"""Pretrain the latent diffusion U-Net on a large, mediocre "haystack" of image-caption pairs.
+"""Pretrain the text-to-image model (Emu's latent diffusion U-Net) on a large, mediocre "haystack".
 
 This is Emu's knowledge-learning stage (emu_paper.txt, section 3.2): the model learns what things
 look like and how captions map to them, from a big noisy web-like set. The autoencoder and both
@@ -7,6 +7,11 @@ text towers are frozen; only the U-Net trains.
     python data/make_toy.py && python train_ae.py   # once
     python pretrain.py                               # toy defaults: a few minutes on a CPU
     torchrun --nproc_per_node 8 pretrain.py ...      # one process per GPU; --bs is the global batch
+
+The same script pretrains the other two architectures quality-tuning is shown on (section 4.2):
+
+    python pretrain.py --arch pixel --out runs/pixel/pretrain                     # Imagen-like, on pixels
+    python train_ae.py --arch muse && python pretrain.py --arch muse --out runs/muse/pretrain  # Muse-like
 """
 import argparse
 import os
@@ -17,16 +22,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from emu import EmuError
+from emu.arch import ARCHS, resolve_arch_flags
 from emu.checkpoint import append_metrics, save_checkpoint
 from emu.data import SkipLog, read_prompts
 from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.fsdp import full_state_dict, save_sharded, shard_unet
-from emu.pipeline import build_unet, diffusion_from_args, load_frozen_parts, sample_grid
+from emu.fsdp import full_state_dict, save_sharded, shard_model
+from emu.pipeline import load_frozen_parts, sample_grid
 from emu.plot import plot_metrics
 from emu.training import (add_training_flags, check_data_path, count_bad_step, make_ema, make_optimizer, open_training_data,
                           parse_stages, prune_checkpoints, resume_path, resume_training_state, save_rolling, save_training_state,
                           stage_at, too_many_bad_steps, train_step, training_batches, training_extra, update_ema, warmup_schedule)
-from emu.unet import PRESETS
 
 
 def parse_args(argv=None):
@@ -34,18 +39,24 @@ def parse_args(argv=None):
     p.add_argument("--data", default="runs/toy/haystack",
                    help="the haystack: a folder of key.png + key.txt pairs, or of .tar shards (key.jpg, key.txt, key.json)")
     p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints")
-    p.add_argument("--ae", default="runs/ae", help="trained autoencoder directory (from train_ae.py)")
+    p.add_argument("--arch", default="ldm", choices=sorted(ARCHS),
+                   help="ldm: latent diffusion (Emu); pixel: Imagen-like pixel diffusion with an upsampler; "
+                        "muse: Muse-like masked transformer over VQ tokens (emu/arch.py)")
+    p.add_argument("--ae", default=None, help="the frozen first stage from train_ae.py: the autoencoder (default runs/ae) "
+                                              "or, for --arch muse, the VQ tokenizer (default runs/vq); none for --arch pixel")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
-    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net size")
+    p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse)")
     p.add_argument("--steps", type=int, default=1600, help="training steps (without --stages)")
     p.add_argument("--stages", default=None,
                    help="progressive resolution, e.g. 256:100000:2048,512:50000:1024,1024:20000:256 (SIZE:STEPS[:BS[:NOISE_OFFSET]]"
                         " per stage; BS defaults to --bs, the noise offset to 0 but --noise-offset in the final stage)")
-    p.add_argument("--schedule", default="scaled_linear", choices=["linear", "scaled_linear", "cosine"], help="noise schedule")
+    p.add_argument("--schedule", default=None, choices=["linear", "scaled_linear", "cosine"],
+                   help="noise schedule (default: ldm scaled_linear; pixel: the preset's, cosine)")
     p.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T")
-    p.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the U-Net predicts")
+    p.add_argument("--prediction", default=None, choices=["eps", "v"],
+                   help="what the U-Net predicts (default: ldm eps; pixel: the preset's, v for toy)")
     p.add_argument("--noise-offset", type=float, default=0.02,
                    help="noise offset of the final stage; the paper uses 0.02 in the final pretraining stage (section 3.2)")
     p.add_argument("--save-every", type=int, default=500, help="write a checkpoint every N steps")
@@ -73,22 +84,23 @@ def main(args):
     args.steps, args.image_size = sum(s.steps for s in stages), stages[-1].image_size  # recorded in checkpoints
 
     check_data_path(args.data)  # opened stage by stage below; a wrong path fails now
+    arch = resolve_arch_flags(args)  # the defaults of --ae, --schedule, --prediction that depend on --arch
 
     # frozen parts and the model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
-    unet = build_unet(args.preset, ae, text_encoder).to(device)
-    unet.grad_checkpoint = args.grad_checkpoint
-    ema = make_ema(unet)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
+    net = arch.build(args.preset, ae, text_encoder).to(device)
+    net.grad_checkpoint = args.grad_checkpoint
+    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
     if args.fsdp:  # every rank keeps 1/N of the weights, gradients, AdamW state and EMA
-        model = shard_unet(unet, world, args.precision)
-        shard_unet(ema, world)
+        model = shard_model(net, world, args.precision)
+        shard_model(ema, world)
     else:  # DDP averages the gradients over ranks during backward; every rank then takes the same step.
-        model = DDP(unet) if world.world_size > 1 else unet
-    diffusion = diffusion_from_args(args)
-    opt = make_optimizer(unet, args)
+        model = DDP(net) if world.world_size > 1 else net
+    objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens
+    opt = make_optimizer(net, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
-    log(f"U-Net: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
+    log(f"{arch.name} model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
     prompts = [p for p, _ in read_prompts(args.sample_prompts)][:args.sample_n] if args.sample_every else []
     if prompts:
         try:
@@ -100,7 +112,7 @@ def main(args):
     ckpt_file = os.path.join(args.out, "ckpt.pt")
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
-        ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
+        ckpt = resume_training_state(ckpt_path, net, ema, opt, sched, gen)
         step, skipped, bad = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("bad_steps", bad)
         if ckpt.get("stage", 0) == stage_at(stages, step)[0]:  # the data position of a stage still under way
             position = rank_entry(ckpt, "data_position", world, ckpt_path)
@@ -115,16 +127,16 @@ def main(args):
         positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
         extra = dict(skipped=dict(batches.skipped), data_position=positions, gens=gens, stage=index, bad_steps=bad)
         if args.fsdp:  # every rank writes its own pieces
-            save_sharded(os.path.join(args.out, f"ckpt-{step:09d}"), unet, ema, opt,
-                         training_extra(unet, sched, step, gen, args, **extra))
+            save_sharded(os.path.join(args.out, f"ckpt-{step:09d}"), net, ema, opt,
+                         training_extra(net, sched, step, gen, args, **extra))
             if world.main:
                 prune_checkpoints(args.out, args.keep)
         elif world.main:
             save_rolling(args.out, step, args.keep,
-                         lambda path: save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra))
+                         lambda path: save_training_state(path, net, ema, opt, sched, step, gen, args, **extra))
 
     # train, stage after stage: each at its own resolution, batch size and noise offset
-    unet.train()
+    net.train()
     for index in range(stage_at(stages, step)[0], len(stages)):
         stage = stages[index]
         stage_start, stage_end = sum(s.steps for s in stages[:index]), sum(s.steps for s in stages[:index + 1])
@@ -141,13 +153,13 @@ def main(args):
         for latents, text in batches:
             if step >= stage_end:
                 break
-            loss = train_step(model, diffusion, latents, text, batches.empty, opt, sched, gen, args, stage.noise_offset)
+            loss = train_step(model, objective, latents, text, batches.empty, opt, sched, gen, args, stage.noise_offset)
             step += 1
             progress.update()
             bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
             if loss is not None:
                 losses.append(loss)
-                update_ema(ema, unet, args.ema_decay)
+                update_ema(ema, net, args.ema_decay)
             if bad["in_a_row"] > args.max_bad_steps:
                 save()
                 progress.close()
@@ -167,15 +179,15 @@ def main(args):
             if step % args.save_every == 0 or step == stage_end:
                 save()
             if prompts and (step % args.sample_every == 0 or step == args.steps):  # every rank runs the (sharded) model
-                sample_grid(os.path.join(args.out, "samples", f"step-{step:09d}.png"), ema, ae, text_encoder, diffusion,
-                            stage.image_size, prompts, write=world.main)
+                sample_grid(os.path.join(args.out, "samples", f"step-{step:09d}.png"), arch, ema, ae, text_encoder,
+                            objective, stage.image_size, prompts, write=world.main)
         progress.close()
         skipped = dict(batches.skipped)
     if args.fsdp:  # a plain ckpt.pt too, for sample.py and qtune.py: the whole weights, gathered on rank 0
-        whole = {"model": full_state_dict(unet), "ema": full_state_dict(ema)}
+        whole = {"model": full_state_dict(net), "ema": full_state_dict(ema)}
         if world.main:
-            save_checkpoint(ckpt_file, {**whole, **training_extra(unet, sched, step, gen, args, skipped=skipped)})
-    elif not replicas_agree(unet, world):
+            save_checkpoint(ckpt_file, {**whole, **training_extra(net, sched, step, gen, args, skipped=skipped)})
+    elif not replicas_agree(net, world):
         raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
     log(f"saved {ckpt_file}; data: {SkipLog.summary(skipped)}; {bad['total']} steps skipped for a non-finite loss"
         + ("; the replicas' weights agree" if world.world_size > 1 and not args.fsdp else ""))

@@ -21,12 +21,12 @@ import time
 import torch
 
 from emu import EmuError
+from emu.arch import ARCHS
 from emu.checkpoint import append_metrics
 from emu.data import ImageCaptionFolder, to_uint8
-from emu.diffusion import sample_noise
 from emu.dist import World
 from emu.judges import appeal_score
-from emu.pipeline import diffusion_from_args, load_frozen_parts, read_training_checkpoint, sample_grid, unet_from_checkpoint
+from emu.pipeline import load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
 from emu.plot import plot_metrics
 from emu.shards import ShardDataset, first_samples
 from emu.training import (add_training_flags, count_bad_step, early_stopping, make_ema, make_optimizer, open_training_data, resume_path,
@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt",
                    help="pretraining checkpoint to start from (a .pt file, or a ckpt-<step>/ directory of pretrain.py --fsdp)")
+    p.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                   help="the pretrained model's architecture (default: the one its checkpoint records; a different one is refused)")
     p.add_argument("--data", default="runs/toy/haystack",
                    help="folder of key.png + key.txt (+ key.json) to curate from; with --curate-top 0, the curated images "
                         "themselves: such a folder or tar shards")
@@ -133,19 +135,11 @@ def check_set(folder, keys, image_size, field):
     return images, captions
 
 
-def heldout_loss(unet, ae, text_encoder, diffusion, images, captions, seed=1234):
-    """Denoising loss on held-out images with fixed timesteps and noise, so checks are comparable."""
-    device = next(unet.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
-    latents = ae.encode(images.to(device))
-    text = text_encoder.encode(captions).to(device)
-    total = 0.0
-    for t_value in torch.linspace(50, diffusion.num_timesteps - 50, 8).long():
-        t = t_value.expand(len(latents)).to(device)
-        noise = sample_noise(latents, 0.0, gen)
-        target = diffusion.target(latents, t, noise)
-        total += torch.nn.functional.mse_loss(unet(diffusion.q_sample(latents, t, noise), t, text), target).item()
-    return total / 8
+def heldout_loss(net, ae, text_encoder, objective, images, captions):
+    """The objective's loss on held-out images with fixed draws (timesteps and noise, or masks), so
+    that checks are comparable."""
+    device = next(net.parameters()).device
+    return objective.check_loss(net, ae.encode(images.to(device)), text_encoder.encode(captions).to(device))
 
 
 def main(args):
@@ -159,32 +153,34 @@ def main(args):
 
     # the pretrained model and the frozen parts it was trained with
     pre = read_training_checkpoint(args.pretrained)
-    if "unet_config" not in pre or "args" not in pre:
-        raise EmuError(f"{args.pretrained}: not a pretraining checkpoint (no unet_config/args)")
+    arch, net = model_from_checkpoint(pre, args.pretrained, weights="ema")
+    if args.arch not in (None, arch.name):
+        raise EmuError(f"--arch {args.arch}: {args.pretrained} holds a model of --arch {arch.name}")
+    args.arch = arch.name
     pre_args = pre["args"]
     for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
         setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
-    diffusion = diffusion_from_args(args)
-    unet = unet_from_checkpoint(pre, args.pretrained, weights="ema").to(device).requires_grad_(True)
-    unet.grad_checkpoint = args.grad_checkpoint
+    net = net.to(device).requires_grad_(True)
+    net.grad_checkpoint = args.grad_checkpoint
+    objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens
 
     # the needles: curated here from the haystack, or already curated; a held-out part checks early stopping
     train_data, check_images, check_captions = needles(args)
 
-    ema = make_ema(unet)
-    opt = make_optimizer(unet, args)
+    ema = make_ema(net)
+    opt = make_optimizer(net, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed)
-    step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions), "best_step": 0, "bad": 0}
+    step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, objective, check_images, check_captions), "best_step": 0, "bad": 0}
     ckpt_file, bad, position = os.path.join(args.out, "ckpt.pt"), {"in_a_row": 0, "total": 0}, None
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
-        ckpt = resume_training_state(ckpt_path, unet, ema, opt, sched, gen)
+        ckpt = resume_training_state(ckpt_path, net, ema, opt, sched, gen)
         step, stop, bad, position = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad), ckpt.get("data_position")
         print(f"resumed from {ckpt_path} at iteration {step}")
     else:
-        save_training_state(os.path.join(args.out, "best.pt"), unet, ema, opt, sched, 0, gen, args, early_stop=stop)
+        save_training_state(os.path.join(args.out, "best.pt"), net, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     # the paper's batch of 64 even for a set of 100 images: a set smaller than a batch fills it with repeats
     batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, SINGLE, repeat=True)
@@ -193,7 +189,7 @@ def main(args):
         print(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")
 
     def save(path):
-        save_training_state(path, unet, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
+        save_training_state(path, net, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
                             data_position=batches.position())
 
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
@@ -202,25 +198,25 @@ def main(args):
         append_metrics(metrics_log, {"iter": 0, "heldout": stop["best"], "best": stop["best"]})
 
     # fine-tune with early stopping
-    unet.train()
+    net.train()
     t0 = time.time()
     for latents, text in batches:
         if step >= args.iters or stop["bad"] >= args.patience:
             break
-        loss = train_step(unet, diffusion, latents, text, batches.empty, opt, sched, gen, args)
+        loss = train_step(net, objective, latents, text, batches.empty, opt, sched, gen, args)
         step += 1
         bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
         if loss is not None:
-            update_ema(ema, unet, args.ema_decay)
+            update_ema(ema, net, args.ema_decay)
         if bad["in_a_row"] > args.max_bad_steps:
             save_rolling(args.out, step, args.keep, save)
             raise too_many_bad_steps(bad, args, ckpt_file)
         if step % args.eval_every == 0 or step == args.iters:
             seconds = (time.time() - t0) / args.eval_every
-            check = heldout_loss(ema, ae, text_encoder, diffusion, check_images, check_captions)
+            check = heldout_loss(ema, ae, text_encoder, objective, check_images, check_captions)
             # the EMA model's images of the held-out captions: a grid for a human, and the automatic filter's score
-            samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), ema, ae, text_encoder,
-                                  diffusion, args.image_size, check_captions)
+            samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), arch, ema, ae, text_encoder,
+                                  objective, args.image_size, check_captions)
             appeal = float(appeal_score(samples).mean())
             stop = early_stopping(stop, step, check)
             improved = stop["bad"] == 0

@@ -6,6 +6,7 @@ transform on its input and an adversarial loss. Changing the flags gives the oth
     python data/make_toy.py                                  # once: the toy haystack
     python train_ae.py                                       # toy Fourier-AE-16: about a minute on a CPU
     python train_ae.py --latent-channels 4 --no-fourier --out runs/ae4    # AE-4
+    python train_ae.py --arch muse                           # the Muse-like model's VQ tokenizer -> runs/vq
 
 The last --holdout images of the data folder are never trained on; PSNR and SSIM are measured on
 them, and so is the latent scale factor that gives the diffusion model unit-variance latents.
@@ -25,6 +26,7 @@ from emu.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, sa
 from emu.checkpoint import append_metrics, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.metrics import psnr, ssim
+from emu.muse import VQ_PRESETS, VQTokenizer, codebook_usage, vq_training_losses
 from emu.perceptual import PerceptualLoss
 from emu.training import resume_path
 
@@ -32,11 +34,16 @@ from emu.training import resume_path
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs")
-    p.add_argument("--out", default="runs/ae", help="output directory (checkpoint, trained model, metrics)")
+    p.add_argument("--arch", default="ldm", choices=["ldm", "muse"],
+                   help="ldm: the latent diffusion model's autoencoder; muse: the Muse-like model's VQ tokenizer (emu/muse.py), "
+                        "trained with the same losses plus the quantizer's")
+    p.add_argument("--out", default=None, help="output directory (checkpoint, trained model, metrics); default runs/ae, "
+                                               "or runs/vq for --arch muse")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--holdout", type=int, default=256, help="the last N images are held out for evaluation")
     # model
-    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="autoencoder size (emu/autoencoder.py)")
+    p.add_argument("--preset", default="toy", help="size: toy, or the real one (ldm: emu, emu-ae4, ...: emu/autoencoder.py; "
+                                                   "muse: muse, emu/muse.py)")
     p.add_argument("--latent-channels", type=int, default=None, help="latent channels, e.g. 4, 8 or 16 (default: the preset's)")
     p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
                    help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
@@ -86,6 +93,13 @@ def latent_std(ae, images, device, bs=64):
 
 
 def main(args):
+    presets = VQ_PRESETS if args.arch == "muse" else PRESETS
+    if args.preset not in presets:
+        raise EmuError(f"--preset {args.preset}: --arch {args.arch} has presets {', '.join(sorted(presets))}")
+    overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
+    if args.arch == "muse" and any(v is not None for v in overrides.values()):
+        raise EmuError("--latent-channels, --fourier and --kl-weight are the autoencoder's; the VQ tokenizer has none of them")
+    args.out = args.out or ("runs/vq" if args.arch == "muse" else "runs/ae")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -108,19 +122,24 @@ def main(args):
         print(f"held-out set of {args.holdout}: {held_out_skips.summary()}, e.g. {bad[0].path}")
 
     # models, losses, optimisers
-    overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
-    cfg = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
-    ae = Autoencoder(cfg).to(device)
+    if args.arch == "muse":  # the same Encoder and Decoder around a codebook; no KL term
+        cfg = VQ_PRESETS[args.preset]
+        ae, kl_weight = VQTokenizer(cfg).to(device), 0.0
+    else:
+        cfg = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+        ae, kl_weight = Autoencoder(cfg).to(device), cfg.kl_weight
     if args.image_size % ae.downsample_factor:
         raise EmuError(f"--image-size {args.image_size} is not a multiple of the downsampling factor {ae.downsample_factor}")
     disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
     perceptual = PerceptualLoss.from_file(args.perceptual_weights).to(device) if args.perceptual_weights else None
-    loss_fn = AELoss(disc, cfg.kl_weight, args.disc_weight, args.disc_start, perceptual, args.perceptual_weight)
+    loss_fn = AELoss(disc, kl_weight, args.disc_weight, args.disc_start, perceptual, args.perceptual_weight)
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # GAN-friendly betas, as in VQGAN
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    print(f"autoencoder: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M parameters, latents "
-          f"({cfg.latent_channels}, {args.image_size // ae.downsample_factor}, {args.image_size // ae.downsample_factor}), "
-          f"fourier {'on' if cfg.fourier else 'off'}; data: {n_train} train + {args.holdout} held-out images")
+    side = args.image_size // ae.downsample_factor
+    print(f"{'VQ tokenizer' if args.arch == 'muse' else 'autoencoder'}: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
+          f"parameters, " + (f"tokens ({side}, {side}) from {cfg.codebook_size} codes" if args.arch == "muse" else
+                             f"latents ({cfg.latent_channels}, {side}, {side}), fourier {'on' if cfg.fourier else 'off'}")
+          + f"; data: {n_train} train + {args.holdout} held-out images")
 
     step = 0
     ckpt_path = resume_path(args.resume, args.out)
@@ -158,11 +177,13 @@ def main(args):
         for group in opt.param_groups + opt_disc.param_groups:
             group["lr"] = lr
         x = images.to(device)  # (B, 3, H, W)
-        recon, mean, logvar = ae(x)
-
         # autoencoder step (the generator loss also leaves gradients in the discriminator; they are
         # cleared before the discriminator's own step)
-        loss, log = loss_fn.generator_loss(x, recon, mean, logvar, ae.decoder.conv_out.weight, step)
+        if args.arch == "muse":  # plus the quantizer's commitment loss; the codebook follows an EMA
+            loss, recon, log = vq_training_losses(ae, loss_fn, x, step)
+        else:
+            recon, mean, logvar = ae(x)
+            loss, log = loss_fn.generator_loss(x, recon, mean, logvar, ae.decoder.conv_out.weight, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,7 +200,8 @@ def main(args):
         if logs and (step % args.log_every == 0 or step == args.steps):
             avg = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
             print(f"step {step}/{args.steps}  rec {avg['rec']:.4f}  kl {avg['kl']:.2f}  gen {avg['gen']:.3f}  "
-                  f"adv_weight {avg['adv_weight']:.3f}  disc {avg['disc']:.3f}  {(time.time() - t0) / len(logs):.3f}s/step")
+                  f"adv_weight {avg['adv_weight']:.3f}  disc {avg['disc']:.3f}  "
+                  + (f"codes used {avg['usage']:.2f}  " if "usage" in avg else "") + f"{(time.time() - t0) / len(logs):.3f}s/step")
             append_metrics(metrics_log, {"step": step, **avg, "sec_per_step": (time.time() - t0) / len(logs)})
             t0, logs = time.time(), []
         if step % args.eval_every == 0 and step < args.steps:
@@ -194,15 +216,20 @@ def main(args):
 
     # evaluate, set the latent scale, save
     recon_held = reconstruct(ae, heldout, device)
-    metrics = {"psnr": psnr(recon_held, heldout).mean().item(), "ssim": ssim(recon_held, heldout).mean().item(),
-               "steps": step, "latent_channels": cfg.latent_channels, "fourier": cfg.fourier}
-    ae.scale_factor.fill_(1.0 / latent_std(ae, heldout, device))
-    metrics["scale_factor"] = ae.scale_factor.item()
+    metrics = {"psnr": psnr(recon_held, heldout).mean().item(), "ssim": ssim(recon_held, heldout).mean().item(), "steps": step}
+    if args.arch == "muse":  # the share of the codebook the held-out images use
+        with torch.no_grad():
+            metrics["codebook_usage"], metrics["perplexity"] = codebook_usage(ae.eval().encode(heldout.to(device)), cfg.codebook_size)
+    else:
+        metrics.update(latent_channels=cfg.latent_channels, fourier=cfg.fourier)
+        ae.scale_factor.fill_(1.0 / latent_std(ae, heldout, device))
+        metrics["scale_factor"] = ae.scale_factor.item()
     save_autoencoder(ae, args.out)
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-    print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  scale_factor {metrics['scale_factor']:.4f}")
-    print(f"saved the autoencoder to {args.out}; training data: {skipped.summary()}")
+    print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
+          + (f"codebook usage {metrics['codebook_usage']:.2f}" if args.arch == "muse" else f"scale_factor {metrics['scale_factor']:.4f}"))
+    print(f"saved the {'VQ tokenizer' if args.arch == 'muse' else 'autoencoder'} to {args.out}; training data: {skipped.summary()}")
 
 
 if __name__ == "__main__":

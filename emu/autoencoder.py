@@ -357,15 +357,16 @@ class AELoss(nn.Module):
 # saving and loading
 
 def save_autoencoder(ae, path_dir):
-    """Write `config.json` and `model.safetensors` (atomically) into the directory `path_dir`."""
+    """Write `config.json` and `model.safetensors` (atomically) into the directory `path_dir`.
+    `ae` is an Autoencoder (kind "kl") or the Muse-like model's VQ tokenizer (kind "vq", emu/muse.py)."""
     os.makedirs(path_dir, exist_ok=True)
     with open(os.path.join(path_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(asdict(ae.cfg), f, indent=2)
+        json.dump({"kind": getattr(ae, "kind", "kl"), **asdict(ae.cfg)}, f, indent=2)
     save_weights(os.path.join(path_dir, "model.safetensors"), ae.state_dict())
 
 
 def load_autoencoder(path_dir, device="cpu"):
-    """Load a directory written by save_autoencoder as a frozen Autoencoder in eval mode.
+    """Load a directory written by save_autoencoder as a frozen Autoencoder (or VQTokenizer) in eval mode.
 
     Raises EmuError naming the file for a missing directory, config or weights, an unreadable
     config, or weights that do not fit the config (missing keys, wrong shapes).
@@ -379,10 +380,17 @@ def load_autoencoder(path_dir, device="cpu"):
         with open(config_path, encoding="utf-8") as f:
             fields = json.load(f)
         fields["channel_mult"] = tuple(fields["channel_mult"])  # JSON has no tuples
-        cfg = AutoencoderConfig(**fields)
+        kind = fields.pop("kind", "kl")  # configs written before the VQ tokenizer existed have no kind
+        if kind == "vq":
+            from emu.muse import VQConfig, VQTokenizer  # emu.muse builds on this module
+            model_class, cfg = VQTokenizer, VQConfig(**fields)
+        elif kind == "kl":
+            model_class, cfg = Autoencoder, AutoencoderConfig(**fields)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
     except (ValueError, TypeError, KeyError) as e:
         raise EmuError(f"{config_path}: not a valid autoencoder config ({type(e).__name__}: {str(e)[:120]})") from None
-    ae = Autoencoder(cfg)
+    ae = model_class(cfg)
     weights_path = os.path.join(path_dir, "model.safetensors")
     load_state_dict_checked(ae, load_weights(weights_path), weights_path)
     return ae.to(device).eval().requires_grad_(False)

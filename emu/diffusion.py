@@ -99,9 +99,10 @@ class GaussianDiffusion:
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
     def training_noise(self, x0, noise_offset=0.0, generator=None):
-        """A random timestep and noise (with `noise_offset`) for every latent in x0: (t (B,), noise)."""
+        """A random timestep and noise (with `noise_offset`) for every latent in x0: {"t": (B,), "noise"}.
+        (train_step draws them for the whole batch first, then splits the batch into micro-batches.)"""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        return t, sample_noise(x0, noise_offset, generator)
+        return {"t": t, "noise": sample_noise(x0, noise_offset, generator)}
 
     def training_loss(self, model, x0, text, noise_offset=0.0, generator=None, t=None, noise=None):
         """Mean squared error between the model output and its target at a random timestep.
@@ -112,9 +113,21 @@ class GaussianDiffusion:
         :param t, noise: the timesteps and noise to use; drawn with training_noise() when not given.
         """
         if t is None:
-            t, noise = self.training_noise(x0, noise_offset, generator)
+            t, noise = self.training_noise(x0, noise_offset, generator).values()
         out = model(self.q_sample(x0, t, noise), t, text)
         return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+
+    @torch.no_grad()
+    def check_loss(self, model, x0, text, seed=1234):
+        """The denoising loss at 8 fixed timesteps with seeded noise: the same draws at every call, so
+        held-out checks during training are comparable (qtune's early stopping)."""
+        gen = torch.Generator(x0.device).manual_seed(seed)
+        total = 0.0
+        for t_value in torch.linspace(50, self.num_timesteps - 50, 8).long():
+            t = t_value.expand(len(x0)).to(x0.device)
+            noise = sample_noise(x0, 0.0, gen)
+            total += F.mse_loss(model(self.q_sample(x0, t, noise), t, text).float(), self.target(x0, t, noise).float()).item()
+        return total / 8
 
     def predict_x0_eps(self, model_out, x_t, t):
         """Turn the model output into (x0, eps) estimates at x_t."""

@@ -41,13 +41,23 @@ def init_world(device):
     return World(rank, world_size, torch.device(device))
 
 
+_FINAL_BARRIER = []  # the last barrier's work object, kept until the process exits (see close_world)
+
+
 def close_world(world):
-    """Leave the process group. The barrier first lets every collective finish and be cleaned up: gloo
-    frees a finished operation on its own thread, which needs the GIL for the operation's Python-visible
-    tensors, and tearing the group down (which waits for those threads) while holding the GIL could
-    otherwise deadlock at exit."""
+    """Leave the process group, without the deadlock that tearing gloo down can hit at exit.
+
+    Gloo runs each collective on a worker thread, and the thread that drops the last reference to a
+    finished operation frees it; freeing the tensors Python made for it needs the GIL. The group's
+    destructor joins the worker threads, holding the GIL, wherever the group's last reference goes:
+    here, or as main() returns and DDP's reducer is freed. If a worker is then still waiting for the
+    GIL to free the final barrier (which holds the operations before it), neither thread moves. So
+    that barrier stays referenced from Python for the life of the process: the workers only ever
+    drop their share of it, which needs no GIL."""
     if world.world_size > 1:
-        dist.barrier()
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _FINAL_BARRIER.append(work)
         dist.destroy_process_group()
 
 

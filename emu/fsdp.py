@@ -49,13 +49,15 @@ EXTRA = "extra.pt"  # the plain part of a sharded checkpoint: step, args, schedu
 # Sharding the U-Net
 
 
-def shard_unet(unet, world, precision="fp32"):
-    """Shard `unet` over the ranks of `world` in place (and return it).
+def shard_model(unet, world, precision="fp32"):
+    """Shard `unet` (or any model with fsdp_units(): the pixel cascade, the masked transformer) over
+    the ranks of `world` in place (and return it).
 
-    Every `Stage`, Downsample and Upsample of the down / middle / up paths becomes a unit that is
-    gathered whole just for its own forward and its own backward; the root unit holds what is left
-    (the timestep MLP, the text projections, conv_in, the output layers: 9M of the 2.8B parameters).
-    Units are sharded bottom-up, the root last, as fully_shard requires.
+    Each of the model's fsdp_units() becomes a unit that is gathered whole just for its own forward
+    and its own backward: for the U-Net every `Stage`, Downsample and Upsample of the down / middle /
+    up paths. The root unit holds what is left (the timestep MLP, the text projections, conv_in, the
+    output layers: 9M of the 2.8B parameters). Units are sharded bottom-up, the root last, as
+    fully_shard requires.
 
     precision "bf16": the units are gathered in bfloat16 (half the traffic and half the memory of
     the whole weights) and the gradients are reduce-scattered in float32; the pieces the optimizer
@@ -72,7 +74,7 @@ def shard_unet(unet, world, precision="fp32"):
     mesh = init_device_mesh(world.device.type, (world.world_size,))  # 1-D: every rank holds a piece of each
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = bf16 if precision == "bf16" else MixedPrecisionPolicy()
-    for block in [*unet.down, *unet.mid, *unet.up]:
+    for block in unet.fsdp_units():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root too frees its whole weights after every forward (by default it would keep them until
     # the backward): after a forward without one (sampling), they would stay whole, and update_ema

@@ -203,7 +203,11 @@ def codebook_usage(ids, codebook_size):
 # the tokenizer
 
 class VQTokenizer(nn.Module):
-    """VQGAN-style tokenizer: images in [-1, 1] <-> grids of token ids in [0, codebook_size)."""
+    """VQGAN-style tokenizer: images in [-1, 1] <-> grids of token ids in [0, codebook_size).
+
+    Saved and loaded like the autoencoder (emu.autoencoder.save_autoencoder / load_autoencoder:
+    config.json says kind "vq"), so a script's --ae flag takes either."""
+    kind = "vq"
 
     def __init__(self, cfg):
         super().__init__()
@@ -238,6 +242,8 @@ class VQTokenizer(nn.Module):
     def decode_tokens(self, ids):
         """Token ids (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
         return self.decoder(self.quantizer.lookup(ids)).clamp(-1.0, 1.0)
+
+    decode = decode_tokens
 
 
 def vq_training_losses(tokenizer, ae_loss, images, step):
@@ -310,6 +316,11 @@ class MaskedTransformer(nn.Module):
         return self.head(self.norm_out(x))  # (B, N, K)
 
 
+    def fsdp_units(self):
+        """What FSDP gathers one at a time (emu/fsdp.py): each transformer block."""
+        return list(self.blocks)
+
+
 def count_parameters(cfg):
     """Build the transformer on the meta device (no memory) and count its parameters."""
     with torch.device("meta"):
@@ -337,6 +348,46 @@ def random_mask(batch, num_tokens, generator, device):
     return rank < n_masked[:, None]
 
 
+class MaskedTokens:
+    """What the masked transformer learns, with the two calls train_step uses (emu/training.py):
+    training_noise draws each sample's mask (a masked model has no noise, so a noise offset does not
+    apply), training_loss is the cross-entropy at the masked tokens."""
+
+    def __init__(self, codebook_size):
+        self.mask_id = codebook_size  # the [MASK] id (the model may be wrapped in DDP: not read from it)
+
+    def training_noise(self, ids, noise_offset=0.0, generator=None):
+        B, h, w = ids.shape
+        return {"mask": random_mask(B, h * w, generator, ids.device)}
+
+    def training_loss(self, model, ids, text, mask):
+        """The cross-entropy over each image's masked tokens, averaged per image, then over the batch.
+
+        Averaging per image first (MaskGIT averages over all masked tokens of the batch) weighs every
+        image alike whatever its mask ratio, and keeps a batch's loss the mean of its images' losses,
+        so that --grad-accum's micro-batches add up to the whole batch exactly.
+        :param ids: (B, h, w) token ids; mask: (B, h*w) bool, True where the model must guess.
+        """
+        B, h, w = ids.shape
+        targets = ids.flatten(1)  # (B, N)
+        logits = model(targets.masked_fill(mask, self.mask_id).view(B, h, w), text)  # (B, N, K)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, N)
+        # The unmasked tokens are visible in the input; predicting them teaches nothing.
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+
+    @torch.no_grad()
+    def check_loss(self, model, ids, text, seed=1234):
+        """The loss at 8 fixed mask ratios from 1/8 to all tokens, the masked positions seeded: the
+        same draws at every call, so held-out checks are comparable (qtune's early stopping)."""
+        B, h, w = ids.shape
+        gen = torch.Generator(ids.device).manual_seed(seed)
+        total = 0.0
+        for ratio in torch.linspace(1 / 8, 1, 8).tolist():
+            rank = torch.rand(B, h * w, generator=gen, device=ids.device).argsort(dim=1).argsort(dim=1)
+            total += self.training_loss(model, ids, text, rank < max(1, round(ratio * h * w))).item()
+        return total / 8
+
+
 def masked_token_loss(model, ids, text, empty_text, generator, p_uncond=0.1):
     """Cross-entropy of the model's predictions at masked tokens only.
 
@@ -347,14 +398,9 @@ def masked_token_loss(model, ids, text, empty_text, generator, p_uncond=0.1):
                  the unconditional prediction classifier-free guidance needs.
     :param generator: a torch.Generator on ids' device (caption dropout, mask ratios, positions).
     """
-    B, h, w = ids.shape
     text = drop_captions(text, empty_text, p_uncond, generator)
-    mask = random_mask(B, h * w, generator, ids.device)  # (B, N)
-    targets = ids.flatten(1)  # (B, N)
-    inputs = targets.masked_fill(mask, model.mask_id).view(B, h, w)
-    logits = model(inputs, text)  # (B, N, K)
-    # The unmasked tokens are visible in the input; predicting them teaches nothing.
-    return F.cross_entropy(logits[mask].float(), targets[mask])
+    objective = MaskedTokens(model.mask_id)
+    return objective.training_loss(model, ids, text, **objective.training_noise(ids, generator=generator))
 
 
 # -----------------------------------------------------------------------------
@@ -428,3 +474,18 @@ def maskgit_sample(model, text, uncond, shape, steps=12, guidance=1.0, temperatu
         if callback is not None:
             callback({"step": step, "ids": ids.view(B, h, w), "logits": logits})
     return ids.view(B, h, w)
+
+
+@torch.no_grad()
+def muse_generate(model, tokenizer, text, uncond, seeds, image_size, steps=12, cfg_scale=5.0, temperature=1.0):
+    """Text to image: MaskGIT decoding of a token grid, then the tokenizer's decoder.
+
+    The sampling generator is seeded by the batch's first seed, so a batch of the same prompts and
+    seeds decodes the same way in any model with the same grid.
+    :return: (B, 3, image_size, image_size) in [-1, 1].
+    """
+    side = image_size // tokenizer.downsample_factor
+    gen = torch.Generator(text.clip.device).manual_seed(int(seeds[0]))
+    ids = maskgit_sample(model, text, uncond, (side, side), steps, guidance=cfg_scale, temperature=temperature,
+                         generator=gen)
+    return tokenizer.decode_tokens(ids)

@@ -1,44 +1,38 @@
-"""Putting the parts together: autoencoder + text towers + U-Net + diffusion = text to image.
+"""Putting the parts together: first stage + text towers + model + objective = text to image.
 
-`build_unet` sizes a U-Net for a given autoencoder and text encoder; `TextToImage` loads a
-training checkpoint (which records where its autoencoder and text towers live) and turns prompts
-and seeds into images with classifier-free guidance.
+`load_frozen_parts` loads what a model is trained against (its first stage and the text towers);
+`TextToImage` loads a training checkpoint of any architecture (emu/arch.py; the checkpoint records
+it, and where its first stage and text towers live) and turns prompts and seeds into images with
+classifier-free guidance.
 """
-import dataclasses
 import os
 
 import torch
 
 from emu import EmuError
+from emu.arch import get_arch
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.data import make_grid, save_png, to_uint8
-from emu.diffusion import GaussianDiffusion, classifier_free_guidance
+from emu.pixel import PixelSpace
 from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
-from emu.unet import PRESETS, UNet, UNetConfig
 
 
 def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None):
-    """The frozen autoencoder and text encoder the U-Net is trained against.
+    """The frozen first stage and text encoder a model is trained against.
 
-    The towers run in `text_dtype` ("bfloat16" or "float32"; embeddings come out float32 either way).
-    With `text_cache` (a directory written by data/embed_captions.py) the towers are not loaded: the
-    cache, checked to come from the towers in clip_dir and t5_dir in that dtype, supplies every embedding.
+    The first stage is the autoencoder (or the VQ tokenizer) in `ae_dir`; None means the model works
+    on pixels (PixelSpace). The towers run in `text_dtype` ("bfloat16" or "float32"; embeddings come
+    out float32 either way). With `text_cache` (a directory written by data/embed_captions.py) the
+    towers are not loaded: the cache, checked to come from the towers in clip_dir and t5_dir in that
+    dtype, supplies every embedding.
     """
-    ae = load_autoencoder(ae_dir, device=device)
+    ae = load_autoencoder(ae_dir, device=device) if ae_dir else PixelSpace().to(device)
     dtype = TEXT_DTYPES[text_dtype]
     if text_cache:
         return ae, load_text_cache(text_cache, clip_dir, t5_dir, dtype)
     return ae, TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
-
-
-def build_unet(preset, ae, text_encoder):
-    """A U-Net from a preset, with its in/out width set by the autoencoder's latent channels and
-    its conditioning widths set by the text towers."""
-    cfg = dataclasses.replace(PRESETS[preset], in_channels=ae.cfg.latent_channels, clip_dim=text_encoder.clip_dim,
-                              t5_dim=text_encoder.t5_dim, pooled_dim=text_encoder.pooled_dim)
-    return UNet(cfg)
 
 
 def read_training_checkpoint(path):
@@ -50,70 +44,68 @@ def read_training_checkpoint(path):
     return load_checkpoint(path)
 
 
-def unet_from_checkpoint(ckpt, path, weights="ema"):
-    """Rebuild the U-Net recorded in a training checkpoint and load its `weights` ('ema' or 'model')."""
-    cfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["unet_config"].items()})
-    unet = UNet(cfg)
-    load_state_dict_checked(unet, ckpt[weights], path)
-    return unet.eval().requires_grad_(False)
-
-
-def diffusion_from_args(args):
-    """The GaussianDiffusion described by a script's flags (or a checkpoint's saved args dict)."""
-    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k)
-    return GaussianDiffusion(get("schedule"), get("timesteps"), get("prediction"))
+def model_from_checkpoint(ckpt, path, weights="ema"):
+    """(architecture, model) recorded in a training checkpoint, with its `weights` ('ema' or 'model')
+    loaded, in eval mode and frozen. Checkpoints from before --arch are latent diffusion models
+    whose configuration is under "unet_config"."""
+    config = ckpt.get("model_config", ckpt.get("unet_config"))
+    for key, value in (("model_config", config), (weights, ckpt.get(weights)), ("args", ckpt.get("args"))):
+        if value is None:
+            raise EmuError(f"{path}: not a training checkpoint of pretrain.py or qtune.py (no '{key}' entry)")
+    arch = get_arch(ckpt.get("arch", "ldm"))
+    try:
+        model = arch.from_config(config)
+    except TypeError as e:
+        raise EmuError(f"{path}: its {arch.name} model configuration does not fit this code ({e})") from None
+    load_state_dict_checked(model, ckpt[weights], path)
+    return arch, model.eval().requires_grad_(False)
 
 
 class TextToImage:
-    """A trained model, ready to sample."""
+    """A trained model of any architecture, ready to sample."""
 
-    def __init__(self, unet, ae, text_encoder, diffusion, image_size, name=""):
-        self.unet, self.ae, self.text_encoder, self.diffusion = unet, ae, text_encoder, diffusion
+    def __init__(self, arch, model, ae, text_encoder, objective, image_size, name=""):
+        self.arch, self.model, self.ae, self.text_encoder, self.objective = arch, model, ae, text_encoder, objective
         self.image_size, self.name = image_size, name
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights="ema"):
+    def from_checkpoint(cls, path, device="cpu", weights="ema", arch=None):
+        """The model in a training checkpoint; `arch`, if given, is checked against the one it records."""
         ckpt = read_training_checkpoint(path)
-        for key in ("unet_config", weights, "args"):
-            if key not in ckpt:
-                raise EmuError(f"{path}: not a diffusion training checkpoint (no '{key}' entry)")
+        arch_, model = model_from_checkpoint(ckpt, path, weights)
+        if arch not in (None, arch_.name):
+            raise EmuError(f"--arch {arch}: {path} holds a model of --arch {arch_.name}")
+        arch = arch_
         args = ckpt["args"]
         # Checkpoints from before --text-dtype ran their towers in float32.
         ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"))
-        unet = unet_from_checkpoint(ckpt, path, weights).to(device)
-        return cls(unet, ae, text_encoder, diffusion_from_args(args), args["image_size"], name=str(path))
+        model = model.to(device)
+        return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
 
     @property
     def device(self):
-        return next(self.unet.parameters()).device
-
-    def initial_noise(self, seeds):
-        """One latent noise tensor per seed, so the same seed gives the same start in any model."""
-        side = self.image_size // self.ae.downsample_factor
-        shape = (self.unet.cfg.in_channels, side, side)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64):
-        """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1]."""
+        """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1].
+        `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone."""
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
             text = self.text_encoder.encode(list(chunk)).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
-            noise = self.initial_noise(chunk_seeds).to(self.device)
-            gen = torch.Generator(self.device).manual_seed(int(chunk_seeds[0]))
-            model_fn = lambda x, t: classifier_free_guidance(self.unet, x, t, text, uncond, cfg_scale)
-            latents = self.diffusion.sample(model_fn, noise, steps=steps, sampler=sampler, eta=eta, generator=gen)
-            out.append(self.ae.decode(latents).clamp(-1, 1).cpu())
+            images = self.arch.generate(self.model, self.ae, self.objective, text, uncond, chunk_seeds, self.image_size,
+                                        cfg_scale, steps, sampler, eta)
+            out.append(images.clamp(-1, 1).cpu())
         return torch.cat(out)
 
 
-def sample_grid(path, unet, ae, text_encoder, diffusion, image_size, prompts, steps=25, cfg_scale=5.0, write=True):
+def sample_grid(path, arch, model, ae, text_encoder, objective, image_size, prompts, steps=25, cfg_scale=5.0, write=True):
     """Sample one image per prompt (seeds 0, 1, ...: the same starting noise every time, so the grids
     of successive checkpoints show what training changed), write them as one PNG grid at `path` if
-    `write`, and return them as (N, H, W, 3) uint8. `unet` is in eval mode (training keeps its EMA so)."""
-    images = to_uint8(TextToImage(unet, ae, text_encoder, diffusion, image_size).generate(
+    `write`, and return them as (N, H, W, 3) uint8. `model` is in eval mode (training keeps its EMA so)."""
+    images = to_uint8(TextToImage(arch, model, ae, text_encoder, objective, image_size).generate(
         prompts, list(range(len(prompts))), cfg_scale, steps))
     if write:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -15,9 +15,10 @@ corrupted by the forward diffusion process to a random timestep t_aug and the mo
 so it learns to cope with the artefacts of a base model's samples; in sampling, a fixed small level
 is used. Both models sample with classifier-free guidance and dynamic thresholding.
 """
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
@@ -176,7 +177,7 @@ def base_generate(model, diffusion, text, uncond, image_size, steps=50, cfg_scal
 
 @torch.no_grad()
 def upsample(model, diffusion, low_res, size, text, uncond=None, steps=50, cfg_scale=1.0, aug_level=0.1,
-             generator=None, percentile=0.995, sampler="ddim", eta=0.0):
+             generator=None, percentile=0.995, sampler="ddim", eta=0.0, noise=None):
     """Upsample any batch of images with the upsampler: a base model's samples, or curated images
     smaller than the target size. The U-Net is convolutional, so neither size needs to be the one it
     was trained at, only divisible by 2 for each of its levels after the first.
@@ -188,6 +189,7 @@ def upsample(model, diffusion, low_res, size, text, uncond=None, steps=50, cfg_s
     :param aug_level: the fixed noise-augmentation level in [0, 1] of the low-resolution input (a small
         one: Imagen sweeps it; 0.1 is a guess).
     :param generator: a torch.Generator on the model's device, for the augmentation and the noise.
+    :param noise: (N, 3, H, W) starting noise; drawn from `generator` when not given.
     :return: (N, 3, H, W) in [-1, 1].
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -196,6 +198,148 @@ def upsample(model, diffusion, low_res, size, text, uncond=None, steps=50, cfg_s
     low_res = low_res.to(device)
     t_aug = torch.full((len(low_res),), aug_timestep(diffusion, aug_level), device=device)
     cond = upsampler_condition(diffusion, low_res, size, t_aug, generator)  # (N, 3, H, W)
-    noise = torch.randn(len(low_res), model.cfg.in_channels, *size, generator=generator, device=device)
+    if noise is None:
+        noise = torch.randn(len(low_res), model.cfg.in_channels, *size, generator=generator, device=device)
     return guided_sample(model, diffusion, noise, text, uncond, steps, cfg_scale, percentile, sampler, eta, generator,
                          model_kwargs={"cond": cond, "t_aug": t_aug})
+
+
+# -----------------------------------------------------------------------------
+# the cascade as one trained model (--arch pixel)
+
+class PixelSpace(nn.Module):
+    """The pixel model's "first stage": none. Images are what it denoises, so encode and decode
+    return them as they are; the scripts treat it like the latent model's autoencoder."""
+    downsample_factor = 1
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # says which device the model is on
+
+    def encode(self, images):
+        return images
+
+    def decode(self, images):
+        return images
+
+
+class PixelCascade(nn.Module):
+    """The base model and the upsampler, trained and quality-tuned together as one module.
+
+    The two are independent networks with independent losses; summing the losses and stepping one
+    AdamW over both trains each as if alone (AdamW scales every parameter's step by its own moments),
+    and keeps one checkpoint, one EMA and one resume path for the pair. Imagen trains them
+    separately; the gradient-norm clipping is the one thing they share here.
+
+    forward() runs both, so that under DDP one forward pass covers every parameter.
+    """
+
+    def __init__(self, base_cfg, upsampler_cfg):
+        super().__init__()
+        self.cfg = {"base": base_cfg, "upsampler": upsampler_cfg}
+        self.base = UNet(base_cfg.unet)
+        self.upsampler = UNet(upsampler_cfg.unet)
+
+    @property
+    def factor(self):
+        """How many times larger the upsampler's images are than the base model's."""
+        up = self.cfg["upsampler"]
+        return up.image_size // up.low_res_size
+
+    @property
+    def grad_checkpoint(self):
+        return self.base.grad_checkpoint
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, on):  # --grad-checkpoint: both U-Nets recompute their blocks in the backward pass
+        self.base.grad_checkpoint = self.upsampler.grad_checkpoint = on
+
+    def forward(self, x_low, t_low, x_high, t_high, text, cond, t_aug):
+        """(base model output at x_low, upsampler output at x_high given its condition `cond`)."""
+        return self.base(x_low, t_low, text), self.upsampler(x_high, t_high, text, cond=cond, t_aug=t_aug)
+
+    def fsdp_units(self):
+        """What FSDP gathers one at a time (emu/fsdp.py): each U-Net's units, then each U-Net."""
+        return [*self.base.fsdp_units(), self.base, *self.upsampler.fsdp_units(), self.upsampler]
+
+
+def build_cascade(preset, t5_dim):
+    """The PixelCascade of a preset name ("toy", "imagen"), its text width set to the T5 tower's."""
+    base, up = BASE_PRESETS[preset], UPSAMPLER_PRESETS[preset]
+    return PixelCascade(replace(base, unet=replace(base.unet, t5_dim=t5_dim)),
+                        replace(up, unet=replace(up.unet, t5_dim=t5_dim)))
+
+
+def cascade_config_dict(model):
+    """The cascade's configuration as plain values (a checkpoint's model_config)."""
+    return {name: asdict(cfg) for name, cfg in model.cfg.items()}
+
+
+def cascade_from_config(d):
+    """A PixelCascade rebuilt from cascade_config_dict's output."""
+    def pixel_config(fields):
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields["unet"].items()})
+        return PixelConfig(**{**fields, "unet": unet})
+    return PixelCascade(pixel_config(d["base"]), pixel_config(d["upsampler"]))
+
+
+class CascadeDiffusion:
+    """What the cascade learns, with the two calls train_step uses (emu/training.py): the base
+    model's denoising loss on the images downsized by the cascade's factor, plus the upsampler's on
+    the images themselves given their downsized, noise-augmented versions."""
+
+    def __init__(self, diffusion, factor):
+        self.diffusion, self.factor = diffusion, factor
+
+    def low_res(self, images):
+        return resize(images, images.shape[-1] // self.factor)
+
+    def training_noise(self, images, noise_offset=0.0, generator=None):
+        """Every image's draws: base and upsampler timesteps and noise, the augmentation level and noise."""
+        base = self.diffusion.training_noise(self.low_res(images), noise_offset, generator)
+        up = self.diffusion.training_noise(images, noise_offset, generator)
+        t_aug = torch.randint(0, self.diffusion.num_timesteps, (len(images),), generator=generator, device=images.device)
+        aug_noise = torch.randn(images.shape, generator=generator, device=images.device)
+        return {"t_low": base["t"], "noise_low": base["noise"], "t": up["t"], "noise": up["noise"],
+                "t_aug": t_aug, "aug_noise": aug_noise}
+
+    def training_loss(self, model, images, text, t_low, noise_low, t, noise, t_aug, aug_noise):
+        """The sum of the two mean squared errors (`model` is a PixelCascade, or DDP around one)."""
+        low, d = self.low_res(images), self.diffusion
+        cond = d.q_sample(resize(low, images.shape[-2:]), t_aug, aug_noise)  # noise_augment with these draws
+        out_low, out_high = model(d.q_sample(low, t_low, noise_low), t_low, d.q_sample(images, t, noise), t, text,
+                                  cond, t_aug)
+        return (F.mse_loss(out_low.float(), d.target(low, t_low, noise_low).float())
+                + F.mse_loss(out_high.float(), d.target(images, t, noise).float()))
+
+    @torch.no_grad()
+    def check_loss(self, model, images, text, seed=1234, aug_level=0.1):
+        """Both losses at fixed timesteps and seeded noise (GaussianDiffusion.check_loss), the
+        upsampler's low-resolution input augmented at the sampling level `aug_level`."""
+        low = self.low_res(images)
+        gen = torch.Generator(images.device).manual_seed(seed)
+        t_aug = torch.full((len(images),), aug_timestep(self.diffusion, aug_level), device=images.device)
+        cond = upsampler_condition(self.diffusion, low, images.shape[-2:], t_aug, gen)
+        upsampler = lambda x, t, text: model.upsampler(x, t, text, cond=cond, t_aug=t_aug)
+        return self.diffusion.check_loss(model.base, low, text, seed) + self.diffusion.check_loss(upsampler, images, text, seed)
+
+
+@torch.no_grad()
+def cascade_generate(model, diffusion, text, uncond, seeds, image_size, steps=25, cfg_scale=5.0, sampler="ddim",
+                     eta=0.0, percentile=0.995, aug_level=0.1):
+    """Text to image with the whole cascade: the base model at image_size / factor, then the upsampler.
+
+    Each image's starting noise (at both sizes) comes from its own seed, so the same seed starts the
+    same way in any model of the same sizes, whatever else is in the batch.
+    :return: (B, 3, image_size, image_size) in [-1, 1].
+    """
+    device = next(model.parameters()).device
+    low_size = image_size // model.factor
+    per_seed = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise_low = torch.stack([torch.randn(3, low_size, low_size, generator=g) for g in per_seed]).to(device)
+    noise = torch.stack([torch.randn(3, image_size, image_size, generator=g) for g in per_seed]).to(device)
+    gen = torch.Generator(device).manual_seed(int(seeds[0]))  # ancestral noise and the augmentation
+    check_size(model.base, (low_size, low_size))
+    low = guided_sample(model.base, diffusion, noise_low, text, uncond, steps, cfg_scale, percentile, sampler, eta, gen)
+    return upsample(model.upsampler, diffusion, low, image_size, text, uncond, steps, cfg_scale, aug_level, gen,
+                    percentile, sampler, eta, noise)

@@ -51,8 +51,14 @@ def warmup_schedule(optimizer, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
-def train_step(model, diffusion, latents, text, empty, opt, sched, gen, args, noise_offset=None):
-    """One optimisation step of latent diffusion on a batch of latents and their text embeddings.
+def train_step(model, objective, latents, text, empty, opt, sched, gen, args, noise_offset=None):
+    """One optimisation step on a batch of latents and their text embeddings.
+
+    `objective` is what the architecture learns (emu/arch.py): GaussianDiffusion for the latent
+    model; the pixel cascade's and the masked transformer's objectives have the same two calls:
+    training_noise(x, noise_offset, gen) draws every sample's randomness (a dict of per-sample
+    tensors), training_loss(model, x, text, **draws) is the loss. "Latents" are what the frozen
+    first stage makes of the images: autoencoder latents, the pixels themselves, or VQ token ids.
 
     `empty` is the embedding of the empty caption, swapped in for a random tenth of the batch
     (--caption-dropout). Only the U-Net learns. `noise_offset` defaults to --noise-offset
@@ -70,7 +76,7 @@ def train_step(model, diffusion, latents, text, empty, opt, sched, gen, args, no
     """
     text = drop_captions(text, empty, args.caption_dropout, gen)
     noise_offset = args.noise_offset if noise_offset is None else noise_offset
-    t, noise = diffusion.training_noise(latents, noise_offset, gen)
+    draws = objective.training_noise(latents, noise_offset, gen)  # {"t": timesteps, "noise": ...} for diffusion
     opt.zero_grad(set_to_none=True)
     micro_batches = torch.arange(len(latents), device=latents.device).tensor_split(getattr(args, "grad_accum", 1))
     total = torch.zeros((), device=latents.device)
@@ -79,7 +85,7 @@ def train_step(model, diffusion, latents, text, empty, opt, sched, gen, args, no
             # --precision bf16: the forward pass computes in bfloat16 where it is safe (matmuls, convolutions);
             # the weights, their gradients and the optimiser state stay float32 (the "master weights").
             with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = diffusion.training_loss(model, latents[idx], text[idx], t=t[idx], noise=noise[idx])
+                loss = objective.training_loss(model, latents[idx], text[idx], **{k: v[idx] for k, v in draws.items()})
             loss = loss * (len(idx) / len(latents))  # the micro-batch's share of the batch mean
             loss.backward()  # always, even for a NaN: under DDP every rank must join the gradient all-reduce
         total += loss.detach()
@@ -128,7 +134,7 @@ class LatentBatches:
     def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0, rank=0,
                  world_size=1, repeat=False):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
-        self.device = next(ae.parameters()).device
+        self.device = module_device(ae)
         self.skipped = SkipLog()
         probe = collate([data[i] for i in range(min(len(data), 8))])
         self.skipped.note(probe.skipped)
@@ -192,7 +198,7 @@ class ShardBatches:
 
     def __init__(self, data, ae, text_encoder, batch_size, workers=0, position=None):
         self.data, self.ae, self.text_encoder = data, ae, text_encoder
-        self.device = next(ae.parameters()).device
+        self.device = module_device(ae)
         self.skipped = SkipLog()
         self.empty = text_encoder.encode([""]).to(self.device)
         self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
@@ -226,6 +232,12 @@ class ShardBatches:
 
     def describe(self):
         return f"{len(self.data.shards)} tar shards, read and encoded batch by batch; epoch {self.epoch}"
+
+
+def module_device(module):
+    """The device of a module's parameters, or of its buffers if it has none (the pixel model's
+    first stage, emu.pixel.PixelSpace, has only a buffer)."""
+    return next(iter([*module.parameters(), *module.buffers()])).device
 
 
 def _nbytes(x):
@@ -347,10 +359,13 @@ def too_many_bad_steps(bad, args, path):
                     f"{args.max_bad_steps}); saved the last good weights to {path}; lower --lr or check the data")
 
 
-def training_extra(unet, sched, step, gen, args, **extra):
-    """Everything a training checkpoint holds besides the weights and AdamW's state (plain values)."""
+def training_extra(model, sched, step, gen, args, **extra):
+    """Everything a training checkpoint holds besides the weights and AdamW's state (plain values):
+    with them, the architecture (--arch) and the model's configuration, to rebuild it from."""
+    from emu.arch import get_arch  # emu.arch builds on this module
+    arch = get_arch(getattr(args, "arch", "ldm"))
     return {"sched": sched.state_dict(), "step": step, "args": vars(args), "rng": rng_state(), "gen": gen.get_state(),
-            "unet_config": _config_dict(unet.cfg), **extra}
+            "arch": arch.name, "model_config": arch.config(model), **extra}
 
 
 def save_training_state(path, unet, ema, opt, sched, step, gen, args, **extra):
@@ -454,7 +469,3 @@ def add_training_flags(p):
                    help="encode all images and captions once when that takes at most this many MB (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-
-
-def _config_dict(cfg):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}

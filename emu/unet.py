@@ -187,6 +187,10 @@ class UNet(nn.Module):
         context_mask = torch.cat([text.clip_mask, text.t5_mask], dim=1)  # (B, Lc + Lt)
         return self.pooled_proj(text.pooled), context, context_mask
 
+    def fsdp_units(self):
+        """What FSDP gathers one at a time (emu/fsdp.py): every Stage, Downsample and Upsample."""
+        return [*self.down, *self.mid, *self.up]
+
     def forward(self, x, t, text, cond=None, t_aug=None):
         """Predict the noise (or v) in `x`.
 

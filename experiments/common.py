@@ -118,9 +118,10 @@ def add_flags(p, out):
     p.add_argument("--out", default=out, help="everything goes here")
 
 
-def quality_tune(args, data, heldout, out, seed, *extra):
-    """qtune.py on an already-curated folder with its check set; returns the best checkpoint's path."""
-    run("qtune.py", "--pretrained", args.pretrained, "--data", data, "--curate-top", "0", "--caption-field", "",
+def quality_tune(args, data, heldout, out, seed, *extra, pretrained=None):
+    """qtune.py on an already-curated folder with its check set, from `pretrained` (default
+    --pretrained); returns the best checkpoint's path."""
+    run("qtune.py", "--pretrained", pretrained or args.pretrained, "--data", data, "--curate-top", "0", "--caption-field", "",
         "--heldout-data", heldout, "--out", out, "--seed", seed, "--iters", args.iters, "--bs", args.bs,
         "--eval-every", args.eval_every, *extra)
     return os.path.join(out, "best.pt")

@@ -34,7 +34,7 @@ from common import (add_flags, cells, copy_examples, evaluate, fresh_out, pooled
 
 PAPER_TABLE_3 = {"none": 24.8, "100": 60.3, "1000": 63.2, "2000": 67.0}  # appeal win % against SDXL
 # what the stand-in baseline copies from the pretrained model's checkpoint
-RECIPE = ("data", "ae", "clip", "t5", "image_size", "preset", "steps", "stages", "schedule", "timesteps", "prediction",
+RECIPE = ("arch", "data", "ae", "clip", "t5", "image_size", "preset", "steps", "stages", "schedule", "timesteps", "prediction",
           "noise_offset", "bs", "lr", "weight_decay", "warmup", "ema_decay", "caption_dropout", "text_dtype")
 
 

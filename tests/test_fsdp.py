@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from emu import EmuError
 from emu.diffusion import GaussianDiffusion
 from emu.dist import World, gather_objects
-from emu.fsdp import (full_state_dict, load_full_weights, load_sharded, save_sharded, shard_unet,
+from emu.fsdp import (full_state_dict, load_full_weights, load_sharded, save_sharded, shard_model,
                       sharded_checkpoint_problem)
 from emu.text import TextEmbedding
 from emu.training import make_ema, make_optimizer, train_step, update_ema, warmup_schedule
@@ -84,8 +84,8 @@ class Run:
         if ddp:
             self.model = DDP(self.unet)
         else:
-            shard_unet(self.ema, world)  # copied whole, then sharded like the U-Net
-            self.model = shard_unet(self.unet, world, precision)
+            shard_model(self.ema, world)  # copied whole, then sharded like the U-Net
+            self.model = shard_model(self.unet, world, precision)
         self.opt = make_optimizer(self.unet, self.args)  # after sharding: over this rank's pieces
         self.sched = warmup_schedule(self.opt, 3)
         self.gen = torch.Generator().manual_seed(10 + world.rank)

@@ -294,7 +294,8 @@ def test_loss_counts_only_masked_positions():
     inputs, seen = recorder.calls[0]  # the same seed masked the same tokens in every run
     masked = inputs.flatten(1) == model.mask_id
     assert masked.any(1).all() and (inputs[~masked.view(inputs.shape)] == ids[~masked.view(ids.shape)]).all()
-    reference = F.cross_entropy(model(inputs, seen)[masked], ids.flatten(1)[masked])
+    logits = model(inputs, seen)  # each image's masked tokens averaged, then the images
+    reference = torch.stack([F.cross_entropy(logits[b][masked[b]], ids.flatten(1)[b][masked[b]]) for b in range(4)]).mean()
     torch.testing.assert_close(losses[None], reference)
 
 

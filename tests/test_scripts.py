@@ -17,10 +17,15 @@ from emu.shards import pack_folder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*argv):
-    """Run a script from the repository root; fail with its output if it fails."""
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run(*argv, timeout=600):
+    """Run a script from the repository root; fail with its output if it fails or is still running
+    after `timeout` seconds (a hang fails its test instead of stalling the suite)."""
+    try:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        pytest.fail(f"{' '.join(argv)}: still running after {timeout} s:\n{out[-2000:]}")
     assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -189,6 +194,13 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         (["qtune.py", "--pretrained", f"{w}/ae/model.safetensors"], "model.safetensors"),
         (["eval_pairs.py", "report", "--study", f"{tmp_path}"], "study.sqlite: no rating study here"),
         (["eval_pairs.py", "serve", "--study", f"{tmp_path}/none"], "no rating study here"),
+        (["pretrain.py", "--arch", "pixel", "--data", f"{w}/haystack", *frozen], "--arch pixel works on pixels and has no autoencoder"),
+        (["pretrain.py", "--arch", "muse", "--preset", "emu", "--data", f"{w}/haystack"], "--arch muse has presets muse, toy"),
+        (["pretrain.py", "--arch", "muse", "--schedule", "cosine", "--data", f"{w}/haystack"], "not --arch muse"),
+        (["pretrain.py", "--arch", "muse", "--data", f"{w}/haystack", *frozen], "--arch muse needs a VQ tokenizer as --ae"),
+        (["qtune.py", "--arch", "muse", "--pretrained", f"{w}/pre/ckpt.pt"], f"--arch muse: {w}/pre/ckpt.pt holds a model of --arch ldm"),
+        (["sample.py", "--arch", "pixel", "--ckpt", f"{w}/pre/ckpt.pt"], f"--arch pixel: {w}/pre/ckpt.pt holds a model of --arch ldm"),
+        (["train_ae.py", "--arch", "muse", "--latent-channels", "4", "--data", f"{w}/haystack"], "the VQ tokenizer has none"),
     ]:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode != 0
@@ -276,3 +288,50 @@ def test_qtune_checks_on_a_separate_folder_and_repeats_a_set_smaller_than_the_ba
     proc = subprocess.run([sys.executable, "qtune.py", "--curate-top", "0", "--heldout-data", f"{tmp_path}/nope"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.strip() == f"error: --heldout-data {tmp_path}/nope: folder not found"
+
+
+@pytest.mark.parametrize("arch", ["pixel", "muse"])
+def test_other_architectures_pretrain_resume_on_two_ranks_qtune_sample_and_evaluate(world, tmp_path, arch):
+    """--arch pixel (the Imagen-like cascade) and --arch muse (the Muse-like masked transformer on a VQ
+    tokenizer from train_ae.py --arch muse) go through the same scripts as the latent model: 2 + resume
+    + 2 pretraining steps equal 4, two ranks under torchrun (DDP, FSDP), then quality-tuning, sampling
+    and the pairwise evaluation."""
+    w, frozen = world
+    first_stage = []
+    if arch == "muse":
+        out = run("train_ae.py", "--arch", "muse", "--data", f"{w}/haystack", "--out", f"{tmp_path}/vq", "--steps", "4",
+                  "--bs", "8", "--holdout", "8")
+        assert "VQ tokenizer: " in out and "tokens (8, 8) from 256 codes" in out and "codebook usage" in out
+        assert json.load(open(f"{tmp_path}/vq/config.json"))["kind"] == "vq"
+        first_stage = ["--ae", f"{tmp_path}/vq"]
+    common = ["pretrain.py", "--arch", arch, "--data", f"{w}/haystack", "--bs", "8", "--save-every", "2", "--sample-every", "4",
+              "--sample-n", "2", *first_stage, *frozen[2:]]  # the text towers, not the autoencoder
+    out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
+    assert f"{arch} model: " in out
+    assert Image.open(f"{tmp_path}/straight/samples/step-000000004.png").size == (2 * 32, 32)
+    run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
+    assert "resumed from" in run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    a, b = (torch.load(f"{tmp_path}/{run_}/ckpt.pt", weights_only=True) for run_ in ("straight", "split"))
+    assert a["arch"] == b["arch"] == arch and a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    # two ranks: DDP over the cascade (one forward covers both U-Nets); FSDP over the transformer's blocks
+    engine = ["--fsdp"] if arch == "muse" else []
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common, "--steps", "2",
+              "--sample-every", "0", *engine, "--out", f"{tmp_path}/ranks")
+    assert "2 rank(s)" in out and ("the replicas' weights agree" in out) == (not engine)
+    exported = torch.load(f"{tmp_path}/ranks/ckpt.pt", weights_only=True)
+    assert exported["arch"] == arch and exported["model"].keys() == a["model"].keys()
+
+    out = run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--arch", arch, "--data", f"{w}/haystack",
+              "--out", f"{tmp_path}/qt", "--curate-top", "16", "--holdout", "4", "--bs", "8", "--iters", "2", "--eval-every", "2")
+    assert "held-out loss before quality-tuning" in out and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["arch"] == arch
+    run("sample.py", "--ckpt", f"{tmp_path}/qt/best.pt", "--arch", arch, "--prompt", "a red circle in the center on a white background",
+        "--n", "2", "--steps", "3", "--out", f"{tmp_path}/samples")
+    assert Image.open(f"{tmp_path}/samples/0001.png").size == (32, 32)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square at the top on a pink background\ntwo green circles on the left on a black background\n")
+    run("eval_pairs.py", "--a", f"{tmp_path}/qt/best.pt", "--b", f"{tmp_path}/straight/ckpt.pt", "--arch", arch, "--prompts",
+        str(prompts), "--steps", "2", "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{tmp_path}/eval")
+    rates = json.load(open(f"{tmp_path}/eval/results.json"))["judge"]["summary"]["all"]["visual appeal"]
+    assert rates["n"] == 2 and rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0)

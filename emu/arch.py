@@ -1,0 +1,162 @@
+"""The three architectures quality-tuning is shown on, behind one small interface.
+
+Emu is a latent diffusion model; section 4.2 of the paper (Figure 10) re-trains a pixel diffusion
+model like Imagen and a masked generative transformer like Muse and quality-tunes both on the same
+curated set, to show the recipe is not specific to latent diffusion. `--arch` picks one of them in
+pretrain.py (qtune.py, sample.py and eval_pairs.py read it from the checkpoint):
+
+    ldm    autoencoder latents  -> emu.unet.UNet            -> GaussianDiffusion    (emu/diffusion.py)
+    pixel  the pixels           -> base U-Net + upsampler   -> CascadeDiffusion     (emu/pixel.py)
+    muse   VQ token ids         -> MaskedTransformer        -> MaskedTokens, MaskGIT (emu/muse.py)
+
+Everything else is shared: the text towers, the data and its batches, the training step, EMA,
+checkpoints and resuming, distributed training, curation, quality-tuning and evaluation. What
+differs is four things, each a method here:
+
+  * build / from_config: the trained model from a preset, or from the config a checkpoint recorded;
+  * objective: what train_step optimises (training_noise and training_loss, see emu/training.py),
+    and check_loss, the fixed-draw loss qtune's early stopping watches;
+  * generate: text embeddings and seeds -> images;
+  * the frozen first stage (the --ae directory): an autoencoder, none (PixelSpace), or a VQ tokenizer.
+"""
+import dataclasses
+
+import torch
+
+from emu import EmuError
+from emu.diffusion import GaussianDiffusion, classifier_free_guidance
+from emu.muse import TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig, muse_generate
+from emu.pixel import BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config, cascade_generate
+from emu.unet import PRESETS, UNet, UNetConfig
+
+
+def _from_dict(cls, d):
+    """A config dataclass from a checkpoint's plain dict (lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _config_dict(cfg):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
+
+
+class LatentDiffusion:
+    """Emu itself: a U-Net denoising autoencoder latents, conditioned on CLIP and T5."""
+    name, presets, default_ae, schedule, prediction = "ldm", tuple(sorted(PRESETS)), "runs/ae", "scaled_linear", "eps"
+
+    def build(self, preset, ae, text_encoder):
+        """A U-Net from a preset, its in/out width set by the autoencoder's latent channels and its
+        conditioning widths by the text towers."""
+        cfg = dataclasses.replace(PRESETS[preset], in_channels=ae.cfg.latent_channels, clip_dim=text_encoder.clip_dim,
+                                  t5_dim=text_encoder.t5_dim, pooled_dim=text_encoder.pooled_dim)
+        return UNet(cfg)
+
+    def config(self, model):
+        return _config_dict(model.cfg)
+
+    def from_config(self, d):
+        return UNet(_from_dict(UNetConfig, d))
+
+    def objective(self, model, args):
+        return diffusion_from_args(args)
+
+    def diffusion_defaults(self, preset):
+        return self.schedule, self.prediction
+
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
+        # one latent noise tensor per seed, so the same seed gives the same start in any model
+        side = image_size // ae.downsample_factor
+        shape = (model.cfg.in_channels, side, side)
+        device = text.clip.device
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        gen = torch.Generator(device).manual_seed(int(seeds[0]))
+        model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale)
+        latents = objective.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen)
+        return ae.decode(latents)
+
+
+class PixelDiffusion(LatentDiffusion):
+    """Imagen-like: a base U-Net on pixels at 1/factor of the image size, conditioned on T5 alone,
+    and a diffusion upsampler to the full size, trained together (emu.pixel.PixelCascade)."""
+    name, presets, default_ae = "pixel", tuple(sorted(BASE_PRESETS)), None
+
+    def build(self, preset, ae, text_encoder):
+        return build_cascade(preset, text_encoder.t5_dim)
+
+    def config(self, model):
+        return cascade_config_dict(model)
+
+    def from_config(self, d):
+        return cascade_from_config(d)
+
+    def objective(self, model, args):
+        return CascadeDiffusion(diffusion_from_args(args), model.factor)
+
+    def diffusion_defaults(self, preset):
+        """The preset's own schedule and prediction (the toy cascade learns to upsample only predicting v)."""
+        return BASE_PRESETS[preset].schedule, BASE_PRESETS[preset].prediction
+
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
+        return cascade_generate(model, objective.diffusion, text, uncond, seeds, image_size, steps, cfg_scale, sampler, eta)
+
+
+class MaskedGenerative:
+    """Muse-like: a bidirectional transformer over VQ token ids, trained to fill in masked tokens and
+    sampled by MaskGIT's parallel decoding (emu/muse.py). No diffusion: no schedule, no sampler."""
+    name, presets, default_ae, schedule, prediction = "muse", tuple(sorted(TRANSFORMER_PRESETS)), "runs/vq", None, None
+
+    def build(self, preset, tokenizer, text_encoder):
+        if getattr(tokenizer, "kind", None) != "vq":
+            raise EmuError("--arch muse needs a VQ tokenizer as --ae (python train_ae.py --arch muse), not an autoencoder")
+        cfg = dataclasses.replace(TRANSFORMER_PRESETS[preset], codebook_size=tokenizer.cfg.codebook_size,
+                                  clip_dim=text_encoder.clip_dim, t5_dim=text_encoder.t5_dim)
+        return MaskedTransformer(cfg)
+
+    def config(self, model):
+        return _config_dict(model.cfg)
+
+    def from_config(self, d):
+        return MaskedTransformer(_from_dict(MaskedTransformerConfig, d))
+
+    def objective(self, model, args):
+        return MaskedTokens(model.cfg.codebook_size)
+
+    def diffusion_defaults(self, preset):
+        return None, None
+
+    def generate(self, model, tokenizer, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
+        return muse_generate(model, tokenizer, text, uncond, seeds, image_size, steps, cfg_scale)
+
+
+ARCHS = {arch.name: arch for arch in (LatentDiffusion(), PixelDiffusion(), MaskedGenerative())}
+
+
+def get_arch(name):
+    """The architecture called `name` ("ldm", "pixel", "muse")."""
+    if name not in ARCHS:
+        raise EmuError(f"unknown architecture {name!r}; choose from {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def resolve_arch_flags(args):
+    """Fill in the flags whose defaults depend on --arch and check the others apply to it: --preset,
+    --ae (the first stage: an autoencoder, none, or a VQ tokenizer), --schedule and --prediction."""
+    arch = get_arch(args.arch)
+    if args.preset not in arch.presets:
+        raise EmuError(f"--preset {args.preset}: --arch {arch.name} has presets {', '.join(arch.presets)}")
+    if args.ae is None:
+        args.ae = arch.default_ae
+    elif arch.default_ae is None:
+        raise EmuError(f"--ae {args.ae}: --arch {arch.name} works on pixels and has no autoencoder")
+    if arch.name == "muse" and getattr(args, "grad_checkpoint", False):
+        raise EmuError("--grad-checkpoint is for the U-Nets (--arch ldm or pixel), not --arch muse")
+    schedule, prediction = arch.diffusion_defaults(args.preset)
+    if schedule is None and (args.schedule or args.prediction):
+        raise EmuError(f"--schedule and --prediction are for diffusion models, not --arch {arch.name}")
+    args.schedule, args.prediction = args.schedule or schedule, args.prediction or prediction
+    return arch
+
+
+def diffusion_from_args(args):
+    """The GaussianDiffusion described by a script's flags (or a checkpoint's saved args dict)."""
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k)
+    return GaussianDiffusion(get("schedule"), get("timesteps"), get("prediction"))
