@@ -23,11 +23,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from emu import EmuError  # noqa: E402
-from emu.curate import (HUMAN_STAGES, FunnelConfig, Measurer, export_curated, open_store, read_ratings,  # noqa: E402
+from emu.curate import (HUMAN_STAGES, FunnelConfig, Measurer, bicubic, export_curated, open_store, read_ratings,  # noqa: E402
                         read_store, register_images, run_automatic, save_head, summary, train_aesthetic_head, why)
 from emu.curate_people import (add_raters, assign, decide, final_keys, human_captions, pending, prepare,  # noqa: E402
                                simulate)
 from emu.curate_people import CurationStage  # noqa: E402
+from emu.pipeline import DiffusionUpsampler  # noqa: E402
 from emu.rating import RatingServer  # noqa: E402
 
 DEFAULT_PER_IMAGE = {"generalists": 3, "specialists": 1, "captions": 1}  # our choice: the paper gives no numbers
@@ -57,7 +58,10 @@ def parse_args(argv=None):
     r.add_argument("--min-likes", type=int, default=None, help="popularity: the fewest likes kept (images without likes stay)")
     r.add_argument("--seed", type=int, default=0, help="seed of the clustering")
     r.add_argument("--target-size", type=int, default=None,
-                   help="kept images whose shorter side is below this are upsampled to it (bicubic) in curated/")
+                   help="kept images whose shorter side is below this are upsampled to it in curated/ (bicubic, or --upsampler)")
+    r.add_argument("--upsampler", default=None,
+                   help="a pixel diffusion checkpoint (pretrain.py --arch pixel) whose upsampler enlarges those images, "
+                        "conditioned on their captions, as the paper's curation did; default: bicubic")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     for name, text in (("serve", "a human stage on the rating page: people keep, check and caption images"),
@@ -117,10 +121,11 @@ def run(args):
         print(f"{args.data}: {new} new images entered")
         _, measured = run_automatic(conn, cfg, args.clip, args.device)
         print(f"measured {measured} images in this run (the rest were measured before)")
-        finish(conn, args.out, args.target_size)
+        upsampler = DiffusionUpsampler(args.upsampler, args.device) if args.upsampler else bicubic
+        finish(conn, args.out, args.target_size, upsampler)
 
 
-def finish(conn, out, target_size=None):
+def finish(conn, out, target_size=None, upsampler=bicubic):
     """Decide the human stages that have answers, export what came through, print the summary."""
     prepare(conn)
     for stage in HUMAN_STAGES:
@@ -128,7 +133,7 @@ def finish(conn, out, target_size=None):
             decided, kept, waiting = decide(conn, stage)
             print(f"{stage}: {decided} images decided, {kept} kept" + (f"; {waiting} still wait for answers" if waiting else ""))
     keys = final_keys(conn)
-    export_curated(conn, keys, os.path.join(out, "curated"), human_captions(conn), target_size)
+    export_curated(conn, keys, os.path.join(out, "curated"), human_captions(conn), target_size, upsampler)
     table = summary_markdown(summary(conn))
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)

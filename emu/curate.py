@@ -509,12 +509,23 @@ def summary(conn):
     return rows
 
 
-def export_curated(conn, keys, out_dir, captions=None, target_size=None):
+def bicubic(image, size, caption):
+    """The plain way to enlarge an image (the caption is not needed)."""
+    return image.resize(size, Image.BICUBIC)
+
+
+bicubic.description = "bicubic"
+
+
+def export_curated(conn, keys, out_dir, captions=None, target_size=None, upsampler=bicubic):
     """Write the kept images with their captions and provenance into a folder qtune.py reads.
 
     :param captions: {key: caption} written by people; the others keep the haystack's caption.
-    :param target_size: an image whose shorter side is below it is upsampled to it (bicubic; the paper
-        used a pixel diffusion upsampler) and marked so in its key.json.
+    :param target_size: an image whose shorter side is below it is upsampled to it and marked so in
+        its key.json.
+    :param upsampler: upsampler(PIL image, (width, height), caption) -> PIL image of that size, with a
+        `description` for the record: bicubic, or the pixel diffusion upsampler the paper used
+        (emu.pipeline.DiffusionUpsampler).
     The folder is written beside the old one and swapped in, so it never holds a mix of two runs.
     """
     captions = captions or {}
@@ -531,8 +542,8 @@ def export_curated(conn, keys, out_dir, captions=None, target_size=None):
             if target_size and short < target_size:
                 scale = target_size / short
                 size = (round(im.width * scale), round(im.height * scale))
-                open_rgb(file).resize(size, Image.BICUBIC).save(os.path.join(tmp, key + ".png"))
-                record["upsampled"] = f"bicubic from {im.width}x{im.height} to {size[0]}x{size[1]}"
+                upsampler(open_rgb(file), size, captions.get(key, caption)).save(os.path.join(tmp, key + ".png"))
+                record["upsampled"] = f"{upsampler.description} from {im.width}x{im.height} to {size[0]}x{size[1]}"
             else:
                 shutil.copyfile(file, os.path.join(tmp, key + os.path.splitext(file)[1].lower()))
         with open(os.path.join(tmp, key + ".txt"), "w", encoding="utf-8") as f:

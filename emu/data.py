@@ -139,7 +139,12 @@ def square_tensor(im, size):
         im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
-    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return from_pil(im.crop((left, top, left + size, top + size)))
+
+
+def from_pil(im):
+    """An RGB PIL image -> (3, H, W) float tensor in [-1, 1] (the inverse of to_uint8, one image)."""
+    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 

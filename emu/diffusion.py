@@ -75,8 +75,8 @@ class GaussianDiffusion:
     """Holds the schedule and does the maths: q_sample, the loss, and the sampling steps."""
 
     def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps"):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"unknown prediction type {prediction!r} (choose eps or v)")
+        if prediction not in ("eps", "v", "x0"):
+            raise ValueError(f"unknown prediction type {prediction!r} (choose eps, v or x0)")
         self.schedule, self.num_timesteps, self.prediction = schedule, num_timesteps, prediction
         self.betas = make_betas(schedule, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, decreasing
@@ -95,6 +95,8 @@ class GaussianDiffusion:
         """What the model is trained to output at (x0, t, noise)."""
         if self.prediction == "eps":
             return noise
+        if self.prediction == "x0":  # the clean sample itself (DALL-E 2's and Kandinsky's image prior, emu/prior.py)
+            return x0
         ab = self._ab(t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
@@ -135,6 +137,9 @@ class GaussianDiffusion:
         if self.prediction == "eps":
             eps = model_out
             x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        elif self.prediction == "x0":
+            x0 = model_out
+            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
         else:
             x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * model_out
             eps = (1 - ab).sqrt() * x_t + ab.sqrt() * model_out

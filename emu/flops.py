@@ -53,18 +53,22 @@ def unet_flops(cfg, latent_size, clip_tokens, t5_tokens, batch=1):
     """
     levels = len(cfg.channel_mult)
     assert latent_size % 2 ** (levels - 1) == 0, f"latent size {latent_size} must be divisible by {2 ** (levels - 1)}"
-    ch, emb_dim, text_tokens = cfg.model_channels, 4 * cfg.model_channels, clip_tokens + t5_tokens
+    # a T5-only U-Net (the pixel models, emu/pixel.py) cross-attends to the T5 tokens alone
+    ch, emb_dim = cfg.model_channels, 4 * cfg.model_channels
+    text_tokens = t5_tokens if cfg.t5_only else clip_tokens + t5_tokens
 
     def stage(hw, c_in, c_out, attend):
         flops = res_block_flops(cfg, hw, c_in, c_out)
         return (flops + transformer_flops(cfg, hw, c_out, text_tokens)) if attend else flops
 
-    # conditioning: time MLP, pooled CLIP projection, both token projections
-    flops = mm(1, ch, emb_dim) + mm(1, emb_dim, emb_dim) + mm(1, cfg.pooled_dim, emb_dim)
-    flops += mm(clip_tokens, cfg.clip_dim, cfg.context_dim) + mm(t5_tokens, cfg.t5_dim, cfg.context_dim)
+    # conditioning: time MLP (and the upsampler's augmentation-level MLP), the pooled text projection
+    # (CLIP's pooled vector, or the mean of the T5 tokens), the token projections
+    flops = (2 if cfg.aug_embedding else 1) * (mm(1, ch, emb_dim) + mm(1, emb_dim, emb_dim))
+    flops += mm(1, cfg.t5_dim if cfg.t5_only else cfg.pooled_dim, emb_dim)
+    flops += (0 if cfg.t5_only else mm(clip_tokens, cfg.clip_dim, cfg.context_dim)) + mm(t5_tokens, cfg.t5_dim, cfg.context_dim)
 
     side = latent_size
-    flops += mm(side * side, 9 * cfg.in_channels, ch)  # conv_in
+    flops += mm(side * side, 9 * (cfg.in_channels + cfg.cond_channels), ch)  # conv_in (an upsampler's low-res image too)
     skip_chs = [ch]
     # down: ResBlock (+ transformer) stages, then a stride-2 3x3 conv that outputs a quarter of the pixels
     for level, mult in enumerate(cfg.channel_mult):

@@ -8,13 +8,14 @@ classifier-free guidance.
 import os
 
 import torch
+from PIL import Image
 
 from emu import EmuError
 from emu.arch import get_arch
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
-from emu.data import make_grid, save_png, to_uint8
-from emu.pixel import PixelSpace
+from emu.data import from_pil, make_grid, save_png, to_uint8
+from emu.pixel import PixelSpace, check_size, upsample
 from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
 
@@ -111,3 +112,36 @@ def sample_grid(path, arch, model, ae, text_encoder, objective, image_size, prom
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         save_png(path, make_grid(images, ncol=min(8, len(images))), {"prompts": " | ".join(prompts)})
     return images
+
+
+class DiffusionUpsampler:
+    """The pixel cascade's diffusion upsampler as a tool for curated images smaller than the target
+    size (emu_paper.txt, section 3.3: "We trained a pixel diffusion upsampler inspired by the
+    architecture proposed in [30] to upsample these images when necessary"). Called as
+    export_curated's upsampler: (PIL image, (width, height), caption) -> PIL image of that size.
+
+    The U-Net is convolutional: it upsamples to any size whose sides it can halve at each level, so
+    the image is made at the nearest such size and resized the last few pixels (bicubic) if needed.
+    """
+
+    def __init__(self, path, device="cpu", steps=25, cfg_scale=1.0, aug_level=0.1, seed=0):
+        model = TextToImage.from_checkpoint(path, device=device, arch="pixel")
+        self.upsampler, self.diffusion = model.model.upsampler, model.objective.diffusion
+        self.text_encoder, self.steps, self.cfg_scale, self.aug_level, self.seed = (
+            model.text_encoder, steps, cfg_scale, aug_level, seed)
+        self.description = f"pixel diffusion upsampler {path}"
+
+    @torch.no_grad()
+    def __call__(self, image, size, caption):
+        device = next(self.upsampler.parameters()).device
+        factor = 2 ** (len(self.upsampler.cfg.channel_mult) - 1)
+        made = tuple(max(factor, round(side / factor) * factor) for side in size)  # (width, height)
+        check_size(self.upsampler, made[::-1])
+        low = from_pil(image)[None].to(device)  # (1, 3, h, w) in [-1, 1]
+        text = self.text_encoder.encode([caption]).to(device)
+        uncond = self.text_encoder.encode([""]).to(device)
+        gen = torch.Generator(device).manual_seed(self.seed)
+        out = upsample(self.upsampler, self.diffusion, low, made[::-1], text, uncond, self.steps, self.cfg_scale,
+                       self.aug_level, gen)
+        result = Image.fromarray(to_uint8(out.cpu())[0])
+        return result if result.size == tuple(size) else result.resize(size, Image.BICUBIC)

@@ -51,7 +51,7 @@ def test_noise_offset_changes_only_the_per_channel_mean():
     assert per_map_mean.var().item() == pytest.approx(0.25 + 0.25, rel=0.05)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_prediction_target_inverts_to_x0_and_eps(prediction):
     d = GaussianDiffusion("scaled_linear", 1000, prediction)
     x0, noise = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
@@ -74,7 +74,7 @@ def test_ddim_with_eta_one_matches_ddpm_posterior():
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_sampler_with_oracle_model_recovers_a_single_point_data_set(sampler, prediction):
     # for data that is one point x*, the ideal model output is known in closed form
     d = GaussianDiffusion("scaled_linear", 1000, prediction)

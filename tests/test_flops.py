@@ -7,6 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from emu.flops import train_step_flops, unet_flops
+from emu.pixel import BASE_PRESETS, UPSAMPLER_PRESETS
 from emu.text import TextEmbedding
 from emu.unet import PRESETS, UNet, count_parameters
 
@@ -18,6 +19,9 @@ CONFIGS = {
     # other text widths and a head width that gives several heads per level
     "wide-text": replace(PRESETS["toy"], channel_mult=(1, 2), attention_levels=(0, 1), head_dim=16, context_dim=96,
                          clip_dim=80, t5_dim=40, pooled_dim=24),
+    # the pixel models (emu/pixel.py): T5 alone; the upsampler also takes its low-res image and augmentation level
+    "pixel-base": BASE_PRESETS["toy"].unet,
+    "pixel-upsampler": UPSAMPLER_PRESETS["toy"].unet,
 }
 
 
@@ -42,7 +46,10 @@ def measured_flops(cfg, batch, latent_size, clip_tokens, t5_tokens, backward=Fal
     # On the CPU, scaled_dot_product_attention runs a fused kernel that FlopCounterMode does not
     # count (it reports 0 FLOPs for it); the math backend runs the same attention as two bmm's it does.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = unet(x, t, text)
+        extra = {"cond": torch.randn(batch, cfg.cond_channels, latent_size, latent_size)} if cfg.cond_channels else {}
+        if cfg.aug_embedding:
+            extra["t_aug"] = torch.randint(0, 1000, (batch,))
+        out = unet(x, t, text, **extra)
         if backward:
             out.square().mean().backward()
     return counter.get_total_flops()

@@ -335,3 +335,14 @@ def test_other_architectures_pretrain_resume_on_two_ranks_qtune_sample_and_evalu
         str(prompts), "--steps", "2", "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{tmp_path}/eval")
     rates = json.load(open(f"{tmp_path}/eval/results.json"))["judge"]["summary"]["all"]["visual appeal"]
     assert rates["n"] == 2 and rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0)
+    if arch == "pixel":  # the cascade's upsampler enlarges curated images below the target size
+        small = tmp_path / "small"
+        small.mkdir()
+        for key in ("000001", "000002"):
+            Image.open(w / "haystack" / f"{key}.png").resize((16, 16)).save(small / f"{key}.png")
+            shutil.copy(w / "haystack" / f"{key}.txt", small)
+        run("data/curate.py", "--data", str(small), "--clip", f"{w}/towers/clip", "--out", f"{tmp_path}/curate",
+            "--target-size", "32", "--upsampler", f"{tmp_path}/straight/ckpt.pt")
+        assert Image.open(f"{tmp_path}/curate/curated/000001.png").size == (32, 32)
+        record = json.load(open(f"{tmp_path}/curate/curated/000002.json"))
+        assert record["upsampled"] == f"pixel diffusion upsampler {tmp_path}/straight/ckpt.pt from 16x16 to 32x32"
