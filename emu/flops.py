@@ -56,6 +56,7 @@ def unet_flops(cfg, latent_size, clip_tokens, t5_tokens, batch=1):
     # a T5-only U-Net (the pixel models, emu/pixel.py) cross-attends to the T5 tokens alone
     ch, emb_dim = cfg.model_channels, 4 * cfg.model_channels
     text_tokens = t5_tokens if cfg.t5_only else clip_tokens + t5_tokens
+    text_tokens += cfg.image_tokens if cfg.image_embed_dim else 0  # a decoder's image-embedding tokens (Kandinsky)
 
     def stage(hw, c_in, c_out, attend):
         flops = res_block_flops(cfg, hw, c_in, c_out)
@@ -66,6 +67,8 @@ def unet_flops(cfg, latent_size, clip_tokens, t5_tokens, batch=1):
     flops = (2 if cfg.aug_embedding else 1) * (mm(1, ch, emb_dim) + mm(1, emb_dim, emb_dim))
     flops += mm(1, cfg.t5_dim if cfg.t5_only else cfg.pooled_dim, emb_dim)
     flops += (0 if cfg.t5_only else mm(clip_tokens, cfg.clip_dim, cfg.context_dim)) + mm(t5_tokens, cfg.t5_dim, cfg.context_dim)
+    if cfg.image_embed_dim:  # the image embedding into the time embedding and into its context tokens
+        flops += mm(1, cfg.image_embed_dim, emb_dim) + mm(1, cfg.image_embed_dim, cfg.image_tokens * cfg.context_dim)
 
     side = latent_size
     flops += mm(side * side, 9 * (cfg.in_channels + cfg.cond_channels), ch)  # conv_in (an upsampler's low-res image too)

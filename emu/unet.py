@@ -48,6 +48,8 @@ class UNetConfig:
     t5_only: bool = False          # cross-attend to T5 tokens alone, pool them instead of CLIP's vector (Imagen)
     cond_channels: int = 0         # channels of an image concatenated to the input (super-resolution)
     aug_embedding: bool = False    # embed a noise-augmentation level next to the timestep (super-resolution)
+    image_embed_dim: int = 0       # condition on a CLIP image embedding of this width too (Kandinsky's decoder)
+    image_tokens: int = 4          # ... which becomes this many extra cross-attention tokens
 
 
 PRESETS = {
@@ -141,6 +143,10 @@ class UNet(nn.Module):
         self.clip_proj = None if cfg.t5_only else nn.Linear(cfg.clip_dim, cfg.context_dim)
         self.t5_proj = nn.Linear(cfg.t5_dim, cfg.context_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+        # Kandinsky's decoder (kandinsky_paper.txt, section 3): the CLIP image embedding is added to the
+        # time embedding and, as a few tokens, joins the text in the cross-attention context.
+        self.image_proj = nn.Linear(cfg.image_embed_dim, emb_dim) if cfg.image_embed_dim else None
+        self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.image_tokens * cfg.context_dim) if cfg.image_embed_dim else None
 
         self.down, skip_chs = nn.ModuleList(), [ch]
         for level, mult in enumerate(cfg.channel_mult):
@@ -191,7 +197,7 @@ class UNet(nn.Module):
         """What FSDP gathers one at a time (emu/fsdp.py): every Stage, Downsample and Upsample."""
         return [*self.down, *self.mid, *self.up]
 
-    def forward(self, x, t, text, cond=None, t_aug=None):
+    def forward(self, x, t, text, cond=None, t_aug=None, image_embed=None):
         """Predict the noise (or v) in `x`.
 
         :param x: (B, C, H, W) noisy latents (or pixels).
@@ -199,15 +205,22 @@ class UNet(nn.Module):
         :param text: an emu.text.TextEmbedding for the batch.
         :param cond: (B, cond_channels, H, W) image concatenated to x; only with cfg.cond_channels.
         :param t_aug: (B,) timesteps of the noise augmentation `cond` went through; only with cfg.aug_embedding.
+        :param image_embed: (B, image_embed_dim) CLIP image embeddings; only with cfg.image_embed_dim.
         :return: (B, C, H, W)
         """
-        if (cond is not None) != (self.cfg.cond_channels > 0) or (t_aug is not None) != self.cfg.aug_embedding:
-            raise ValueError("pass `cond` if and only if cfg.cond_channels > 0, "
-                             "and `t_aug` if and only if cfg.aug_embedding")
+        if ((cond is not None) != (self.cfg.cond_channels > 0) or (t_aug is not None) != self.cfg.aug_embedding
+                or (image_embed is not None) != (self.cfg.image_embed_dim > 0)):
+            raise ValueError("pass `cond` if and only if cfg.cond_channels > 0, `t_aug` if and only if "
+                             "cfg.aug_embedding, and `image_embed` if and only if cfg.image_embed_dim > 0")
         pooled, context, context_mask = self.text_conditioning(text)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + pooled  # (B, E)
         if self.aug_mlp is not None:
             emb = emb + self.aug_mlp(timestep_embedding(t_aug, self.cfg.model_channels))
+        if self.image_proj is not None:
+            emb = emb + self.image_proj(image_embed)
+            tokens = self.image_to_tokens(image_embed).view(len(x), self.cfg.image_tokens, -1)  # (B, n, ctx)
+            context = torch.cat([context, tokens], dim=1)
+            context_mask = torch.cat([context_mask, context_mask.new_ones(len(x), self.cfg.image_tokens)], dim=1)
 
         h = self.conv_in(x if cond is None else torch.cat([x, cond], dim=1))  # (B, ch, H, W)
         skips = [h]

@@ -22,6 +22,8 @@ CONFIGS = {
     # the pixel models (emu/pixel.py): T5 alone; the upsampler also takes its low-res image and augmentation level
     "pixel-base": BASE_PRESETS["toy"].unet,
     "pixel-upsampler": UPSAMPLER_PRESETS["toy"].unet,
+    # Kandinsky's decoder: conditioned on an image embedding too
+    "image-embedding": replace(PRESETS["toy"], image_embed_dim=24, image_tokens=3),
 }
 
 
@@ -49,6 +51,8 @@ def measured_flops(cfg, batch, latent_size, clip_tokens, t5_tokens, backward=Fal
         extra = {"cond": torch.randn(batch, cfg.cond_channels, latent_size, latent_size)} if cfg.cond_channels else {}
         if cfg.aug_embedding:
             extra["t_aug"] = torch.randint(0, 1000, (batch,))
+        if cfg.image_embed_dim:
+            extra["image_embed"] = torch.randn(batch, cfg.image_embed_dim)
         out = unet(x, t, text, **extra)
         if backward:
             out.square().mean().backward()

@@ -135,3 +135,31 @@ def test_conditioning_image_and_augmentation_level_are_extra_inputs():
     with pytest.raises(ValueError, match="cond"):
         latent_unet = UNet(PRESETS["toy"])
         latent_unet(torch.randn(1, 16, 8, 8), t[:1], random_text(1, PRESETS["toy"], lengths=(4,)), cond=cond[:1])
+
+
+def test_an_image_embedding_conditions_through_the_time_embedding_and_the_context():
+    """Kandinsky's decoder: the CLIP image embedding is added to the time embedding and becomes
+    extra cross-attention tokens; the output depends on it through either path."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["toy"], image_embed_dim=24, image_tokens=3)
+    unet = UNet(cfg)
+    assert unet.image_to_tokens.out_features == 3 * cfg.context_dim
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)
+    for block in unet.modules():
+        if isinstance(block, ResBlock):
+            torch.nn.init.normal_(block.conv2.weight, std=0.02)
+        if isinstance(block, SpatialTransformer):  # zero-initialised: the identity until trained
+            torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    x, t, text = torch.randn(2, 16, 8, 8), torch.tensor([100, 700]), random_text(2, cfg)
+    embed = torch.randn(2, 24)
+    base = unet(x, t, text, image_embed=embed)
+    assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - base).abs().max() > 1e-3
+    with mock.patch.object(SpatialTransformer, "forward", lambda self, x, context, mask: x):
+        # without cross-attention the image embedding still reaches the output, through the time embedding
+        assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - unet(x, t, text, image_embed=embed)).abs().max() > 1e-3
+    unet.image_proj.weight.data.zero_()
+    unet.image_proj.bias.data.zero_()
+    # and through the context alone
+    assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - unet(x, t, text, image_embed=embed)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="image_embed"):
+        unet(x, t, text)
