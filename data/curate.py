@@ -121,12 +121,18 @@ def run(args):
         print(f"{args.data}: {new} new images entered")
         _, measured = run_automatic(conn, cfg, args.clip, args.device)
         print(f"measured {measured} images in this run (the rest were measured before)")
-        upsampler = DiffusionUpsampler(args.upsampler, args.device) if args.upsampler else bicubic
-        finish(conn, args.out, args.target_size, upsampler)
+        with conn:  # the export settings hold for later exports too, after the human stages
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             [("target_size", str(args.target_size or "")), ("upsampler", args.upsampler or "")])
+        finish(conn, args.out, args.device)
 
 
-def finish(conn, out, target_size=None, upsampler=bicubic):
-    """Decide the human stages that have answers, export what came through, print the summary."""
+def finish(conn, out, device="cuda" if torch.cuda.is_available() else "cpu"):
+    """Decide the human stages that have answers, export what came through, print the summary.
+    Images below the last `run`'s --target-size are upsampled on export, by its --upsampler if given."""
+    settings = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('target_size', 'upsampler')"))
+    target_size = int(settings["target_size"]) if settings.get("target_size") else None
+    upsampler = DiffusionUpsampler(settings["upsampler"], device) if target_size and settings.get("upsampler") else bicubic
     prepare(conn)
     for stage in HUMAN_STAGES:
         if pending(conn, stage) or conn.execute("SELECT 1 FROM tasks WHERE stage = ?", (stage,)).fetchone():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from emu import EmuError
 from emu.checkpoint import load_state_dict_checked, load_weights, save_weights
-from emu.nn import Downsample, ResBlock, SpatialSelfAttention, Upsample, normalization
+from emu.nn import Downsample, ResBlock, SpatialSelfAttention, Upsample, apply_norm, norm_layer, normalization
 
 
 @dataclass
@@ -111,14 +111,14 @@ class MidBlock(nn.Module):
     """ResBlock -> self-attention -> ResBlock at the lowest resolution: the one place every
     position can see the whole image."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, code_channels=0):
         super().__init__()
-        self.res1 = ResBlock(ch, ch)
-        self.attn = SpatialSelfAttention(ch)
-        self.res2 = ResBlock(ch, ch)
+        self.res1 = ResBlock(ch, ch, code_channels=code_channels)
+        self.attn = SpatialSelfAttention(ch, code_channels)
+        self.res2 = ResBlock(ch, ch, code_channels=code_channels)
 
-    def forward(self, x):
-        return self.res2(self.attn(self.res1(x)))
+    def forward(self, x, zq=None):
+        return self.res2(self.attn(self.res1(x, zq=zq), zq), zq=zq)
 
 
 class Encoder(nn.Module):
@@ -163,9 +163,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, latent_channels, h, w) -> (B, 3, h*f, w*f): the encoder's mirror image."""
+    """(B, latent_channels, h, w) -> (B, 3, h*f, w*f): the encoder's mirror image.
 
-    def __init__(self, cfg, out_channels=3):
+    With `code_channels` (MoVQ, emu/muse.py's tokenizer with spatial_norm) every norm is a
+    SpatialNorm conditioned on the quantised code, which forward() then takes as `zq`."""
+
+    def __init__(self, cfg, out_channels=3, code_channels=0):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         self.factor = cfg.downsample_factor
@@ -174,22 +177,22 @@ class Decoder(nn.Module):
             self.patch = nn.Conv2d(cfg.latent_channels, out_channels * self.factor ** 2, 1)
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch)
-        blocks = []
+        self.mid = MidBlock(ch, code_channels)
+        self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks + 1):  # one more than the encoder, as in latent diffusion
-                blocks.append(ResBlock(ch, widths[level]))
+                self.up.append(ResBlock(ch, widths[level], code_channels=code_channels))
                 ch = widths[level]
             if level > 0:
-                blocks.append(Upsample(ch, cfg.shortcuts))
-        self.up = nn.Sequential(*blocks)
-        self.norm_out = normalization(ch)
+                self.up.append(Upsample(ch, cfg.shortcuts))
+        self.norm_out = norm_layer(ch, code_channels)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, ch, h, w)
-        h = self.up(h)  # (B, base, H, W)
-        out = self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+    def forward(self, z, zq=None):
+        h = self.mid(self.conv_in(z), zq)  # (B, ch, h, w)
+        for block in self.up:
+            h = block(h, zq=zq) if isinstance(block, ResBlock) else block(h)
+        out = self.conv_out(F.silu(apply_norm(self.norm_out, h, zq)))  # (B, 3, H, W)
         if self.patch is not None:
             out = out + F.pixel_shuffle(self.patch(z), self.factor)
         return out

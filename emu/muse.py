@@ -50,6 +50,7 @@ class VQConfig:
     restart_after: int = 10        # training steps a code may go unused before it is restarted (0: never)
     disc_channels: int = 32        # PatchDiscriminator width and depth, for training with AELoss
     disc_layers: int = 2
+    spatial_norm: bool = False     # MoVQ (Kandinsky's autoencoder): the code modulates every decoder norm
 
     @property
     def downsample_factor(self):
@@ -84,6 +85,15 @@ VQ_PRESETS = {
     # is our choice.
     "muse": VQConfig(base_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2, shortcuts=False,
                      codebook_size=8192, code_dim=256, restart_after=100, disc_channels=64, disc_layers=3),
+    # MoVQ, Kandinsky's autoencoder (kandinsky_paper.txt, Table 2: 67M parameters; Table 4: 16384
+    # codes). The toy one is the toy tokenizer with spatially conditioned decoder norms.
+    "toy-movq": VQConfig(spatial_norm=True),
+    # The widths are those of the released Kandinsky 2.1 MoVQ config as we recall it (128 base
+    # channels, multipliers 1, 2, 2, 4, two ResBlocks a level, 4-dimensional codes; f8): 62.5M
+    # parameters here, where the paper says 67M (ours has attention in the middle block only).
+    "movq": VQConfig(base_channels=128, channel_mult=(1, 2, 2, 4), num_res_blocks=2, shortcuts=False,
+                     codebook_size=16384, code_dim=4, restart_after=100, disc_channels=64, disc_layers=3,
+                     spatial_norm=True),
 }
 
 TRANSFORMER_PRESETS = {
@@ -218,7 +228,7 @@ class VQTokenizer(nn.Module):
         self.encoder = Encoder(ae_cfg, cfg.image_channels)
         self.quant_conv = nn.Conv2d(2 * cfg.code_dim, cfg.code_dim, 1)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.ema, cfg.ema_decay, cfg.restart_after)
-        self.decoder = Decoder(ae_cfg, cfg.image_channels)
+        self.decoder = Decoder(ae_cfg, cfg.image_channels, code_channels=cfg.code_dim if cfg.spatial_norm else 0)
 
     @property
     def downsample_factor(self):
@@ -231,7 +241,11 @@ class VQTokenizer(nn.Module):
         """
         z = self.quant_conv(self.encoder(images))  # (B, D, h, w)
         quantized, vq_loss, ids = self.quantizer(z)
-        return self.decoder(quantized), vq_loss, ids
+        return self.decode_codes(quantized), vq_loss, ids
+
+    def decode_codes(self, quantized):
+        """Code vectors (B, D, h, w) -> images; a MoVQ decoder also reads them in every norm."""
+        return self.decoder(quantized, quantized if self.cfg.spatial_norm else None)
 
     def encode(self, images):
         """Images (B, 3, H, W) in [-1, 1] -> token ids (B, H/f, W/f) (the codebook is left as it is)."""
@@ -241,7 +255,7 @@ class VQTokenizer(nn.Module):
 
     def decode_tokens(self, ids):
         """Token ids (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
-        return self.decoder(self.quantizer.lookup(ids)).clamp(-1.0, 1.0)
+        return self.decode_codes(self.quantizer.lookup(ids)).clamp(-1.0, 1.0)
 
     decode = decode_tokens
 

@@ -48,27 +48,55 @@ def normalization(channels, max_groups=32, min_group_size=4):
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+class SpatialNorm(nn.Module):
+    """MoVQ's spatially conditioned normalisation (Zheng et al. 2022, the Kandinsky autoencoder):
+    GroupNorm, then a per-pixel scale and shift computed by 1x1 convolutions from the quantised code
+    `zq`, resized (nearest) to the feature map. The decoder is told what the code says at every
+    position in every layer, which keeps neighbouring patches with the same code from looking alike."""
+
+    def __init__(self, channels, code_channels):
+        super().__init__()
+        self.norm = normalization(channels)
+        self.scale = nn.Conv2d(code_channels, channels, 1)
+        self.shift = nn.Conv2d(code_channels, channels, 1)
+
+    def forward(self, x, zq):
+        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+        return self.norm(x) * self.scale(zq) + self.shift(zq)
+
+
+def norm_layer(channels, code_channels=0):
+    """GroupNorm, or a SpatialNorm conditioned on a code of `code_channels` channels."""
+    return SpatialNorm(channels, code_channels) if code_channels else normalization(channels)
+
+
+def apply_norm(norm, x, zq=None):
+    """norm(x), passing a SpatialNorm its code."""
+    return norm(x, zq) if isinstance(norm, SpatialNorm) else norm(x)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, with a skip connection.
 
     With `emb_dim` set (the U-Net), a conditioning vector is projected to a per-channel scale and
     shift applied after the second norm (FiLM, as in improved-diffusion's use_scale_shift_norm).
-    Without it (the autoencoder), the block is a plain residual block.
+    Without it (the autoencoder), the block is a plain residual block. With `code_channels` (a MoVQ
+    decoder) both norms are SpatialNorms, conditioned on the quantised code passed as `zq`.
     """
 
-    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, code_channels=0):
         super().__init__()
-        self.norm1 = normalization(in_ch)
+        self.norm1 = norm_layer(in_ch, code_channels)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
-        self.norm2 = normalization(out_ch)
+        self.norm2 = norm_layer(out_ch, code_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)) if emb_dim else nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x, emb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
+    def forward(self, x, emb=None, zq=None):
+        h = self.conv1(F.silu(apply_norm(self.norm1, x, zq)))
+        h = apply_norm(self.norm2, h, zq)
         if self.emb is not None:
             scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
             h = h * (1 + scale) + shift
@@ -148,13 +176,13 @@ class MultiHeadAttention(nn.Module):
 class SpatialSelfAttention(nn.Module):
     """Single-head self-attention over the pixels of a feature map (the autoencoder's mid block)."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, code_channels=0):
         super().__init__()
-        self.norm = normalization(ch)
+        self.norm = norm_layer(ch, code_channels)
         self.attn = MultiHeadAttention(ch, heads=1)
 
-    def forward(self, x):
+    def forward(self, x, zq=None):
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        h = apply_norm(self.norm, x, zq).flatten(2).transpose(1, 2)  # (B, H*W, C)
         h = self.attn(h).transpose(1, 2).view(B, C, H, W)
         return x + h

@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=1600, help="pretraining steps of the pixel and Muse-like models "
                                                                     "(pretrain.py's toy default, as the latent model had)")
     p.add_argument("--vq-steps", type=int, default=600, help="VQ tokenizer training steps (train_ae.py's toy default)")
-    p.add_argument("--pretrain-flags", default="", help="extra flags for pretrain.py and train_ae.py (tests: a tiny world)")
+    p.add_argument("--pretrain-flags", default="", help="extra flags for pretrain.py (tests: a tiny world)")
+    p.add_argument("--vq-flags", default="", help="extra flags for train_ae.py --arch muse (tests: a tiny world)")
     return p.parse_args(argv)
 
 
@@ -53,14 +54,13 @@ def pretrain(args, arch, out):
     trained here on the toy haystack, the Muse-like model on a VQ tokenizer trained first."""
     if arch == "ldm":
         return args.pretrained
-    extra = args.pretrain_flags.split()
     frozen = ["--clip", os.path.join(args.towers, "clip"), "--t5", os.path.join(args.towers, "t5")]
     if arch == "muse":
         run("train_ae.py", "--arch", "muse", "--data", args.haystack, "--out", os.path.join(out, "vq"),
-            "--steps", args.vq_steps, *extra)
+            "--steps", args.vq_steps, *args.vq_flags.split())
         frozen += ["--ae", os.path.join(out, "vq")]
     run("pretrain.py", "--arch", arch, "--data", args.haystack, *frozen, "--steps", args.pretrain_steps,
-        "--out", os.path.join(out, "pretrain"), *extra)
+        "--out", os.path.join(out, "pretrain"), *args.pretrain_flags.split())
     return os.path.join(out, "pretrain", "ckpt.pt")
 
 

@@ -248,3 +248,23 @@ def test_qtune_overfitting_keeps_each_milestone_of_one_run(tuning_world, tmp_pat
     heldout = {r["iter"]: r["heldout"] for r in records if "heldout" in r}
     assert f"| 4 | {heldout[4]:.4f} |" in table and f"Held-out loss before tuning: {heldout[0]:.4f}." in table
     assert Image.open(out / "win_rates_by_iteration.png").size == (640, 400)
+
+
+def test_architectures_tunes_and_judges_each_architecture_on_the_same_splits(tuning_world, tmp_path):
+    w, flags = tuning_world
+    out = tmp_path / "exp"
+    script("experiments/architectures.py", *flags, "--seeds", "0", "--towers", f"{w}/towers", "--pretrain-steps", "2",
+           "--pretrain-flags", "--bs 4 --sample-every 0", "--vq-steps", "2", "--vq-flags", "--bs 4 --holdout 8", "--out", out)
+    assert json.load(open(out / "muse/vq/config.json"))["kind"] == "vq"
+    for arch in ("pixel", "muse"):
+        ckpt = torch.load(out / arch / "pretrain/ckpt.pt", weights_only=True)
+        assert ckpt["arch"] == arch and ckpt["step"] == 2
+        assert torch.load(out / arch / "seed-0/qtune/ckpt.pt", weights_only=True)["arch"] == arch
+    splits = [sorted(os.listdir(out / arch / "seed-0/heldout")) for arch in ("ldm", "pixel", "muse")]
+    assert splits[0] == splits[1] == splits[2]  # every architecture tuned and checked on the same images
+    table = (out / "results.md").read_text()
+    for arch, name in (("ldm", "latent diffusion (Emu)"), ("pixel", "pixel diffusion (Imagen-like)"),
+                       ("muse", "masked transformer (Muse-like)")):
+        s = summarize_outcomes(common.judge_outcomes(out / arch / "seed-0/eval")["visual appeal"][:, None], n_boot=50)
+        assert f"| {name} | visual appeal | {s['win']:.1f}% [{s['ci']['win'][0]:.1f}, {s['ci']['win'][1]:.1f}] |" in table
+    assert Image.open(out / "win_rates.png").size[0] == 640

@@ -356,3 +356,58 @@ def test_guidance_scale_one_is_the_conditional_model_alone():
     cond, unc = model(ids, text), model(ids, uncond_a)
     torch.testing.assert_close(guided_logits(model, ids, text, uncond_a, 3.0), unc + 3.0 * (cond - unc),
                                atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# MoVQ: the tokenizer with spatially conditioned decoder norms (Kandinsky's autoencoder)
+
+def test_movq_decoder_reads_the_code_in_every_norm():
+    from emu.nn import SpatialNorm
+    torch.manual_seed(0)
+    tok = VQTokenizer(small_vq(spatial_norm=True)).eval()
+    norms = [m for m in tok.decoder.modules() if isinstance(m, SpatialNorm)]
+    groupnorms = [m for m in tok.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and len(groupnorms) == len(norms)  # every GroupNorm of the decoder sits inside a SpatialNorm
+    ids = torch.randint(0, 256, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    codes = tok.quantizer.lookup(ids)
+    out = tok.decoder(codes, codes)
+    # the same decoder input, another code in the norms: another image
+    assert (tok.decoder(codes, tok.quantizer.lookup(ids.roll(1, dims=2))) - out).abs().max() > 1e-3
+    torch.testing.assert_close(tok.decode_tokens(ids), out.clamp(-1, 1))
+    x = toy_images(2)  # quantisation is kept at inference: images go through the codebook
+    torch.testing.assert_close(tok(x)[0], tok.decode_codes(tok.quantizer.lookup(tok.encode(x))), atol=1e-5, rtol=1e-5)
+
+
+def test_the_autoencoder_keeps_its_parameters_without_spatial_norm():
+    """The spatial norms are an option: saved autoencoders hold the state dict they always held.
+    The fingerprints (names and shapes) were taken before the option existed."""
+    import hashlib
+    from emu.autoencoder import PRESETS, Autoencoder
+    for name, expected in [("toy", (147, "0f0144ba31ef12be029c8222fe39bdbd2ec5aadd6f638e9a4cec05918e471e67")),
+                           ("emu", (239, "eb60b24b73ac41dcf474796b3231f092f2404ff8f08594348d83c7945c9ace33"))]:
+        with torch.device("meta"):
+            state = Autoencoder(PRESETS[name]).state_dict()
+        listing = "\n".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
+        assert (len(state), hashlib.sha256(listing.encode()).hexdigest()) == expected, name
+
+
+def test_movq_trains_with_the_autoencoder_loss_and_keeps_its_codebook_in_use():
+    images = toy_images(48)
+    train, heldout = images[:32], images[32:]
+    torch.manual_seed(0)
+    tok = VQTokenizer(small_vq(codebook_size=32, restart_after=3, spatial_norm=True))
+    loss_fn = AELoss(PatchDiscriminator(3, 8, 1), kl_weight=0.0, disc_start=10 ** 9)
+    opt = torch.optim.Adam(tok.parameters(), lr=2e-3)
+    with torch.no_grad():
+        before = F.l1_loss(tok.eval()(heldout)[0], heldout).item()
+    tok.train()
+    for step in range(24):
+        loss, _, _ = vq_training_losses(tok, loss_fn, train[(step * 8) % 32:][:8], step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tok.eval()
+    with torch.no_grad():
+        after = F.l1_loss(tok(heldout)[0], heldout).item()
+    usage, perplexity = codebook_usage(tok.encode(heldout), 32)
+    assert after < 0.6 * before and usage > 0.4 and perplexity > 8, (before, after, usage, perplexity)

@@ -1,5 +1,6 @@
 """End-to-end smoke runs of every script on a tiny toy world, through their command lines."""
 import csv
+import glob
 import json
 import os
 import shutil
@@ -346,3 +347,7 @@ def test_other_architectures_pretrain_resume_on_two_ranks_qtune_sample_and_evalu
         assert Image.open(f"{tmp_path}/curate/curated/000001.png").size == (32, 32)
         record = json.load(open(f"{tmp_path}/curate/curated/000002.json"))
         assert record["upsampled"] == f"pixel diffusion upsampler {tmp_path}/straight/ckpt.pt from 16x16 to 32x32"
+        # a human stage's export (here simulated raters) upsamples the same way: the settings are in the store
+        run("data/curate.py", "simulate", "--stage", "generalists", "--out", f"{tmp_path}/curate")
+        kept = glob.glob(f"{tmp_path}/curate/curated/*.json")
+        assert kept and all(json.load(open(path))["upsampled"] == record["upsampled"] for path in kept)
