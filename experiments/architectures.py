@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.plot import plot_win_rates  # noqa: E402
-from common import (add_flags, cells, copy_examples, evaluate, fresh_out, pooled, quality_tune, run,  # noqa: E402
-                    split_curated, unseen_prompts, write_prompts, write_results)
+from common import (add_flags, cells, fresh_out, pooled, run, tune_and_judge, unseen_prompts, write_prompts,  # noqa: E402
+                    write_results)
 
 ARCH_NAMES = {"ldm": "latent diffusion (Emu)", "pixel": "pixel diffusion (Imagen-like)",
               "muse": "masked transformer (Muse-like)"}
@@ -76,17 +76,13 @@ def main(args):
         folder = os.path.join(args.out, arch)
         pretrained = pretrain(args, arch, folder)
         by_seed = []
-        for seed in seeds:
-            split = os.path.join(folder, f"seed-{seed}")
-            pool, heldout = split_curated(args.curated, args.heldout, seed, split)  # the same split for every arch
-            train = copy_examples(args.curated, pool, os.path.join(split, "train"))
-            best = quality_tune(args, train, heldout, os.path.join(split, "qtune"), seed, pretrained=pretrained)
-            by_seed.append(evaluate(args, best, pretrained, ("quality-tuned", "pretrained"), prompts,
-                                    os.path.join(split, "eval"), seed))
+        for seed in seeds:  # a seed splits the curated set the same way for every architecture
+            n_train, outcomes = tune_and_judge(args, pretrained, os.path.join(folder, f"seed-{seed}"), seed, prompts)
+            by_seed.append(outcomes)
         results[arch] = pooled(by_seed, args.n_boot)
 
     lines = [f"# Quality-tuned vs pretrained, three architectures ({len(seeds)} seeds pooled)", "",
-             f"{args.prompts} held-out prompts (scenes no pretraining image shows), {len(pool)} curated training images, "
+             f"{args.prompts} held-out prompts (scenes no pretraining image shows), {n_train} curated training images, "
              f"{args.heldout} held out for early stopping; quality-tuning: {args.iters} iterations at most, batch {args.bs}.",
              "", "| architecture | task | win | tie | lose |", "|---|---|---|---|---|"]
     rows = []

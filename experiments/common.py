@@ -127,6 +127,17 @@ def quality_tune(args, data, heldout, out, seed, *extra, pretrained=None):
     return os.path.join(out, "best.pt")
 
 
+def tune_and_judge(args, pretrained, folder, seed, prompts):
+    """One seed of quality-tuned vs pretrained, in `folder`: the curated set split at random (seeded)
+    into a check set and the training set, qtune.py from `pretrained` on it, then eval_pairs.py on
+    the prompt file. Returns (number of training images, the judges' outcomes as evaluate gives them)."""
+    pool, heldout = split_curated(args.curated, args.heldout, seed, folder)
+    train = copy_examples(args.curated, pool, os.path.join(folder, "train"))
+    best = quality_tune(args, train, heldout, os.path.join(folder, "qtune"), seed, pretrained=pretrained)
+    return len(pool), evaluate(args, best, pretrained, ("quality-tuned", "pretrained"), prompts,
+                               os.path.join(folder, "eval"), seed)
+
+
 def evaluate(args, a, b, names, prompts, out, seed):
     """eval_pairs.py: A vs B on the prompt file, the judges voting; returns {task name: (n_prompts,)
     outcomes in prompt order, +1 = A wins}. Prompt i is drawn with seed 1000 * seed + i by both models."""

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 
 from emu.pairwise import summarize_outcomes  # noqa: E402
 from emu.plot import plot_win_rates  # noqa: E402
-from common import (PAPER_QT_VS_PRETRAINED, add_flags, cells, copy_examples, evaluate, fresh_out, pooled,  # noqa: E402
-                    quality_tune, split_curated, unseen_prompts, write_prompts, write_results)
+from common import (PAPER_QT_VS_PRETRAINED, add_flags, cells, fresh_out, pooled, tune_and_judge,  # noqa: E402
+                    unseen_prompts, write_prompts, write_results)
 
 
 def parse_args(argv=None):
@@ -47,15 +47,12 @@ def main(args):
     for seed in seeds:
         print(f"== seed {seed}", flush=True)
         folder = os.path.join(args.out, f"seed-{seed}")
-        pool, heldout = split_curated(args.curated, args.heldout, seed, folder)
-        train = copy_examples(args.curated, pool, os.path.join(folder, "train"))
-        best = quality_tune(args, train, heldout, os.path.join(folder, "qtune"), seed)
-        by_seed.append(evaluate(args, best, args.pretrained, ("quality-tuned", "pretrained"), prompts,
-                                os.path.join(folder, "eval"), seed))
+        n_train, outcomes = tune_and_judge(args, args.pretrained, folder, seed, prompts)
+        by_seed.append(outcomes)
     total = pooled(by_seed, args.n_boot)
 
     lines = [f"# Quality-tuned vs pretrained, {len(seeds)} seeds", "",
-             f"{args.prompts} held-out prompts (scenes no pretraining image shows), {len(pool)} curated training images, "
+             f"{args.prompts} held-out prompts (scenes no pretraining image shows), {n_train} curated training images, "
              f"{args.heldout} held out for early stopping; quality-tuning: {args.iters} iterations at most, batch {args.bs}.",
              "", "| seed | task | win | tie | lose |", "|---|---|---|---|---|"]
     rows = []

@@ -13,7 +13,7 @@ from emu.autoencoder import PRESETS as AE_PRESETS, Autoencoder, load_autoencoder
 from emu.diffusion import GaussianDiffusion
 from emu.muse import VQ_PRESETS, MaskedTokens, VQTokenizer, muse_generate
 from emu.pipeline import model_from_checkpoint, read_training_checkpoint
-from emu.pixel import CascadeDiffusion, PixelSpace, build_cascade, cascade_generate, resize
+from emu.pixel import CascadeDiffusion, PixelSpace, cascade_generate, resize
 from emu.text import TextEmbedding
 from emu.training import make_optimizer, module_device, save_training_state, train_step, warmup_schedule
 

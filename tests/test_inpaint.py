@@ -1,0 +1,46 @@
+"""Masks for inpainting and outpainting (emu/inpaint.py)."""
+import torch
+
+from emu.inpaint import (hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, paste_known, random_masks,
+                         segment_distance)
+from emu.pixel import PixelSpace
+
+
+def test_training_masks_are_binary_seeded_and_varied():
+    masks = random_masks(64, 32, 32, torch.Generator().manual_seed(0))
+    assert masks.shape == (64, 1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks, random_masks(64, 32, 32, torch.Generator().manual_seed(0)))
+    fractions = hole_fraction(masks)
+    assert (fractions == 1).sum() >= 2  # some whole images: plain text to image
+    partial = fractions[(fractions > 0) & (fractions < 1)]
+    assert len(partial) >= 40 and 0.05 < partial.median() < 0.7
+    assert (fractions > 0).all()  # every image has something to paint
+
+
+def test_a_stroke_is_the_pixels_near_its_segment():
+    ys, xs = torch.meshgrid(torch.arange(9.0), torch.arange(9.0), indexing="ij")
+    d = segment_distance(ys, xs, 4, 1, 4, 7)  # a horizontal segment on row 4, columns 1 to 7
+    assert d[4, 1:8].eq(0).all() and d[2, 4] == 2 and d[4, 0] == 1
+    assert torch.isclose(d[0, 0], torch.tensor(17.0).sqrt())  # the nearest point is the end (4, 1)
+
+
+def test_outpainting_extends_the_canvas_around_the_image():
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    canvas, mask = outpaint_canvas(images, top=2, bottom=0, left=4, right=4)
+    assert canvas.shape == (2, 3, 10, 16) and mask.shape == (2, 1, 10, 16)
+    assert torch.equal(canvas[:, :, 2:, 4:12], images) and mask[:, :, 2:, 4:12].eq(0).all()
+    assert mask.sum().item() == 2 * (10 * 16 - 8 * 8) and canvas[mask.expand_as(canvas) == 1].eq(0).all()
+
+
+def test_the_known_region_is_kept_exactly_and_the_hole_blanked_in_the_condition():
+    images, generated = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 3:7] = 1
+    out = paste_known(generated, images, mask)
+    keep = mask.expand_as(images) == 0
+    assert torch.equal(out[keep], images[keep]) and torch.equal(out[~keep], generated[~keep])
+    cond = inpaint_condition(PixelSpace(), images, mask)  # pixels as "latents": blanked hole, then the mask
+    assert cond.shape == (2, 4, 8, 8) and cond[:, :3][~keep].eq(0).all() and torch.equal(cond[:, 3:], mask)
+    # at latent resolution, a latent pixel touching the hole is hole
+    assert torch.equal(latent_mask(mask, 4)[0, 0], torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+    assert latent_mask(mask[:, :, :4, :4] * 0, 4).sum() == 0
