@@ -192,9 +192,16 @@ def build_prior(config):
     raise ValueError(f"unknown prior kind {kind!r}")
 
 
-def cosine_similarity(predicted, true):
-    """(B,) cosine similarity of predicted and true image embeddings: the paper's measure of a prior."""
-    return F.cosine_similarity(predicted.float(), true.float(), dim=-1)
+def cosine_similarity(predicted, true, center=None):
+    """(B,) cosine similarity of predicted and true image embeddings.
+
+    With `center` (the mean training embedding), both are measured from it: how well the prior
+    predicts what sets this image apart from the average one. Embeddings that share a large common
+    part (those of an untrained CLIP tower do: any two are at cosine 0.98) need it to say anything."""
+    predicted, true = predicted.float(), true.float()
+    if center is not None:
+        predicted, true = predicted - center, true - center
+    return F.cosine_similarity(predicted, true, dim=-1)
 
 
 def count_parameters(cfg):

@@ -202,6 +202,7 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         (["qtune.py", "--arch", "muse", "--pretrained", f"{w}/pre/ckpt.pt"], f"--arch muse: {w}/pre/ckpt.pt holds a model of --arch ldm"),
         (["sample.py", "--arch", "pixel", "--ckpt", f"{w}/pre/ckpt.pt"], f"--arch pixel: {w}/pre/ckpt.pt holds a model of --arch ldm"),
         (["train_ae.py", "--arch", "muse", "--latent-channels", "4", "--data", f"{w}/haystack"], "the VQ tokenizer has none"),
+        (["train_prior.py", "--data", f"{tmp_path}/none", "--out", f"{tmp_path}/prior"], "data folder not found"),
     ]:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode != 0
@@ -210,7 +211,7 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         assert len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("script", ["train_ae.py", "pretrain.py", "qtune.py", "sample.py", "eval_pairs.py", "data/make_toy.py",
+@pytest.mark.parametrize("script", ["train_ae.py", "pretrain.py", "qtune.py", "sample.py", "eval_pairs.py", "train_prior.py", "data/make_toy.py",
                                     "data/embed_captions.py", "data/curate.py", "bench/load_t5.py", "bench/train_mfu.py"])
 def test_every_script_explains_its_flags(script):
     out = run(script, "--help")
@@ -351,3 +352,24 @@ def test_other_architectures_pretrain_resume_on_two_ranks_qtune_sample_and_evalu
         run("data/curate.py", "simulate", "--stage", "generalists", "--out", f"{tmp_path}/curate")
         kept = glob.glob(f"{tmp_path}/curate/curated/*.json")
         assert kept and all(json.load(open(path))["upsampled"] == record["upsampled"] for path in kept)
+
+
+def test_train_prior_fits_the_linear_prior_and_resumes_the_diffusion_prior_bitwise(world, tmp_path):
+    """train_prior.py on the toy world: the linear prior in closed form; the diffusion prior, 2 steps +
+    resume + 2 steps equal to 4, the embeddings computed once and reused."""
+    from emu.prior import DiffusionPrior, LinearPrior, build_prior
+    w, _ = world
+    common = ["train_prior.py", "--data", f"{w}/haystack", "--clip", f"{w}/towers/clip", "--holdout", "16"]
+    out = run(*common, "--kind", "linear", "--out", f"{tmp_path}/linear")
+    assert "96 pairs: 80 to train on, 16 held out" in out and "centred cosine" in out
+    saved = torch.load(f"{tmp_path}/linear/prior.pt", weights_only=True)
+    assert isinstance(build_prior(saved["config"]), LinearPrior)
+    assert "| centred cosine |" in open(f"{tmp_path}/linear/results.md").read()
+    flags = [*common, "--bs", "8", "--eval-every", "2", "--save-every", "2", "--sample-steps", "2"]
+    run(*flags, "--steps", "4", "--out", f"{tmp_path}/straight")
+    run(*flags, "--steps", "2", "--out", f"{tmp_path}/split")
+    out = run(*flags, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    assert "resumed from" in out and "embedding again" not in out
+    a, b = (torch.load(f"{tmp_path}/{name}/prior.pt", weights_only=True) for name in ("straight", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert isinstance(build_prior(a["config"]), DiffusionPrior)
