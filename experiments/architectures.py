@@ -17,7 +17,7 @@ the project's own scripts, for each of --arch ldm, pixel and muse:
 then the win / tie / lose rates of each architecture, pooled over the seeds, with 95% bootstrap
 intervals over prompts.
 
-    python experiments/architectures.py    # about 45 minutes on 2 CPU cores, after `bash toy.sh`
+    python experiments/architectures.py    # after `bash toy.sh`; 86 minutes on 2 CPU cores shared with other work
 Writes OUT/results.md and OUT/win_rates.png.
 """
 import argparse
