@@ -70,14 +70,16 @@ def clip_text(clip, tokenizer, captions, device):
 
 @torch.no_grad()
 def embed_all(args, device):
-    """Every usable pair's (TextEmbedding, image embeddings (N, E)), computed once and cached."""
+    """Every usable pair's (TextEmbedding, image embeddings (N, E)), and the empty caption's
+    TextEmbedding (what dropped captions become, and what guidance compares against), cut to the
+    captions' token length; computed once and cached."""
     cache = os.path.join(args.out, "embeddings.pt")
     stamp = {"data": os.path.abspath(args.data), "clip": os.path.abspath(args.clip),
              "files": sorted(os.listdir(args.data)) if os.path.isdir(args.data) else None}
     if os.path.exists(cache):
         saved = load_checkpoint(cache)
-        if saved["stamp"] == stamp:
-            return TextEmbedding(**saved["text"]), saved["images"]
+        if saved["stamp"] == stamp and "empty" in saved:
+            return TextEmbedding(**saved["text"]), saved["images"], TextEmbedding(**saved["empty"])
         print(f"{cache}: made from other data or towers; embedding again")
     if not os.path.isdir(args.data):
         raise EmuError(f"{args.data}: data folder not found (run python data/make_toy.py first)")
@@ -95,16 +97,19 @@ def embed_all(args, device):
     if len(usable) <= args.holdout:
         raise EmuError(f"{args.data}: {len(usable)} usable pairs, not more than --holdout {args.holdout}")
     text, image_embeds = TextEmbedding.cat(texts).without_padding(), torch.cat(images)
-    save_checkpoint(cache, {"stamp": stamp, "text": vars(text), "images": image_embeds})
-    return text, image_embeds
+    empty, L = clip_text(text_tower, tokenizer, [""], device), text.clip.shape[1]
+    empty = TextEmbedding(clip=empty.clip[:, :L], clip_mask=empty.clip_mask[:, :L], t5=text.t5[:1],
+                          t5_mask=text.t5_mask[:1], pooled=empty.pooled)
+    save_checkpoint(cache, {"stamp": stamp, "text": vars(text), "images": image_embeds, "empty": vars(empty)})
+    return text, image_embeds, empty
 
 
 def main(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    text, images = embed_all(args, device)
-    text, images = text.to(device), images.to(device)
+    text, images, empty = embed_all(args, device)
+    text, images, empty = text.to(device), images.to(device), empty.to(device)
     n_train = len(images) - args.holdout
     train_text, train_images, test_text, test_images = text[:n_train], images[:n_train], text[n_train:], images[n_train:]
     center = train_images.mean(0)
@@ -128,7 +133,6 @@ def main(args):
     prior.norm.fit(train_images)  # the paper's element-wise normalisation, from the training set
     opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(args.seed)
-    empty = empty_caption(args, device, text)  # dropped captions become this, and guidance compares against it
     step = 0
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
@@ -170,15 +174,6 @@ def main(args):
                                                                 "step": step, "gen": gen.get_state(), "rng": rng_state(),
                                                                 "args": vars(args)})
     return finish(args, prior, {**evaluate(), "cosine of the mean training embedding": mean_image})
-
-
-def empty_caption(args, device, like):
-    """The empty caption's embedding, cut to the data's token length: what guidance compares against."""
-    text_tower, tokenizer = load_clip_text(args.clip, dtype=torch.float32, device=device)
-    empty = clip_text(text_tower, tokenizer, [""], device)
-    L = like.clip.shape[1]
-    return TextEmbedding(clip=empty.clip[:, :L], clip_mask=empty.clip_mask[:, :L], t5=like.t5[:1], t5_mask=like.t5_mask[:1],
-                         pooled=empty.pooled)
 
 
 def finish(args, prior, scores):

@@ -24,24 +24,16 @@ import dataclasses
 import torch
 
 from emu import EmuError
+from emu.checkpoint import config_from_dict, config_to_dict
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
 from emu.muse import TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig, muse_generate
 from emu.pixel import BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config, cascade_generate
 from emu.unet import PRESETS, UNet, UNetConfig
 
 
-def _from_dict(cls, d):
-    """A config dataclass from a checkpoint's plain dict (lists back to tuples)."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def _config_dict(cfg):
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
-
-
 class LatentDiffusion:
     """Emu itself: a U-Net denoising autoencoder latents, conditioned on CLIP and T5."""
-    name, presets, default_ae, schedule, prediction = "ldm", tuple(sorted(PRESETS)), "runs/ae", "scaled_linear", "eps"
+    name, presets, default_ae = "ldm", tuple(sorted(PRESETS)), "runs/ae"
 
     def build(self, preset, ae, text_encoder):
         """A U-Net from a preset, its in/out width set by the autoencoder's latent channels and its
@@ -51,16 +43,17 @@ class LatentDiffusion:
         return UNet(cfg)
 
     def config(self, model):
-        return _config_dict(model.cfg)
+        return config_to_dict(model.cfg)
 
     def from_config(self, d):
-        return UNet(_from_dict(UNetConfig, d))
+        return UNet(config_from_dict(UNetConfig, d))
 
     def objective(self, model, args):
         return diffusion_from_args(args)
 
     def diffusion_defaults(self, preset):
-        return self.schedule, self.prediction
+        """The noise schedule and prediction of Stable Diffusion's latent models, which Emu's follows."""
+        return "scaled_linear", "eps"
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
         # one latent noise tensor per seed, so the same seed gives the same start in any model
@@ -102,7 +95,7 @@ class PixelDiffusion(LatentDiffusion):
 class MaskedGenerative:
     """Muse-like: a bidirectional transformer over VQ token ids, trained to fill in masked tokens and
     sampled by MaskGIT's parallel decoding (emu/muse.py). No diffusion: no schedule, no sampler."""
-    name, presets, default_ae, schedule, prediction = "muse", tuple(sorted(TRANSFORMER_PRESETS)), "runs/vq", None, None
+    name, presets, default_ae = "muse", tuple(sorted(TRANSFORMER_PRESETS)), "runs/vq"
 
     def build(self, preset, tokenizer, text_encoder):
         if getattr(tokenizer, "kind", None) != "vq":
@@ -112,16 +105,16 @@ class MaskedGenerative:
         return MaskedTransformer(cfg)
 
     def config(self, model):
-        return _config_dict(model.cfg)
+        return config_to_dict(model.cfg)
 
     def from_config(self, d):
-        return MaskedTransformer(_from_dict(MaskedTransformerConfig, d))
+        return MaskedTransformer(config_from_dict(MaskedTransformerConfig, d))
 
     def objective(self, model, args):
         return MaskedTokens(model.cfg.codebook_size)
 
     def diffusion_defaults(self, preset):
-        return None, None
+        return None, None  # no diffusion
 
     def generate(self, model, tokenizer, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
         return muse_generate(model, tokenizer, text, uncond, seeds, image_size, steps, cfg_scale)

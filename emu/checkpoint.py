@@ -129,6 +129,16 @@ def load_state_dict_checked(model, state_dict, path):
     model.load_state_dict(state_dict)
 
 
+def config_to_dict(cfg):
+    """A config dataclass as the plain values a checkpoint keeps (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
+
+
+def config_from_dict(cls, d):
+    """A config dataclass from a checkpoint's plain dict (lists back to tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def rng_state():
     """Every RNG state training depends on, as tensors (safe for weights_only loading)."""
     state = {"torch": torch.get_rng_state()}

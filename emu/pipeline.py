@@ -15,7 +15,7 @@ from emu.arch import get_arch
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.data import from_pil, make_grid, save_png, to_uint8
-from emu.pixel import PixelSpace, check_size, upsample
+from emu.pixel import PixelSpace, size_multiple, upsample
 from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
 
@@ -129,19 +129,18 @@ class DiffusionUpsampler:
         self.upsampler, self.diffusion = model.model.upsampler, model.objective.diffusion
         self.text_encoder, self.steps, self.cfg_scale, self.aug_level, self.seed = (
             model.text_encoder, steps, cfg_scale, aug_level, seed)
+        self.uncond = self.text_encoder.encode([""]).to(model.device)  # the same for every image
         self.description = f"pixel diffusion upsampler {path}"
 
     @torch.no_grad()
     def __call__(self, image, size, caption):
         device = next(self.upsampler.parameters()).device
-        factor = 2 ** (len(self.upsampler.cfg.channel_mult) - 1)
+        factor = size_multiple(self.upsampler)
         made = tuple(max(factor, round(side / factor) * factor) for side in size)  # (width, height)
-        check_size(self.upsampler, made[::-1])
         low = from_pil(image)[None].to(device)  # (1, 3, h, w) in [-1, 1]
         text = self.text_encoder.encode([caption]).to(device)
-        uncond = self.text_encoder.encode([""]).to(device)
         gen = torch.Generator(device).manual_seed(self.seed)
-        out = upsample(self.upsampler, self.diffusion, low, made[::-1], text, uncond, self.steps, self.cfg_scale,
+        out = upsample(self.upsampler, self.diffusion, low, made[::-1], text, self.uncond, self.steps, self.cfg_scale,
                        self.aug_level, gen)
         result = Image.fromarray(to_uint8(out.cpu())[0])
         return result if result.size == tuple(size) else result.resize(size, Image.BICUBIC)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emu.checkpoint import config_from_dict
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
 from emu.unet import UNet, UNetConfig
 
@@ -90,15 +91,17 @@ def resize(images, size):
     return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-def noise_augment(diffusion, images, t_aug, generator=None):
+def noise_augment(diffusion, images, t_aug, generator=None, noise=None):
     """Corrupt `images` by the forward process to timesteps t_aug: sqrt(ab) x + sqrt(1 - ab) eps.
 
     :param images: (N, C, H, W) conditioning images.
     :param t_aug: an int or (N,) integer timesteps (0 barely changes them; T - 1 leaves almost only noise).
+    :param noise: eps, (N, C, H, W); drawn from `generator` when not given.
     :return: (N, C, H, W)
     """
     t_aug = torch.as_tensor(t_aug, device=images.device).expand(len(images))
-    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    if noise is None:
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     return diffusion.q_sample(images, t_aug, noise)
 
 
@@ -107,15 +110,16 @@ def aug_timestep(diffusion, aug_level):
     return round(aug_level * (diffusion.num_timesteps - 1))
 
 
-def upsampler_condition(diffusion, low_res, size, t_aug, generator=None):
+def upsampler_condition(diffusion, low_res, size, t_aug, generator=None, noise=None):
     """What the upsampler sees of the low-resolution image: upsampled to `size`, then noise-augmented.
 
     The noise is added at the target size, so it is i.i.d. per pixel the model sees, as in q_sample.
     :param low_res: (N, 3, h, w) in [-1, 1].
     :param t_aug: (N,) augmentation timesteps.
+    :param noise: the augmentation's noise, (N, 3, H, W); drawn from `generator` when not given.
     :return: (N, 3, H, W)
     """
-    return noise_augment(diffusion, resize(low_res, size), t_aug, generator)
+    return noise_augment(diffusion, resize(low_res, size), t_aug, generator, noise)
 
 
 # -----------------------------------------------------------------------------
@@ -138,9 +142,14 @@ def upsampler_training_loss(model, diffusion, high_res, low_res, text, generator
     return diffusion.training_loss(conditioned, high_res, text, generator=generator)
 
 
+def size_multiple(model):
+    """What an image side must be a multiple of for the U-Net: each level after the first halves it."""
+    return 2 ** (len(model.cfg.channel_mult) - 1)
+
+
 def check_size(model, size):
     """Raise if the U-Net cannot work on images of `size` (H, W): each level halves them."""
-    factor = 2 ** (len(model.cfg.channel_mult) - 1)
+    factor = size_multiple(model)
     if size[0] % factor or size[1] % factor:
         raise ValueError(f"image size {size[0]}x{size[1]} must be divisible by {factor} for this U-Net")
 
@@ -278,8 +287,7 @@ def cascade_config_dict(model):
 def cascade_from_config(d):
     """A PixelCascade rebuilt from cascade_config_dict's output."""
     def pixel_config(fields):
-        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields["unet"].items()})
-        return PixelConfig(**{**fields, "unet": unet})
+        return PixelConfig(**{**fields, "unet": config_from_dict(UNetConfig, fields["unet"])})
     return PixelCascade(pixel_config(d["base"]), pixel_config(d["upsampler"]))
 
 
@@ -306,7 +314,7 @@ class CascadeDiffusion:
     def training_loss(self, model, images, text, t_low, noise_low, t, noise, t_aug, aug_noise):
         """The sum of the two mean squared errors (`model` is a PixelCascade, or DDP around one)."""
         low, d = self.low_res(images), self.diffusion
-        cond = d.q_sample(resize(low, images.shape[-2:]), t_aug, aug_noise)  # noise_augment with these draws
+        cond = upsampler_condition(d, low, images.shape[-2:], t_aug, noise=aug_noise)
         out_low, out_high = model(d.q_sample(low, t_low, noise_low), t_low, d.q_sample(images, t, noise), t, text,
                                   cond, t_aug)
         return (F.mse_loss(out_low.float(), d.target(low, t_low, noise_low).float())
