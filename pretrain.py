@@ -12,6 +12,13 @@ The same script pretrains the other two architectures quality-tuning is shown on
 
     python pretrain.py --arch pixel --out runs/pixel/pretrain                     # Imagen-like, on pixels
     python train_ae.py --arch muse && python pretrain.py --arch muse --out runs/muse/pretrain  # Muse-like
+
+and Kandinsky's decoder (emu/kandinsky.py), on MoVQ latents, conditioned on CLIP image embeddings,
+with an image prior for its sample grids; a "-inpaint" preset trains the inpainting decoder:
+
+    python train_ae.py --arch kandinsky && python train_prior.py
+    python pretrain.py --arch kandinsky --out runs/kandinsky/decoder
+    python pretrain.py --arch kandinsky --preset toy-inpaint --out runs/kandinsky/inpaint
 """
 import argparse
 import os
@@ -41,13 +48,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints")
     p.add_argument("--arch", default="ldm", choices=sorted(ARCHS),
                    help="ldm: latent diffusion (Emu); pixel: Imagen-like pixel diffusion with an upsampler; "
-                        "muse: Muse-like masked transformer over VQ tokens (emu/arch.py)")
-    p.add_argument("--ae", default=None, help="the frozen first stage from train_ae.py: the autoencoder (default runs/ae) "
-                                              "or, for --arch muse, the VQ tokenizer (default runs/vq); none for --arch pixel")
+                        "muse: Muse-like masked transformer over VQ tokens; kandinsky: Kandinsky's decoder (emu/arch.py)")
+    p.add_argument("--ae", default=None, help="the frozen first stage from train_ae.py: the autoencoder (default runs/ae), "
+                                              "for --arch muse the VQ tokenizer (default runs/vq), for --arch kandinsky "
+                                              "MoVQ (default runs/movq); none for --arch pixel")
+    p.add_argument("--prior", default=None,
+                   help="--arch kandinsky: the image prior (train_prior.py) its sample grids, and later sample.py, use "
+                        "(default runs/prior/prior.pt)")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
-    p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse)")
+    p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse; "
+                                                   "kandinsky: kandinsky, and toy-inpaint, kandinsky-inpaint)")
     p.add_argument("--steps", type=int, default=1600, help="training steps (without --stages)")
     p.add_argument("--stages", default=None,
                    help="progressive resolution, e.g. 256:100000:2048,512:50000:1024,1024:20000:256 (SIZE:STEPS[:BS[:NOISE_OFFSET]]"
@@ -87,7 +99,8 @@ def main(args):
     arch = resolve_arch_flags(args)  # the defaults of --ae, --schedule, --prediction that depend on --arch
 
     # frozen parts and the model
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
+                                         args.prior if args.sample_every else None)
     net = arch.build(args.preset, ae, text_encoder).to(device)
     net.grad_checkpoint = args.grad_checkpoint
     ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module

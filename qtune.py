@@ -29,9 +29,9 @@ from emu.judges import appeal_score
 from emu.pipeline import load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
 from emu.plot import plot_metrics
 from emu.shards import ShardDataset, first_samples
-from emu.training import (add_training_flags, count_bad_step, early_stopping, make_ema, make_optimizer, open_training_data, resume_path,
-                          resume_training_state, save_rolling, save_training_state, shard_paths, too_many_bad_steps, train_step,
-                          training_batches, update_ema, warmup_schedule)
+from emu.training import (add_training_flags, conditioning, count_bad_step, early_stopping, make_ema, make_optimizer,
+                          open_training_data, resume_path, resume_training_state, save_rolling, save_training_state,
+                          shard_paths, too_many_bad_steps, train_step, training_batches, update_ema, warmup_schedule)
 
 SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process: the whole data set is its share
 
@@ -138,8 +138,8 @@ def check_set(folder, keys, image_size, field):
 def heldout_loss(net, ae, text_encoder, objective, images, captions):
     """The objective's loss on held-out images with fixed draws (timesteps and noise, or masks), so
     that checks are comparable."""
-    device = next(net.parameters()).device
-    return objective.check_loss(net, ae.encode(images.to(device)), text_encoder.encode(captions).to(device))
+    images = images.to(next(net.parameters()).device)
+    return objective.check_loss(net, ae.encode(images), conditioning(text_encoder, captions, images))
 
 
 def main(args):
@@ -160,7 +160,9 @@ def main(args):
     pre_args = pre["args"]
     for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
         setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache)
+    args.prior = pre_args.get("prior")  # Kandinsky's decoder: the image prior its sample grids use
+    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
+                                         args.prior)
     net = net.to(device).requires_grad_(True)
     net.grad_checkpoint = args.grad_checkpoint
     objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens

@@ -5,6 +5,19 @@ and checkpoint, so any image can be regenerated; a grid of all of them is writte
 
     python sample.py --prompt "two red circles on the left on a teal background"
     python sample.py --ckpt runs/pretrain/ckpt.pt --prompts data/prompts/toy.tsv --cfg 5
+
+Kandinsky's decoder (pretrain.py --arch kandinsky) has the paper's other modes too (emu/kandinsky.py):
+
+    python sample.py --ckpt runs/kandinsky/decoder/ckpt.pt --prompt "..."          # text -> prior -> image
+    python sample.py --ckpt ... --mode variations --image photo.png               # new images like it
+    python sample.py --ckpt ... --mode fusion --image a.png --image b.png --mix 0.7,0.3
+    python sample.py --ckpt ... --mode fusion --image a.png --prompt "..."         # image and text fusion
+    python sample.py --ckpt runs/kandinsky/inpaint/ckpt.pt --mode inpaint --image photo.png --box 0.25,0.25,0.75,0.75
+    python sample.py --ckpt runs/kandinsky/inpaint/ckpt.pt --mode outpaint --image photo.png --extend 0,0,16,16
+
+Inpainting fills the hole (a --box, or a --mask image whose white is the hole) following --prompt
+through the prior, or, with no prompt, following the rest of the image (its CLIP embedding).
+Outpainting extends the canvas by --extend top,bottom,left,right pixels and fills the new border.
 """
 import argparse
 import os
@@ -13,8 +26,13 @@ import torch
 
 from emu import EmuError
 from emu.arch import ARCHS
-from emu.data import make_grid, read_prompts, save_png, to_uint8
+from emu.data import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
+from emu.inpaint import box_mask, mask_from_image, outpaint_canvas
+from emu.kandinsky import fuse_embeddings
 from emu.pipeline import TextToImage
+from emu.pixel import size_multiple
+
+MODES = ("text", "variations", "fusion", "inpaint", "outpaint")
 
 
 def parse_args(argv=None):
@@ -31,6 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="sampling steps (diffusion) or decoding steps (MaskGIT)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (deterministic at eta 0) or DDPM ancestral")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 ~ DDPM)")
+    p.add_argument("--mode", default="text", choices=MODES, help="text to image, or (Kandinsky's decoder) one of its image modes")
+    p.add_argument("--image", action="append", help="variations, inpaint, outpaint: the input image; fusion: an image "
+                                                    "to fuse (repeat the flag)")
+    p.add_argument("--mix", default=None, help="fusion: comma-separated weights of the images, then the prompt (default equal)")
+    p.add_argument("--box", default=None, help="inpaint: the hole, left,top,right,bottom as fractions of the image")
+    p.add_argument("--mask", default=None, help="inpaint: the hole drawn as an image, white where to paint")
+    p.add_argument("--extend", default=None, help="outpaint: pixels to add on each side, top,bottom,left,right")
+    p.add_argument("--prior", default=None, help="Kandinsky's decoder: the image prior (default: the one it was trained beside)")
     p.add_argument("--out", default="runs/samples", help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     return p.parse_args(argv)
@@ -38,19 +64,116 @@ def parse_args(argv=None):
 
 def main(args):
     prompts = list(args.prompt or []) + ([p for p, _ in read_prompts(args.prompts)] if args.prompts else [])
-    if not prompts:
+    if not prompts and args.mode == "text":
         prompts = ["two red circles on the left on a teal background", "a yellow square in the center on a black background"]
-    model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch)
-    jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.n)]
-    images = to_uint8(model.generate([p for p, _ in jobs], [s for _, s in jobs], args.cfg, args.steps, args.sampler, args.eta))
+    check_mode_flags(args)
+    model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch, prior=args.prior)
+    if args.mode != "text" and model.arch.name != "kandinsky":
+        raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
+    # every mode comes down to prompts, and for the image modes one image embedding or inpainting input per prompt
+    prompts, image_embeds, inpaint = mode_inputs(args, model, prompts)
+    rows = [i for i in range(len(prompts)) for _ in range(args.n)]  # each prompt n times, seeds seed, seed+1, ...
+    jobs = [(prompts[i], args.seed + k % args.n) for k, i in enumerate(rows)]
+    images = to_uint8(model.generate([p for p, _ in jobs], [s for _, s in jobs], args.cfg, args.steps, args.sampler, args.eta,
+                                     image_embeds=None if image_embeds is None else image_embeds[rows],
+                                     inpaint=None if inpaint is None else (inpaint[0][rows], inpaint[1][rows])))
 
     os.makedirs(args.out, exist_ok=True)
     for k, ((prompt, seed), image) in enumerate(zip(jobs, images)):
         meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "steps": args.steps, "sampler": args.sampler,
-                "eta": args.eta, "checkpoint": args.ckpt, "weights": args.weights}
+                "eta": args.eta, "checkpoint": args.ckpt, "weights": args.weights, "mode": args.mode}
+        meta.update({k: str(getattr(args, k)) for k in ("image", "mix", "box", "mask", "extend") if getattr(args, k)})
         save_png(os.path.join(args.out, f"{k:04d}.png"), image, meta)
     save_png(os.path.join(args.out, "grid.png"), make_grid(images, ncol=args.n), {"prompts": " | ".join(prompts), "checkpoint": args.ckpt})
     print(f"wrote {len(images)} images and grid.png to {args.out}")
+
+
+def check_mode_flags(args):
+    """Each mode's inputs are given and no other mode's: one line naming what is wrong."""
+    wanted = {"text": (), "variations": ("image",), "fusion": ("image",), "inpaint": ("image",), "outpaint": ("image", "extend")}
+    allowed = {"text": (), "variations": ("image",), "fusion": ("image", "mix"), "inpaint": ("image", "box", "mask"),
+               "outpaint": ("image", "extend")}
+    for flag in ("image", "mix", "box", "mask", "extend"):
+        if getattr(args, flag) and flag not in allowed[args.mode]:
+            raise EmuError(f"--{flag} is not for --mode {args.mode}")
+    for flag in wanted[args.mode]:
+        if not getattr(args, flag):
+            raise EmuError(f"--mode {args.mode} needs --{flag}")
+    if args.mode == "inpaint" and bool(args.box) == bool(args.mask):
+        raise EmuError("--mode inpaint needs the hole as either --box or --mask")
+    if args.mode in ("variations", "inpaint", "outpaint") and len(args.image) != 1:
+        raise EmuError(f"--mode {args.mode} takes one --image, not {len(args.image)}")
+
+
+def numbers(flag, text, count=None, kind=float):
+    """A comma-separated flag value as numbers, or EmuError naming the flag."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise EmuError(f"--{flag} {text}: not comma-separated numbers") from None
+    if count is not None and len(values) != count:
+        raise EmuError(f"--{flag} {text}: {count} numbers expected, got {len(values)}")
+    return values
+
+
+def read_image(path, size):
+    """An input image as (1, 3, size, size) in [-1, 1] (shorter side resized, centre cropped)."""
+    try:
+        return load_image(path, size)[None]
+    except BadFile as e:
+        raise EmuError(f"--image {e}") from None
+
+
+def mode_inputs(args, model, prompts):
+    """(prompts, image embeddings (P, E) or None, (images, masks) or None), one row per prompt.
+
+    variations: the image's CLIP embedding, decoded with new noise (prompts optional: they join the text
+    conditioning). fusion: the weighted mix (emu.kandinsky.fuse_embeddings) of the images' embeddings and,
+    with a prompt, the prior's embedding of it. inpaint/outpaint: the image and the hole; the prompt
+    steers the fill through the prior, or with no prompt the image's own embedding does.
+    """
+    if args.mode == "text":
+        return prompts, None, None
+    size, encoder = model.image_size, model.text_encoder
+    images = torch.cat([read_image(path, size) for path in args.image])  # (K, 3, size, size)
+    embeds = encoder.embed_images(images)  # (K, E) CLIP image embeddings
+    if args.mode == "variations":
+        prompts = prompts or [""]
+        return prompts, embeds.expand(len(prompts), -1), None
+    if args.mode == "fusion":
+        if len(prompts) > 1:
+            raise EmuError("--mode fusion takes at most one --prompt")
+        if prompts:  # image and text fusion: the prior's embedding of the prompt joins the mix
+            embeds = torch.cat([embeds, encoder.encode(prompts).image.to(embeds.device)])
+        if len(embeds) < 2:
+            raise EmuError("--mode fusion needs two inputs: two --image, or an --image and a --prompt")
+        mix = numbers("mix", args.mix, len(embeds)) if args.mix else [1.0] * len(embeds)
+        return prompts or [""], fuse_embeddings(embeds, mix)[None], None
+    if args.mode == "inpaint":
+        if args.box:
+            mask = box_mask(size, numbers("box", args.box, 4))
+        else:
+            try:
+                mask = mask_from_image(open_rgb(args.mask), size)
+            except BadFile as e:
+                raise EmuError(f"--mask {e}") from None
+        canvas = images
+    else:  # outpaint: the image on a larger canvas whose new border is the hole
+        top, bottom, left, right = numbers("extend", args.extend, 4, int)
+        if min(top, bottom, left, right) < 0:
+            raise EmuError(f"--extend {args.extend}: pixels to add cannot be negative")
+        canvas, mask = outpaint_canvas(images, top, bottom, left, right)
+        multiple = size_multiple(model.model) * model.ae.downsample_factor
+        if canvas.shape[-2] % multiple or canvas.shape[-1] % multiple:
+            raise EmuError(f"--extend {args.extend}: the canvas {canvas.shape[-1]}x{canvas.shape[-2]} must have sides "
+                           f"that are multiples of {multiple}")
+    prompts = prompts or [""]
+    if prompts == [""]:  # no prompt: the rest of the image guides the fill
+        given = encoder.embed_images(canvas * (1 - mask)).expand(len(prompts), -1)
+    else:
+        given = None  # the prior's embedding of each prompt
+    n = len(prompts)
+    return prompts, given, (canvas.expand(n, -1, -1, -1), mask.expand(n, -1, -1, -1))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ transform on its input and an adversarial loss. Changing the flags gives the oth
     python train_ae.py                                       # toy Fourier-AE-16: about a minute on a CPU
     python train_ae.py --latent-channels 4 --no-fourier --out runs/ae4    # AE-4
     python train_ae.py --arch muse                           # the Muse-like model's VQ tokenizer -> runs/vq
+    python train_ae.py --arch kandinsky                      # Kandinsky's MoVQ -> runs/movq
 
 The last --holdout images of the data folder are never trained on; PSNR and SSIM are measured on
-them, and so is the latent scale factor that gives the diffusion model unit-variance latents.
+them, and so is the latent scale factor that gives the diffusion model unit-variance latents (the
+autoencoder's and MoVQ's; the Muse-like model reads token ids, not latents).
 Writes OUT/ckpt.pt (to resume), OUT/config.json + OUT/model.safetensors (the trained autoencoder,
 what the other scripts load) and OUT/metrics.json.
 """
@@ -31,19 +33,23 @@ from emu.perceptual import PerceptualLoss
 from emu.training import resume_path
 
 
+OUT_DIRS = {"ldm": "runs/ae", "muse": "runs/vq", "kandinsky": "runs/movq"}  # where --arch's first stage goes by default
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs")
-    p.add_argument("--arch", default="ldm", choices=["ldm", "muse"],
+    p.add_argument("--arch", default="ldm", choices=sorted(OUT_DIRS),
                    help="ldm: the latent diffusion model's autoencoder; muse: the Muse-like model's VQ tokenizer (emu/muse.py), "
-                        "trained with the same losses plus the quantizer's")
+                        "trained with the same losses plus the quantizer's; kandinsky: MoVQ, a VQ tokenizer whose code "
+                        "modulates the decoder's norms (emu/kandinsky.py)")
     p.add_argument("--out", default=None, help="output directory (checkpoint, trained model, metrics); default runs/ae, "
-                                               "or runs/vq for --arch muse")
+                                               "runs/vq for --arch muse, runs/movq for --arch kandinsky")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--holdout", type=int, default=256, help="the last N images are held out for evaluation")
     # model
-    p.add_argument("--preset", default="toy", help="size: toy, or the real one (ldm: emu, emu-ae4, ...: emu/autoencoder.py; "
-                                                   "muse: muse, emu/muse.py)")
+    p.add_argument("--preset", default=None, help="size: toy (kandinsky: toy-movq), or the real one (ldm: emu, emu-ae4, ...: "
+                                                  "emu/autoencoder.py; muse: muse; kandinsky: movq: emu/muse.py)")
     p.add_argument("--latent-channels", type=int, default=None, help="latent channels, e.g. 4, 8 or 16 (default: the preset's)")
     p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
                    help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
@@ -87,19 +93,24 @@ def reconstruct(ae, images, device, bs=64):
 
 @torch.no_grad()
 def latent_std(ae, images, device, bs=64):
-    """Standard deviation of the (unscaled) posterior means of `images`: 1 / scale_factor."""
-    means = [ae.posterior(images[i:i + bs].to(device))[0].cpu() for i in range(0, len(images), bs)]
+    """Standard deviation of the (unscaled) latents of `images`: the posterior means, or MoVQ's
+    encoder output before the codebook. 1 / scale_factor (latent_scale)."""
+    latents = (lambda x: ae.posterior(x)[0]) if isinstance(ae, Autoencoder) else (lambda x: ae.quant_conv(ae.encoder(x)))
+    means = [latents(images[i:i + bs].to(device)).cpu() for i in range(0, len(images), bs)]
     return torch.cat(means).std().item()
 
 
 def main(args):
-    presets = VQ_PRESETS if args.arch == "muse" else PRESETS
+    vq = args.arch != "ldm"  # a VQ tokenizer: Muse's, or MoVQ
+    presets = {"ldm": PRESETS, "muse": {k: v for k, v in VQ_PRESETS.items() if not v.spatial_norm},
+               "kandinsky": {k: v for k, v in VQ_PRESETS.items() if v.spatial_norm}}[args.arch]
+    args.preset = args.preset or ("toy-movq" if args.arch == "kandinsky" else "toy")
     if args.preset not in presets:
         raise EmuError(f"--preset {args.preset}: --arch {args.arch} has presets {', '.join(sorted(presets))}")
     overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
-    if args.arch == "muse" and any(v is not None for v in overrides.values()):
+    if vq and any(v is not None for v in overrides.values()):
         raise EmuError("--latent-channels, --fourier and --kl-weight are the autoencoder's; the VQ tokenizer has none of them")
-    args.out = args.out or ("runs/vq" if args.arch == "muse" else "runs/ae")
+    args.out = args.out or OUT_DIRS[args.arch]
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -122,7 +133,7 @@ def main(args):
         print(f"held-out set of {args.holdout}: {held_out_skips.summary()}, e.g. {bad[0].path}")
 
     # models, losses, optimisers
-    if args.arch == "muse":  # the same Encoder and Decoder around a codebook; no KL term
+    if vq:  # the same Encoder and Decoder around a codebook; no KL term
         cfg = VQ_PRESETS[args.preset]
         ae, kl_weight = VQTokenizer(cfg).to(device), 0.0
     else:
@@ -136,8 +147,8 @@ def main(args):
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # GAN-friendly betas, as in VQGAN
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     side = args.image_size // ae.downsample_factor
-    print(f"{'VQ tokenizer' if args.arch == 'muse' else 'autoencoder'}: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
-          f"parameters, " + (f"tokens ({side}, {side}) from {cfg.codebook_size} codes" if args.arch == "muse" else
+    print(f"{'VQ tokenizer' if vq else 'autoencoder'}: {sum(p.numel() for p in ae.parameters()) / 1e6:.2f}M "
+          f"parameters, " + (f"tokens ({side}, {side}) from {cfg.codebook_size} codes" if vq else
                              f"latents ({cfg.latent_channels}, {side}, {side}), fourier {'on' if cfg.fourier else 'off'}")
           + f"; data: {n_train} train + {args.holdout} held-out images")
 
@@ -179,7 +190,7 @@ def main(args):
         x = images.to(device)  # (B, 3, H, W)
         # autoencoder step (the generator loss also leaves gradients in the discriminator; they are
         # cleared before the discriminator's own step)
-        if args.arch == "muse":  # plus the quantizer's commitment loss; the codebook follows an EMA
+        if vq:  # plus the quantizer's commitment loss; the codebook follows an EMA
             loss, recon, log = vq_training_losses(ae, loss_fn, x, step)
         else:
             recon, mean, logvar = ae(x)
@@ -217,9 +228,12 @@ def main(args):
     # evaluate, set the latent scale, save
     recon_held = reconstruct(ae, heldout, device)
     metrics = {"psnr": psnr(recon_held, heldout).mean().item(), "ssim": ssim(recon_held, heldout).mean().item(), "steps": step}
-    if args.arch == "muse":  # the share of the codebook the held-out images use
+    if vq:  # the share of the codebook the held-out images use
         with torch.no_grad():
             metrics["codebook_usage"], metrics["perplexity"] = codebook_usage(ae.eval().encode(heldout.to(device)), cfg.codebook_size)
+        if args.arch == "kandinsky":  # MoVQ's continuous latents, before the codebook, are what the decoder U-Net sees
+            ae.cfg = dataclasses.replace(ae.cfg, latent_scale=1.0 / latent_std(ae, heldout, device))
+            metrics["latent_scale"] = ae.cfg.latent_scale
     else:
         metrics.update(latent_channels=cfg.latent_channels, fourier=cfg.fourier)
         ae.scale_factor.fill_(1.0 / latent_std(ae, heldout, device))
@@ -228,8 +242,9 @@ def main(args):
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "
-          + (f"codebook usage {metrics['codebook_usage']:.2f}" if args.arch == "muse" else f"scale_factor {metrics['scale_factor']:.4f}"))
-    print(f"saved the {'VQ tokenizer' if args.arch == 'muse' else 'autoencoder'} to {args.out}; training data: {skipped.summary()}")
+          + (f"codebook usage {metrics['codebook_usage']:.2f}" if vq else f"scale_factor {metrics['scale_factor']:.4f}")
+          + (f"  latent_scale {metrics['latent_scale']:.4f}" if "latent_scale" in metrics else ""))
+    print(f"saved the {'VQ tokenizer' if vq else 'autoencoder'} to {args.out}; training data: {skipped.summary()}")
 
 
 if __name__ == "__main__":

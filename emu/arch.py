@@ -9,6 +9,12 @@ pretrain.py (qtune.py, sample.py and eval_pairs.py read it from the checkpoint):
     pixel  the pixels           -> base U-Net + upsampler   -> CascadeDiffusion     (emu/pixel.py)
     muse   VQ token ids         -> MaskedTransformer        -> MaskedTokens, MaskGIT (emu/muse.py)
 
+Beside them, Kandinsky's decoder (kandinsky_paper.txt; emu/kandinsky.py), the other system this
+code reproduces:
+
+    kandinsky  MoVQ latents     -> UNet + a CLIP image embedding -> GaussianDiffusion (or, with a
+                                   "-inpaint" preset, InpaintingDiffusion)
+
 Everything else is shared: the text towers, the data and its batches, the training step, EMA,
 checkpoints and resuming, distributed training, curation, quality-tuning and evaluation. What
 differs is four things, each a method here:
@@ -17,7 +23,8 @@ differs is four things, each a method here:
   * objective: what train_step optimises (training_noise and training_loss, see emu/training.py),
     and check_loss, the fixed-draw loss qtune's early stopping watches;
   * generate: text embeddings and seeds -> images;
-  * the frozen first stage (the --ae directory): an autoencoder, none (PixelSpace), or a VQ tokenizer.
+  * the frozen first stage (the --ae directory): an autoencoder, none (PixelSpace), or a VQ tokenizer
+    (for Kandinsky, MoVQ used for its continuous latents: emu.pipeline.load_frozen_parts).
 """
 import dataclasses
 
@@ -26,6 +33,7 @@ import torch
 from emu import EmuError
 from emu.checkpoint import config_from_dict, config_to_dict
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
+from emu.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
 from emu.muse import TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig, muse_generate
 from emu.pixel import BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config, cascade_generate
 from emu.unet import PRESETS, UNet, UNetConfig
@@ -120,7 +128,34 @@ class MaskedGenerative:
         return muse_generate(model, tokenizer, text, uncond, seeds, image_size, steps, cfg_scale)
 
 
-ARCHS = {arch.name: arch for arch in (LatentDiffusion(), PixelDiffusion(), MaskedGenerative())}
+class KandinskyDecoder(LatentDiffusion):
+    """Kandinsky's decoder: a U-Net on MoVQ latents conditioned on a CLIP image embedding and the text
+    (emu/kandinsky.py). Its conditioning is an emu.text.TextImageEmbedding: the first stage and the
+    text encoder it is given are emu.kandinsky.MoVQLatents and ImageTextEncoder. A "-inpaint" preset
+    is the inpainting U-Net, trained on random masks."""
+    name, default_ae = "kandinsky", "runs/movq"
+    presets = tuple(sorted([*KANDINSKY_PRESETS, *(p + INPAINT for p in KANDINSKY_PRESETS)]))
+
+    def build(self, preset, ae, text_encoder):
+        if getattr(ae, "kind", None) != "movq":
+            raise EmuError("--arch kandinsky needs MoVQ as --ae (python train_ae.py --arch kandinsky), not an autoencoder")
+        return UNet(decoder_config(preset, ae.latent_channels, text_encoder))
+
+    def objective(self, model, args):
+        diffusion = diffusion_from_args(args)
+        return InpaintingDiffusion(diffusion) if model.cfg.cond_channels else diffusion
+
+    def diffusion_defaults(self, preset):
+        """Kandinsky 2's decoder: the linear schedule of DDPM, predicting the noise."""
+        return "linear", "eps"
+
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None):
+        size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else (image_size, image_size)
+        diffusion = getattr(objective, "diffusion", objective)
+        return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint)
+
+
+ARCHS = {arch.name: arch for arch in (LatentDiffusion(), PixelDiffusion(), MaskedGenerative(), KandinskyDecoder())}
 
 
 def get_arch(name):
@@ -132,7 +167,7 @@ def get_arch(name):
 
 def resolve_arch_flags(args):
     """Fill in the flags whose defaults depend on --arch and check the others apply to it: --preset,
-    --ae (the first stage: an autoencoder, none, or a VQ tokenizer), --schedule and --prediction."""
+    --ae (the first stage: an autoencoder, none, or a VQ tokenizer), --schedule, --prediction and --prior."""
     arch = get_arch(args.arch)
     if args.preset not in arch.presets:
         raise EmuError(f"--preset {args.preset}: --arch {arch.name} has presets {', '.join(arch.presets)}")
@@ -142,6 +177,10 @@ def resolve_arch_flags(args):
         raise EmuError(f"--ae {args.ae}: --arch {arch.name} works on pixels and has no autoencoder")
     if arch.name == "muse" and getattr(args, "grad_checkpoint", False):
         raise EmuError("--grad-checkpoint is for the U-Nets (--arch ldm or pixel), not --arch muse")
+    if arch.name == "kandinsky":
+        args.prior = getattr(args, "prior", None) or "runs/prior/prior.pt"
+    elif getattr(args, "prior", None):
+        raise EmuError(f"--prior is for Kandinsky's decoder (--arch kandinsky), not --arch {arch.name}")
     schedule, prediction = arch.diffusion_defaults(args.preset)
     if schedule is None and (args.schedule or args.prediction):
         raise EmuError(f"--schedule and --prediction are for diffusion models, not --arch {arch.name}")

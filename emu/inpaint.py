@@ -1,13 +1,15 @@
 """Masks for Kandinsky's inpainting and outpainting (kandinsky_paper.txt, section 2 and Figure 1).
 
 An inpainting model is the decoder U-Net with extra input channels (emu.unet.UNetConfig.cond_channels):
-the latents of the image with the hole blanked out, and the mask itself, downsized to the latents.
+the latents of the image with the hole blanked out, and the mask itself, downsized to the latents
+(emu/kandinsky.py trains and samples it).
 It is trained on random masks, so that at sampling time any region a person erases can be filled;
 outpainting is the same with the mask on a border the image is extended by.
 
 Masks here are float tensors, 1 where the model must paint (the hole) and 0 where the image is
 known, (B, 1, H, W) at pixel resolution.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,11 +78,15 @@ def latent_mask(mask, factor):
     return F.max_pool2d(mask, factor) if factor > 1 else mask
 
 
-def inpaint_condition(ae, images, mask):
-    """The inpainting U-Net's extra input channels: the latents of the images with the hole blanked
-    (set to 0, grey), then the mask at latent resolution. (B, C + 1, h, w)."""
-    known = ae.encode(images * (1 - mask))
-    return torch.cat([known, latent_mask(mask, ae.downsample_factor)], dim=1)
+def inpaint_condition(latents, mask):
+    """The inpainting U-Net's extra input channels, (B, C + 1, h, w): the latents with the hole set
+    to 0, then the mask, both at latent resolution (mask (B, 1, h, w), from latent_mask).
+
+    In training the latents are the whole image's (the batches hold latents, not images); at
+    sampling time they are those of the image with the hole blanked first
+    (emu.kandinsky.decoder_generate), so nothing of what was erased reaches the model, not even
+    through the latents beside the hole, whose encoder saw across its edge."""
+    return torch.cat([latents * (1 - mask), mask], dim=1)
 
 
 def paste_known(generated, images, mask):
@@ -92,3 +98,22 @@ def paste_known(generated, images, mask):
 def hole_fraction(mask):
     """(B,) the share of each mask that is hole."""
     return mask.flatten(1).mean(1)
+
+
+def box_mask(size, box):
+    """(1, 1, size, size) mask of a box given as fractions of the image, (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    if not 0 <= left < right <= 1 or not 0 <= top < bottom <= 1:
+        raise ValueError(f"a box is left,top,right,bottom with 0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {box}")
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., round(top * size):max(round(bottom * size), round(top * size) + 1),
+         round(left * size):max(round(right * size), round(left * size) + 1)] = 1
+    return mask
+
+
+def mask_from_image(gray, size):
+    """A mask drawn as an image (a PIL image; white, or any pixel brighter than mid-grey, is the hole)
+    -> (1, 1, size, size), resized with the nearest pixel so it stays binary."""
+    from PIL import Image  # only here: the rest of this module is tensors
+    small = np.asarray(gray.convert("L").resize((size, size), Image.NEAREST))
+    return torch.from_numpy(small > 127).float().view(1, 1, size, size)

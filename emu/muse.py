@@ -51,6 +51,7 @@ class VQConfig:
     disc_channels: int = 32        # PatchDiscriminator width and depth, for training with AELoss
     disc_layers: int = 2
     spatial_norm: bool = False     # MoVQ (Kandinsky's autoencoder): the code modulates every decoder norm
+    latent_scale: float = 1.0      # MoVQ as a diffusion first stage (emu.kandinsky.MoVQLatents): latents x this
 
     @property
     def downsample_factor(self):

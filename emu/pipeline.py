@@ -15,25 +15,34 @@ from emu.arch import get_arch
 from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.data import from_pil, make_grid, save_png, to_uint8
+from emu.kandinsky import load_kandinsky_parts
 from emu.pixel import PixelSpace, size_multiple, upsample
 from emu.text import TEXT_DTYPES, TextEncoder
 from emu.text_cache import load_text_cache
 
 
-def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None):
-    """The frozen first stage and text encoder a model is trained against.
+def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None, arch="ldm", prior=None):
+    """The frozen first stage and text encoder a model of architecture `arch` is trained against.
 
     The first stage is the autoencoder (or the VQ tokenizer) in `ae_dir`; None means the model works
     on pixels (PixelSpace). The towers run in `text_dtype` ("bfloat16" or "float32"; embeddings come
     out float32 either way). With `text_cache` (a directory written by data/embed_captions.py) the
     towers are not loaded: the cache, checked to come from the towers in clip_dir and t5_dir in that
     dtype, supplies every embedding.
+
+    Kandinsky's decoder (arch "kandinsky") uses its MoVQ for continuous latents, and its conditioning
+    adds a CLIP image embedding: from CLIP's vision tower in clip_dir for the batch's images, or from
+    the image prior at `prior` (train_prior.py's prior.pt) for a caption alone (emu/kandinsky.py).
     """
     ae = load_autoencoder(ae_dir, device=device) if ae_dir else PixelSpace().to(device)
     dtype = TEXT_DTYPES[text_dtype]
     if text_cache:
-        return ae, load_text_cache(text_cache, clip_dir, t5_dir, dtype)
-    return ae, TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
+        text_encoder = load_text_cache(text_cache, clip_dir, t5_dir, dtype)
+    else:
+        text_encoder = TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
+    if arch == "kandinsky":
+        return load_kandinsky_parts(ae, text_encoder, clip_dir, prior, device, dtype)
+    return ae, text_encoder
 
 
 def read_training_checkpoint(path):
@@ -70,8 +79,9 @@ class TextToImage:
         self.image_size, self.name = image_size, name
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights="ema", arch=None):
-        """The model in a training checkpoint; `arch`, if given, is checked against the one it records."""
+    def from_checkpoint(cls, path, device="cpu", weights="ema", arch=None, prior=None):
+        """The model in a training checkpoint; `arch`, if given, is checked against the one it records.
+        `prior` (Kandinsky's decoder) is the image prior to use instead of the one it was trained beside."""
         ckpt = read_training_checkpoint(path)
         arch_, model = model_from_checkpoint(ckpt, path, weights)
         if arch not in (None, arch_.name):
@@ -79,7 +89,8 @@ class TextToImage:
         arch = arch_
         args = ckpt["args"]
         # Checkpoints from before --text-dtype ran their towers in float32.
-        ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"))
+        ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"),
+                                             arch=arch.name, prior=prior or args.get("prior"))
         model = model.to(device)
         return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
 
@@ -88,16 +99,25 @@ class TextToImage:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64):
+    def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64,
+                 image_embeds=None, inpaint=None):
         """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1].
-        `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone."""
+        `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone.
+
+        Kandinsky's decoder also takes, one row per prompt, `image_embeds` (B, E): the CLIP image
+        embeddings to decode (variations, fusion) instead of the prior's; and `inpaint`, (images
+        (B, 3, H, W), masks (B, 1, H, W)) for an inpainting decoder: the holes are filled, the rest kept."""
+        if (image_embeds is not None or inpaint is not None) and self.arch.name != "kandinsky":
+            raise EmuError(f"image embeddings and inpainting are for Kandinsky's decoder, not --arch {self.arch.name}")
         out = []
         for i in range(0, len(prompts), batch_size):
-            chunk, chunk_seeds = prompts[i:i + batch_size], seeds[i:i + batch_size]
-            text = self.text_encoder.encode(list(chunk)).to(self.device)
+            chunk, chunk_seeds, rows = prompts[i:i + batch_size], seeds[i:i + batch_size], slice(i, i + batch_size)
+            given = {} if image_embeds is None else {"image_embeds": image_embeds[rows]}
+            text = self.text_encoder.encode(list(chunk), **given).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
+            extra = {} if inpaint is None else {"inpaint": (inpaint[0][rows], inpaint[1][rows])}
             images = self.arch.generate(self.model, self.ae, self.objective, text, uncond, chunk_seeds, self.image_size,
-                                        cfg_scale, steps, sampler, eta)
+                                        cfg_scale, steps, sampler, eta, **extra)
             out.append(images.clamp(-1, 1).cpu())
         return torch.cat(out)
 

@@ -22,6 +22,7 @@ Shapes: text.pooled (B, P) is CLIP's projected caption vector, text.clip (B, L, 
 (emu.text.TextEmbedding); image embeddings are (B, E), CLIP's projected image vector
 (emu.clip.CLIPVisionModel). For CLIP ViT-L/14, P = E = 768.
 """
+import os
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -29,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from emu import EmuError
+from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.clip import CLIP_LENGTH, CLIPLayer
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance
 from emu.nn import timestep_embedding
@@ -82,6 +85,10 @@ class LinearPrior(nn.Module):
         self.proj.weight.copy_(w.T.float())
         self.proj.bias.copy_((y_mean - x_mean @ w).float())
         return self
+
+    def cfg_dims(self):
+        """(text width, image-embedding width)."""
+        return self.cfg["text_dim"], self.cfg["image_dim"]
 
     def forward(self, text):
         """:param text: a TextEmbedding (only .pooled is read). :return: (B, E) image embeddings."""
@@ -146,6 +153,10 @@ class DiffusionPrior(nn.Module):
         for p in (self.query, self.position):
             nn.init.normal_(p, std=0.02)
 
+    def cfg_dims(self):
+        """(text width, image-embedding width)."""
+        return self.cfg.text_dim, self.cfg.image_dim
+
     def forward(self, x_t, t, text):
         """:param x_t: (B, E) noisy normalised image embeddings; t: (B,) timesteps; text: a TextEmbedding.
         :return: (B, E) the predicted clean normalised embeddings."""
@@ -190,6 +201,21 @@ def build_prior(config):
     if kind == "diffusion":
         return DiffusionPrior(DiffusionPriorConfig(**config))
     raise ValueError(f"unknown prior kind {kind!r}")
+
+
+def load_prior(path, device="cpu"):
+    """The prior train_prior.py saved at `path` (prior.pt), frozen, in eval mode."""
+    if not os.path.isfile(path):
+        raise EmuError(f"{path}: image prior not found (run python train_prior.py)")
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "model" not in ckpt:
+        raise EmuError(f"{path}: not an image prior written by train_prior.py (no 'config' or 'model' entry)")
+    try:
+        prior = build_prior(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise EmuError(f"{path}: its prior configuration does not fit this code ({e})") from None
+    load_state_dict_checked(prior, ckpt["model"], path)
+    return prior.to(device).eval().requires_grad_(False)
 
 
 def cosine_similarity(predicted, true, center=None):

@@ -31,14 +31,16 @@ class TextEmbedding:
     t5_mask: torch.Tensor  # (B, Lt) bool
     pooled: torch.Tensor  # (B, P) CLIP's projected end-of-text vector
 
+    VECTORS = ("pooled",)  # the fields that are one vector per row (the others are sequences)
+
     def to(self, device):
-        return TextEmbedding(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def __getitem__(self, idx):
         """Index every field along the batch; an int gives a batch of one, so results can be cat()."""
         if isinstance(idx, int):
             idx = slice(idx, idx + 1 if idx != -1 else None)
-        return TextEmbedding(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return type(self)(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def __len__(self):
         return self.clip.shape[0]
@@ -51,8 +53,8 @@ class TextEmbedding:
             used = mask.any(dim=0).nonzero()
             return int(used.max()) + 1 if len(used) else 1
         lc, lt = length(self.clip_mask), length(self.t5_mask)
-        return TextEmbedding(clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
-                             t5_mask=self.t5_mask[:, :lt], pooled=self.pooled)
+        return replace(self, clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
+                       t5_mask=self.t5_mask[:, :lt])
 
     def where(self, keep, other):
         """Row i of this batch where keep[i] is True, else the single row of `other` (a batch of one,
@@ -60,16 +62,27 @@ class TextEmbedding:
         out = {}
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if f.name != "pooled":
+            if f.name not in self.VECTORS:
                 theirs = theirs[:, :mine.shape[1]]
             out[f.name] = torch.where(keep.view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
-        return TextEmbedding(**out)
+        return type(self)(**out)
 
     @staticmethod
     def cat(embeddings):
-        """Concatenate a list of TextEmbeddings along the batch."""
-        return TextEmbedding(**{f.name: torch.cat([getattr(e, f.name) for e in embeddings])
-                                for f in fields(TextEmbedding)})
+        """Concatenate a list of TextEmbeddings (all of one class) along the batch."""
+        cls = type(embeddings[0])
+        return cls(**{f.name: torch.cat([getattr(e, f.name) for e in embeddings]) for f in fields(cls)})
+
+
+@dataclass
+class TextImageEmbedding(TextEmbedding):
+    """Text conditioning plus a CLIP image embedding per row: what Kandinsky's decoder U-Net is
+    conditioned on (emu/kandinsky.py). The image embedding comes from CLIP's vision tower (training,
+    image variations), from the image prior (text to image), or is zeros for the empty caption
+    (the unconditional input classifier-free guidance compares against)."""
+    image: torch.Tensor = None  # (B, E) CLIP's projected image vector
+
+    VECTORS = ("pooled", "image")
 
 
 class TextEncoder(nn.Module):

@@ -158,7 +158,8 @@ class LatentBatches:
 
     @torch.no_grad()
     def encode(self, images, captions):
-        return self.ae.encode(images.to(self.device)), self.text_encoder.encode(captions).to(self.device)
+        images = images.to(self.device)
+        return self.ae.encode(images), conditioning(self.text_encoder, captions, images).to(self.device)
 
     def __iter__(self):
         if self.cache is not None:
@@ -232,6 +233,14 @@ class ShardBatches:
 
     def describe(self):
         return f"{len(self.data.shards)} tar shards, read and encoded batch by batch; epoch {self.epoch}"
+
+
+def conditioning(text_encoder, captions, images):
+    """The batch's conditioning: its captions' embeddings, and for a text encoder that also reads the
+    images (Kandinsky's decoder: emu.kandinsky.ImageTextEncoder) their CLIP image embeddings too."""
+    if getattr(text_encoder, "reads_images", False):
+        return text_encoder.encode(captions, images=images)
+    return text_encoder.encode(captions)
 
 
 def module_device(module):

@@ -197,21 +197,23 @@ class UNet(nn.Module):
         """What FSDP gathers one at a time (emu/fsdp.py): every Stage, Downsample and Upsample."""
         return [*self.down, *self.mid, *self.up]
 
-    def forward(self, x, t, text, cond=None, t_aug=None, image_embed=None):
+    def forward(self, x, t, text, cond=None, t_aug=None):
         """Predict the noise (or v) in `x`.
 
         :param x: (B, C, H, W) noisy latents (or pixels).
         :param t: (B,) timesteps.
-        :param text: an emu.text.TextEmbedding for the batch.
+        :param text: an emu.text.TextEmbedding for the batch; with cfg.image_embed_dim, a
+                     TextImageEmbedding, whose .image (B, image_embed_dim) is the CLIP image embedding.
         :param cond: (B, cond_channels, H, W) image concatenated to x; only with cfg.cond_channels.
         :param t_aug: (B,) timesteps of the noise augmentation `cond` went through; only with cfg.aug_embedding.
-        :param image_embed: (B, image_embed_dim) CLIP image embeddings; only with cfg.image_embed_dim.
         :return: (B, C, H, W)
         """
+        image_embed = getattr(text, "image", None)
         if ((cond is not None) != (self.cfg.cond_channels > 0) or (t_aug is not None) != self.cfg.aug_embedding
                 or (image_embed is not None) != (self.cfg.image_embed_dim > 0)):
             raise ValueError("pass `cond` if and only if cfg.cond_channels > 0, `t_aug` if and only if "
-                             "cfg.aug_embedding, and `image_embed` if and only if cfg.image_embed_dim > 0")
+                             "cfg.aug_embedding, and text with an image embedding (a TextImageEmbedding) if and only "
+                             "if cfg.image_embed_dim > 0")
         pooled, context, context_mask = self.text_conditioning(text)
         emb = self.time_mlp(timestep_embedding(t, self.cfg.model_channels)) + pooled  # (B, E)
         if self.aug_mlp is not None:

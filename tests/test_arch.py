@@ -1,4 +1,4 @@
-"""The three architectures behind --arch (emu/arch.py): their checkpoints, objectives and generation."""
+"""The architectures behind --arch (emu/arch.py): their checkpoints, objectives and generation."""
 import argparse
 import dataclasses
 from types import SimpleNamespace
@@ -11,24 +11,35 @@ from emu import EmuError
 from emu.arch import ARCHS, resolve_arch_flags
 from emu.autoencoder import PRESETS as AE_PRESETS, Autoencoder, load_autoencoder, save_autoencoder
 from emu.diffusion import GaussianDiffusion
+from emu.kandinsky import MoVQLatents
 from emu.muse import VQ_PRESETS, MaskedTokens, VQTokenizer, muse_generate
 from emu.pipeline import model_from_checkpoint, read_training_checkpoint
 from emu.pixel import CascadeDiffusion, PixelSpace, cascade_generate, resize
-from emu.text import TextEmbedding
+from emu.text import TextEmbedding, TextImageEmbedding
 from emu.training import make_optimizer, module_device, save_training_state, train_step, warmup_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TOWERS = SimpleNamespace(clip_dim=16, t5_dim=24, pooled_dim=16)  # what arch.build reads of a text encoder
+TOWERS = SimpleNamespace(clip_dim=16, t5_dim=24, pooled_dim=16, image_dim=12)  # what arch.build reads of a text encoder
+# every architecture at its toy preset, and Kandinsky's inpainting decoder
+MODELS = sorted(ARCHS) + ["kandinsky-inpaint"]
 
 
-def text(batch, seed=0, length=5):
+def arch_and_preset(name):
+    return ("kandinsky", "toy-inpaint") if name == "kandinsky-inpaint" else (name, "toy")
+
+
+def text(batch, seed=0, length=5, arch="ldm"):
+    """Random text conditioning; for Kandinsky's decoder, with a CLIP image embedding per row."""
     g = torch.Generator().manual_seed(seed)
-    return TextEmbedding(clip=torch.randn(batch, length, TOWERS.clip_dim, generator=g),
-                         clip_mask=torch.ones(batch, length, dtype=torch.bool),
-                         t5=torch.randn(batch, length, TOWERS.t5_dim, generator=g),
-                         t5_mask=torch.ones(batch, length, dtype=torch.bool),
-                         pooled=torch.randn(batch, TOWERS.pooled_dim, generator=g))
+    fields = dict(clip=torch.randn(batch, length, TOWERS.clip_dim, generator=g),
+                  clip_mask=torch.ones(batch, length, dtype=torch.bool),
+                  t5=torch.randn(batch, length, TOWERS.t5_dim, generator=g),
+                  t5_mask=torch.ones(batch, length, dtype=torch.bool),
+                  pooled=torch.randn(batch, TOWERS.pooled_dim, generator=g))
+    if arch.startswith("kandinsky"):
+        return TextImageEmbedding(**fields, image=torch.randn(batch, TOWERS.image_dim, generator=g))
+    return TextEmbedding(**fields)
 
 
 def first_stage(arch):
@@ -36,16 +47,20 @@ def first_stage(arch):
         return Autoencoder(AE_PRESETS["toy"]).eval()
     if arch == "muse":
         return VQTokenizer(VQ_PRESETS["toy"]).eval()
+    if arch.startswith("kandinsky"):
+        return MoVQLatents(VQTokenizer(VQ_PRESETS["toy-movq"]).eval())
     return PixelSpace()
 
 
-def build(arch, seed=0):
+def build(name, seed=0):
     torch.manual_seed(seed)
-    return ARCHS[arch].build("toy", first_stage(arch), TOWERS)
+    arch, preset = arch_and_preset(name)
+    return ARCHS[arch].build(preset, first_stage(name), TOWERS)
 
 
-def training_args(arch, **overrides):
-    schedule, prediction = ARCHS[arch].diffusion_defaults("toy")
+def training_args(name, **overrides):
+    arch, preset = arch_and_preset(name)
+    schedule, prediction = ARCHS[arch].diffusion_defaults(preset)
     return argparse.Namespace(**{"arch": arch, "schedule": schedule, "timesteps": 1000, "prediction": prediction,
                                  "caption_dropout": 0.1, "noise_offset": 0.02, "precision": "fp32", "grad_clip": 1.0,
                                  "lr": 1e-3, "weight_decay": 0.0, "grad_accum": 1, **overrides})
@@ -59,16 +74,17 @@ def batch(arch, n=4, seed=0):
         return first_stage(arch).encode(images)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_a_training_checkpoint_records_the_architecture_and_rebuilds_its_model(arch, tmp_path):
-    model = build(arch)
-    opt = make_optimizer(model, training_args(arch))
+@pytest.mark.parametrize("name", MODELS)
+def test_a_training_checkpoint_records_the_architecture_and_rebuilds_its_model(name, tmp_path):
+    model, arch = build(name), arch_and_preset(name)[0]
+    opt = make_optimizer(model, training_args(name))
     save_training_state(tmp_path / "ckpt.pt", model, model, opt, warmup_schedule(opt, 1), 0, torch.Generator(),
-                        training_args(arch))
+                        training_args(name))
     ckpt = read_training_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["arch"] == arch
     loaded_arch, loaded = model_from_checkpoint(ckpt, tmp_path / "ckpt.pt")
     assert loaded_arch is ARCHS[arch] and type(loaded) is type(model) and not loaded.training
+    assert getattr(loaded, "cfg", None) == getattr(model, "cfg", None)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
@@ -88,17 +104,17 @@ def test_a_checkpoint_from_before_the_architectures_loads_as_latent_diffusion(tm
         model_from_checkpoint(ckpt, "old.pt")
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", MODELS)
 def test_micro_batches_add_up_to_the_whole_batch_for_every_objective(arch):
     """train_step draws every sample's randomness (timesteps, noise, augmentation, masks) for the whole
     batch, then splits it: --grad-accum 2 must give the loss and update of one batch, up to rounding."""
-    x, cond = batch(arch), text(4)
+    x, cond = batch(arch), text(4, arch=arch)
     results = []
     for accum in (1, 2):
         model = build(arch).train()
         args = training_args(arch, grad_accum=accum)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)  # AdamW's first step would amplify rounding in tiny gradients
-        loss = train_step(model, ARCHS[arch].objective(model, args), x, cond, text(1, seed=9), opt,
+        loss = train_step(model, ARCHS[args.arch].objective(model, args), x, cond, text(1, seed=9, arch=arch), opt,
                           warmup_schedule(opt, 1), torch.Generator().manual_seed(3), args)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     (loss1, params1), (loss2, params2) = results
@@ -142,13 +158,13 @@ def test_the_masked_objective_scores_only_the_masked_tokens():
     assert loss.item() == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", MODELS)
 def test_held_out_checks_use_fixed_draws(arch):
     """check_loss (qtune's early stopping) gives the same number for the same model every time, and
     a different one once the weights change."""
-    model = build(arch).eval()
-    objective = ARCHS[arch].objective(model, training_args(arch))
-    x, cond = batch(arch), text(4)
+    model, args = build(arch).eval(), training_args(arch)
+    objective = ARCHS[args.arch].objective(model, args)
+    x, cond = batch(arch), text(4, arch=arch)
     first = objective.check_loss(model, x, cond)
     assert objective.check_loss(model, x, cond) == first
     with torch.no_grad():
@@ -195,10 +211,13 @@ def test_pixels_need_no_first_stage():
     (["--arch", "pixel", "--ae", "runs/ae"], "--ae runs/ae: --arch pixel works on pixels and has no autoencoder"),
     (["--arch", "ldm", "--preset", "imagen"], "--preset imagen: --arch ldm has presets emu, toy"),
     (["--arch", "muse", "--prediction", "v"], "--schedule and --prediction are for diffusion models, not --arch muse"),
+    (["--arch", "ldm", "--prior", "p.pt"], "--prior is for Kandinsky's decoder (--arch kandinsky), not --arch ldm"),
+    (["--arch", "kandinsky", "--preset", "emu"],
+     "--preset emu: --arch kandinsky has presets kandinsky, kandinsky-inpaint, toy, toy-inpaint"),
 ])
 def test_flags_that_do_not_apply_to_an_architecture_are_refused(argv, message):
     p = argparse.ArgumentParser()
-    for flag in ("--arch", "--ae", "--schedule", "--prediction"):
+    for flag in ("--arch", "--ae", "--schedule", "--prediction", "--prior"):
         p.add_argument(flag, default=None)
     p.add_argument("--preset", default="toy")
     with pytest.raises(EmuError) as e:
@@ -208,7 +227,8 @@ def test_flags_that_do_not_apply_to_an_architecture_are_refused(argv, message):
 
 def test_each_architecture_fills_in_its_own_defaults():
     for arch, expected in [("ldm", ("runs/ae", "scaled_linear", "eps")), ("pixel", (None, "cosine", "v")),
-                           ("muse", ("runs/vq", None, None))]:
-        args = argparse.Namespace(arch=arch, preset="toy", ae=None, schedule=None, prediction=None)
+                           ("muse", ("runs/vq", None, None)), ("kandinsky", ("runs/movq", "linear", "eps"))]:
+        args = argparse.Namespace(arch=arch, preset="toy", ae=None, schedule=None, prediction=None, prior=None)
         resolve_arch_flags(args)
         assert (args.ae, args.schedule, args.prediction) == expected
+        assert args.prior == ("runs/prior/prior.pt" if arch == "kandinsky" else None)

@@ -3,7 +3,6 @@ import torch
 
 from emu.inpaint import (hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, paste_known, random_masks,
                          segment_distance)
-from emu.pixel import PixelSpace
 
 
 def test_training_masks_are_binary_seeded_and_varied():
@@ -39,7 +38,7 @@ def test_the_known_region_is_kept_exactly_and_the_hole_blanked_in_the_condition(
     out = paste_known(generated, images, mask)
     keep = mask.expand_as(images) == 0
     assert torch.equal(out[keep], images[keep]) and torch.equal(out[~keep], generated[~keep])
-    cond = inpaint_condition(PixelSpace(), images, mask)  # pixels as "latents": blanked hole, then the mask
+    cond = inpaint_condition(images, mask)  # pixels as "latents": blanked hole, then the mask
     assert cond.shape == (2, 4, 8, 8) and cond[:, :3][~keep].eq(0).all() and torch.equal(cond[:, 3:], mask)
     # at latent resolution, a latent pixel touching the hole is hole
     assert torch.equal(latent_mask(mask, 4)[0, 0], torch.tensor([[1.0, 1.0], [1.0, 1.0]]))

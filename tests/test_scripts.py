@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -373,3 +374,56 @@ def test_train_prior_fits_the_linear_prior_and_resumes_the_diffusion_prior_bitwi
     a, b = (torch.load(f"{tmp_path}/{name}/prior.pt", weights_only=True) for name in ("straight", "split"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert isinstance(build_prior(a["config"]), DiffusionPrior)
+
+
+def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tmp_path):
+    """Kandinsky's decoder through the scripts: MoVQ (train_ae.py --arch kandinsky), the linear prior,
+    the decoder pretrained 2 + resume + 2 steps equal to 4, quality-tuned, and sampled in every mode;
+    the inpainting decoder keeps what is not in the hole and outpainting widens the canvas."""
+    w, frozen = world
+    clip = ["--clip", f"{w}/towers/clip"]
+    out = run("train_ae.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--out", f"{tmp_path}/movq", "--steps", "4",
+              "--bs", "8", "--holdout", "8")
+    config = json.load(open(f"{tmp_path}/movq/config.json"))
+    assert config["kind"] == "vq" and config["spatial_norm"] and config["latent_scale"] > 0 and "latent_scale" in out
+    run("train_prior.py", "--kind", "linear", "--data", f"{w}/haystack", *clip, "--holdout", "16", "--out", f"{tmp_path}/prior")
+    common = ["pretrain.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--bs", "8", "--save-every", "2", "--sample-n", "2",
+              "--ae", f"{tmp_path}/movq", "--prior", f"{tmp_path}/prior/prior.pt", *frozen[2:]]
+    out = run(*common, "--steps", "4", "--sample-every", "4", "--out", f"{tmp_path}/straight")
+    assert "kandinsky model: " in out and Image.open(f"{tmp_path}/straight/samples/step-000000004.png").size == (64, 32)
+    run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
+    assert "resumed from" in run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    a, b = (torch.load(f"{tmp_path}/{run_}/ckpt.pt", weights_only=True) for run_ in ("straight", "split"))
+    assert a["arch"] == "kandinsky" and a["model_config"]["image_embed_dim"] == 64 and a["step"] == b["step"] == 4
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{tmp_path}/qt",
+        "--curate-top", "16", "--holdout", "4", "--bs", "8", "--iters", "2", "--eval-every", "2")
+    run(*common, "--preset", "toy-inpaint", "--steps", "2", "--sample-every", "0", "--out", f"{tmp_path}/inpaint")
+
+    decoder, inpaint, image = f"{tmp_path}/qt/best.pt", f"{tmp_path}/inpaint/ckpt.pt", f"{w}/haystack/000003.png"
+    sample = lambda ckpt, name, *flags: run("sample.py", "--ckpt", ckpt, "--n", "2", "--steps", "3", "--out",
+                                            f"{tmp_path}/{name}", *flags)
+    sample(decoder, "text", "--prompt", "a red circle in the center on a white background")
+    sample(decoder, "variations", "--mode", "variations", "--image", image)
+    sample(decoder, "fusion", "--mode", "fusion", "--image", image, "--image", f"{w}/haystack/000004.png", "--mix", "0.7,0.3")
+    sample(decoder, "fusion-text", "--mode", "fusion", "--image", image, "--prompt", "a blue square")
+    for name in ("text", "variations", "fusion", "fusion-text"):
+        assert Image.open(f"{tmp_path}/{name}/0001.png").size == (32, 32), name
+    assert Image.open(f"{tmp_path}/fusion/0000.png").text["mode"] == "fusion"
+    original = np.asarray(Image.open(image).convert("RGB")).astype(int)
+    sample(inpaint, "inpaint", "--mode", "inpaint", "--image", image, "--box", "0.25,0.25,0.75,0.75", "--prompt", "a red circle")
+    filled = np.asarray(Image.open(f"{tmp_path}/inpaint/0000.png")).astype(int)
+    hole = np.zeros((32, 32), bool)
+    hole[8:24, 8:24] = True
+    assert np.abs(filled - original)[~hole].max() <= 1 and np.abs(filled - original)[hole].mean() > 5
+    sample(inpaint, "outpaint", "--mode", "outpaint", "--image", image, "--extend", "0,0,16,16")
+    wide = np.asarray(Image.open(f"{tmp_path}/outpaint/0001.png")).astype(int)
+    assert wide.shape == (32, 64, 3) and np.abs(wide[:, 16:48] - original).max() <= 1
+
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", decoder, "--mode", "inpaint", "--image", image, "--box",
+                           "0.2,0.2,0.5,0.5"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        "error: inpainting and outpainting need an inpainting decoder (pretrain.py --arch kandinsky --preset toy-inpaint)")
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--mode", "variations", "--image", image],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "needs Kandinsky's decoder" in proc.stderr

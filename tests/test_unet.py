@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from emu.nn import ResBlock
-from emu.text import TextEmbedding
+from emu.text import TextEmbedding, TextImageEmbedding
 from emu.unet import PRESETS, SpatialTransformer, UNet, UNetConfig, count_parameters
 
 
@@ -152,14 +152,17 @@ def test_an_image_embedding_conditions_through_the_time_embedding_and_the_contex
             torch.nn.init.normal_(block.proj_out.weight, std=0.1)
     x, t, text = torch.randn(2, 16, 8, 8), torch.tensor([100, 700]), random_text(2, cfg)
     embed = torch.randn(2, 24)
-    base = unet(x, t, text, image_embed=embed)
-    assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - base).abs().max() > 1e-3
+    with_image = lambda image: TextImageEmbedding(**vars(text), image=image)
+    base = unet(x, t, with_image(embed))
+    assert (unet(x, t, with_image(torch.randn(2, 24))) - base).abs().max() > 1e-3
     with mock.patch.object(SpatialTransformer, "forward", lambda self, x, context, mask: x):
         # without cross-attention the image embedding still reaches the output, through the time embedding
-        assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - unet(x, t, text, image_embed=embed)).abs().max() > 1e-3
+        assert (unet(x, t, with_image(torch.randn(2, 24))) - unet(x, t, with_image(embed))).abs().max() > 1e-3
     unet.image_proj.weight.data.zero_()
     unet.image_proj.bias.data.zero_()
     # and through the context alone
-    assert (unet(x, t, text, image_embed=torch.randn(2, 24)) - unet(x, t, text, image_embed=embed)).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="image_embed"):
+    assert (unet(x, t, with_image(torch.randn(2, 24))) - unet(x, t, with_image(embed))).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="image embedding"):
         unet(x, t, text)
+    with pytest.raises(ValueError, match="image embedding"):  # and a plain U-Net refuses one
+        UNet(PRESETS["toy"])(x, t, with_image(embed))

@@ -1,0 +1,165 @@
+"""Kandinsky's decoder (emu/kandinsky.py): MoVQ latents, the image-text conditioning, inpainting."""
+import dataclasses
+
+import pytest
+import torch
+
+from emu import EmuError
+from emu.arch import get_arch
+from emu.clip import CLIP_VISION_PRESETS, CLIPVisionModel, clip_preprocess
+from emu.diffusion import GaussianDiffusion
+from emu.inpaint import box_mask, outpaint_canvas
+from emu.kandinsky import (KANDINSKY_PRESETS, ImageTextEncoder, InpaintingDiffusion, MoVQLatents, decoder_config,
+                           decoder_generate, fuse_embeddings)
+from emu.muse import VQ_PRESETS, VQTokenizer
+from emu.prior import LinearPrior
+from emu.text import TextEmbedding, TextImageEmbedding
+from emu.unet import UNet, count_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+class FakeTowers:
+    """A text encoder's interface over fixed random embeddings per caption (the towers are tested elsewhere)."""
+    clip_dim, t5_dim, pooled_dim = 8, 12, 10
+
+    def encode(self, captions):
+        rows = []
+        for c in captions:
+            g = torch.Generator().manual_seed(len(c) * 7919 + sum(map(ord, c)))
+            rows.append(TextEmbedding(clip=torch.randn(1, 5, 8, generator=g), clip_mask=torch.ones(1, 5, dtype=torch.bool),
+                                      t5=torch.randn(1, 4, 12, generator=g), t5_mask=torch.ones(1, 4, dtype=torch.bool),
+                                      pooled=torch.randn(1, 10, generator=g)))
+        return TextEmbedding.cat(rows)
+
+
+def small_movq(scale=1.0):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(VQ_PRESETS["toy-movq"], base_channels=8, codebook_size=32, latent_scale=scale)
+    return VQTokenizer(cfg).eval()
+
+
+def vision():
+    torch.manual_seed(1)
+    return CLIPVisionModel(dataclasses.replace(CLIP_VISION_PRESETS["toy"], hidden_size=32, intermediate_size=64,
+                                               num_attention_heads=2, projection_dim=6)).eval()
+
+
+def test_movq_latents_are_continuous_scaled_and_quantised_before_decoding():
+    tok = small_movq(scale=2.5)
+    movq = MoVQLatents(tok)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = movq.encode(images)
+        assert z.shape == (2, 16, 8, 8) and movq.latent_channels == 16 and movq.downsample_factor == 4
+        torch.testing.assert_close(z, tok.quant_conv(tok.encoder(images)) * 2.5)
+        # decoding snaps to the nearest codes: exactly the tokenizer's decode of its own token ids
+        torch.testing.assert_close(movq.decode(z).clamp(-1, 1), tok.decode_tokens(tok.encode(images)))
+        # so a small change of the latents that keeps every nearest code changes nothing
+        assert torch.equal(movq.decode(z), movq.decode(z + 1e-6))
+        unquantised = MoVQLatents(tok, quantize=False)
+        assert not torch.equal(unquantised.decode(z), movq.decode(z))
+    with pytest.raises(EmuError, match="MoVQ"):
+        MoVQLatents(VQTokenizer(VQ_PRESETS["toy"]))  # a tokenizer without the spatial norm
+
+
+def test_the_conditioning_takes_images_embeddings_or_the_prior_and_zeros_for_the_empty_caption():
+    towers, clip = FakeTowers(), vision()
+    encoder = ImageTextEncoder(towers, clip)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    cond = encoder.encode(["a", ""], images=images)
+    assert isinstance(cond, TextImageEmbedding) and cond.image.shape == (2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(cond.image, clip(clip_preprocess(images, 32))[1])  # even for "" with its image
+    torch.testing.assert_close(cond.pooled, towers.encode(["a", ""]).pooled)
+    given = torch.randn(2, 6)
+    assert torch.equal(encoder.encode(["a", "b"], image_embeds=given).image, given)
+    assert torch.equal(encoder.encode(["", ""]).image, torch.zeros(2, 6))  # the unconditional input
+    with pytest.raises(EmuError, match="needs an image prior"):
+        encoder.encode(["a red circle"])
+    prior = LinearPrior(10, 6)
+    torch.nn.init.normal_(prior.proj.weight)
+    with_prior = ImageTextEncoder(towers, clip, prior)
+    out = with_prior.encode(["a red circle", ""])
+    torch.testing.assert_close(out.image[0], prior(towers.encode(["a red circle"]))[0])
+    assert torch.equal(out.image[1], torch.zeros(6))
+    # caption dropout swaps in the empty caption's row, image embedding included
+    dropped = out.where(torch.tensor([False, True]), with_prior.encode([""]))
+    assert torch.equal(dropped.image, torch.zeros(2, 6)) and torch.equal(dropped.pooled[1], out.pooled[1])
+    with pytest.raises(EmuError, match="maps 7-wide text embeddings"):
+        ImageTextEncoder(towers, clip, LinearPrior(7, 6))
+
+
+def test_the_decoder_unet_reads_the_image_embedding_and_the_inpainting_one_its_inputs():
+    towers = ImageTextEncoder(FakeTowers(), vision())
+    cfg = decoder_config("toy", 16, towers)
+    assert (cfg.in_channels, cfg.clip_dim, cfg.t5_dim, cfg.pooled_dim, cfg.image_embed_dim, cfg.cond_channels) == (16, 8, 12, 10, 6, 0)
+    assert decoder_config("toy-inpaint", 16, towers).cond_channels == 17  # the masked latents and the mask
+    arch = get_arch("kandinsky")
+    assert set(arch.presets) == {"toy", "toy-inpaint", "kandinsky", "kandinsky-inpaint"}
+    with pytest.raises(EmuError, match="needs MoVQ"):
+        arch.build("toy", VQTokenizer(VQ_PRESETS["toy"]), towers)
+    # the paper's decoder: 1.22B parameters (ours 1.26B, see KANDINSKY_PRESETS)
+    assert 1.2e9 < count_parameters(KANDINSKY_PRESETS["kandinsky"]) < 1.3e9
+
+
+def test_inpainting_trains_on_random_masks_with_the_hole_blanked_in_its_input():
+    objective = InpaintingDiffusion(GaussianDiffusion("linear", 1000, "eps"))
+    latents = torch.randn(8, 4, 8, 8)
+    draws = objective.training_noise(latents, 0.0, torch.Generator().manual_seed(0))
+    assert set(draws) == {"t", "noise", "mask"} and draws["mask"].shape == (8, 1, 8, 8)
+    assert set(draws["mask"].unique().tolist()) <= {0.0, 1.0} and (draws["mask"].flatten(1).mean(1) > 0).all()
+    seen = {}
+
+    def model(x, t, text, cond):
+        seen["cond"] = cond
+        return torch.zeros_like(x)
+
+    loss = objective.training_loss(model, latents, None, **draws)
+    mask = draws["mask"]
+    assert torch.equal(seen["cond"][:, 4:], mask)
+    assert torch.equal(seen["cond"][:, :4], latents * (1 - mask))  # what is known, and zeros in the hole
+    torch.testing.assert_close(loss, draws["noise"].pow(2).mean())  # a zero prediction misses all the noise
+    a = objective.check_loss(model, latents, None)
+    cond_a = seen["cond"]
+    assert objective.check_loss(model, latents, None) == a and torch.equal(seen["cond"], cond_a)  # fixed draws
+
+
+def test_inpainting_keeps_the_known_region_and_outpainting_extends_the_canvas():
+    towers = ImageTextEncoder(FakeTowers(), vision())
+    movq = MoVQLatents(small_movq())
+    torch.manual_seed(2)
+    unet = UNet(decoder_config("toy-inpaint", 16, towers)).eval()
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.1)  # an untrained model that still paints something
+    diffusion = GaussianDiffusion("linear", 1000, "eps")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    mask = box_mask(32, (0.25, 0.25, 0.75, 0.5)).expand(2, -1, -1, -1)
+    text, uncond = towers.encode(["a", "b"], images=images), towers.encode(["", ""])
+    out = decoder_generate(unet, movq, diffusion, text, uncond, [0, 1], (32, 32), 3.0, 3, "ddim", 0.0, (images, mask))
+    keep = mask.expand_as(images) == 0
+    assert torch.equal(out[keep], images[keep])  # what the person kept stays exactly as it was
+    assert (out[~keep] - images[~keep]).abs().mean() > 0.05  # the hole is painted anew
+    # the hole's content never reaches the model: changing it changes nothing
+    other = images + 0.5 * mask
+    assert torch.equal(out, decoder_generate(unet, movq, diffusion, text, uncond, [0, 1], (32, 32), 3.0, 3, "ddim", 0.0,
+                                             (other.clamp(-1, 1), mask)))
+    # outpainting: a canvas 16 pixels wider on each side, the image in its middle
+    canvas, border = outpaint_canvas(images, 0, 0, 16, 16)
+    wide = decoder_generate(unet, movq, diffusion, text, uncond, [0, 1], (32, 64), 3.0, 3, "ddim", 0.0, (canvas, border))
+    assert wide.shape == (2, 3, 32, 64) and torch.equal(wide[..., 16:48], images)
+    assert (wide[..., :16] != 0).float().mean() > 0.9  # the grey border was painted
+    # a decoder that is not an inpainting one refuses a mask
+    plain = UNet(decoder_config("toy", 16, towers)).eval()
+    with pytest.raises(EmuError, match="need an inpainting decoder"):
+        decoder_generate(plain, movq, diffusion, text, uncond, [0, 1], (32, 32), 3.0, 3, "ddim", 0.0, (images, mask))
+
+
+def test_fusion_mixes_unit_directions_by_weight_at_the_mean_norm():
+    a, b = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    torch.testing.assert_close(fuse_embeddings(torch.stack([a, b]), [1.0, 0.0]), a)
+    half = fuse_embeddings(torch.stack([a, b]), [1.0, 1.0])
+    torch.testing.assert_close(half, torch.tensor([1.0, 1.0, 0.0]) / 2 ** 0.5 * 2.0)  # 45 degrees, norm (3 + 1) / 2
+    more_a = fuse_embeddings(torch.stack([a, b]), [3.0, 1.0])
+    assert more_a[0] > more_a[1] > 0
+    with pytest.raises(EmuError, match="one positive weight per input"):
+        fuse_embeddings(torch.stack([a, b]), [1.0])
