@@ -1,6 +1,6 @@
-"""The fused CUDA attention kernel (emu/csrc/flash_attention.cu): it must compile wherever nvcc is
-installed, GPU or not, so a broken kernel is caught on any machine; with a GPU, its standalone build
-must also agree with its CPU reference."""
+"""The fused CUDA attention kernels (emu/csrc/flash_attention.cu): they must compile wherever nvcc is
+installed, GPU or not, so a broken kernel is caught on any machine; with a GPU, the standalone build's
+forward and backward must also agree with its CPU reference."""
 import os
 import shutil
 import subprocess
@@ -23,8 +23,10 @@ def nvcc(*flags, out):
     return out
 
 
-def test_the_kernel_compiles_as_a_library_object(tmp_path):
-    assert nvcc("-c", out=tmp_path / "flash_attention.o").stat().st_size > 0
+def test_the_kernel_compiles_as_a_library_object_with_both_launchers(tmp_path):
+    obj = nvcc("-c", out=tmp_path / "flash_attention.o").read_bytes()
+    # extern "C": the binding (flash_attention.cpp) links against these unmangled names
+    assert b"emu_flash_attention_forward" in obj and b"emu_flash_attention_backward" in obj
 
 
 def test_the_standalone_build_compiles_and_matches_its_cpu_reference_on_a_gpu(tmp_path):
@@ -33,3 +35,4 @@ def test_the_standalone_build_compiles_and_matches_its_cpu_reference_on_a_gpu(tm
         pytest.skip("built; no CUDA GPU to run it on")
     proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+    assert proc.stdout.count(" dq ") == 3, proc.stdout  # the gradients were checked, for each of three shapes
