@@ -31,7 +31,7 @@ import torch
 from emu import EmuError
 from emu.arch import ARCHS
 from emu.data import make_grid, read_prompts, save_png, to_uint8
-from emu.judges import AppealJudge, FaithfulnessJudge, load_classifier, save_classifier, train_attribute_classifier
+from emu.judges import AppealJudge, FaithfulnessJudge, load_or_train_classifier
 from emu.pairwise import A, B, BOTH, NEITHER, RATES, TIE, to_markdown
 from emu.pipeline import TextToImage
 from emu.rating import RatingServer
@@ -91,16 +91,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def faithfulness_classifier(path, steps):
-    """Load the judges' attribute classifier, training it on fresh toy-world images the first time."""
-    if os.path.exists(path):
-        return load_classifier(path)
-    print(f"training the faithfulness judge's attribute classifier -> {path}")
-    classifier = train_attribute_classifier(**({"steps": steps} if steps else {}))
-    save_classifier(classifier, path)
-    return classifier
-
-
 def generate(args):
     prompts = read_prompts(args.prompts)[:args.limit]
     texts, categories = [p for p, _ in prompts], [c or "(none)" for _, c in prompts]
@@ -129,7 +119,7 @@ def generate(args):
         a_on_left = np.random.default_rng(args.rater_seed).random(len(texts)) < 0.5
         left = np.where(a_on_left[:, None, None, None], images["a"], images["b"])
         right = np.where(a_on_left[:, None, None, None], images["b"], images["a"])
-        faith_judge = FaithfulnessJudge(faithfulness_classifier(args.judge, args.judge_steps),
+        faith_judge = FaithfulnessJudge(load_or_train_classifier(args.judge, args.judge_steps),
                                         n_raters=args.faith_raters, seed=args.rater_seed + 1)
         votes = {"appeal": AppealJudge(n_raters=args.appeal_raters, seed=args.rater_seed).vote(left, right),
                  "faithfulness": faith_judge.vote(left, right, texts)}  # (n_raters, n_pairs), +1 = the left image

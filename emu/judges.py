@@ -18,6 +18,7 @@ the one that tracked it best on toy web images, whose hidden qualities are known
 that each measurement goes the right way). Nothing here looks at, or is tuned for, the models
 being compared.
 """
+import os
 import time
 
 import numpy as np
@@ -433,6 +434,17 @@ def load_classifier(path):
     model = AttributeClassifier(width=ckpt["width"], size=ckpt["size"])
     load_state_dict_checked(model, ckpt["model"], path)
     return model.eval()
+
+
+def load_or_train_classifier(path, steps=None):
+    """The judges' attribute classifier at `path`, trained on fresh toy-world images (`steps` steps,
+    default train_attribute_classifier's) and saved there the first time."""
+    if os.path.exists(path):
+        return load_classifier(path)
+    print(f"training the faithfulness judge's attribute classifier -> {path}")
+    classifier = train_attribute_classifier(**({"steps": steps} if steps else {}))
+    save_classifier(classifier, path)
+    return classifier
 
 
 def faithfulness_score(classifier, images, prompts):

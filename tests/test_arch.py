@@ -227,7 +227,7 @@ def test_flags_that_do_not_apply_to_an_architecture_are_refused(argv, message):
 
 def test_each_architecture_fills_in_its_own_defaults():
     for arch, expected in [("ldm", ("runs/ae", "scaled_linear", "eps")), ("pixel", (None, "cosine", "v")),
-                           ("muse", ("runs/vq", None, None)), ("kandinsky", ("runs/movq", "linear", "eps"))]:
+                           ("muse", ("runs/vq", None, None)), ("kandinsky", ("runs/movq", "scaled_linear", "eps"))]:
         args = argparse.Namespace(arch=arch, preset="toy", ae=None, schedule=None, prediction=None, prior=None)
         resolve_arch_flags(args)
         assert (args.ae, args.schedule, args.prediction) == expected

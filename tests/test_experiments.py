@@ -268,3 +268,33 @@ def test_architectures_tunes_and_judges_each_architecture_on_the_same_splits(tun
         s = summarize_outcomes(common.judge_outcomes(out / arch / "seed-0/eval")["visual appeal"][:, None], n_boot=50)
         assert f"| {name} | visual appeal | {s['win']:.1f}% [{s['ci']['win'][0]:.1f}, {s['ci']['win'][1]:.1f}] |" in table
     assert Image.open(out / "win_rates.png").size[0] == 640
+
+
+def test_kandinsky_priors_compares_both_priors_and_the_variations(tuning_world, tmp_path):
+    w, _ = tuning_world
+    script("train_ae.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--out", f"{tmp_path}/movq", "--steps", "2",
+           "--bs", "8", "--holdout", "8")
+    script("pretrain.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--out", f"{tmp_path}/decoder", "--steps", "2",
+           "--bs", "4", "--ae", f"{tmp_path}/movq", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5", "--sample-every", "0")
+    out = tmp_path / "exp"
+    script("experiments/kandinsky_priors.py", "--decoder", f"{tmp_path}/decoder/ckpt.pt", "--haystack", f"{w}/haystack",
+           "--clip", f"{w}/towers/clip", "--holdout", "8", "--prior-steps", "2",
+           "--prior-flags", "--bs 4 --eval-every 2 --save-every 2 --sample-steps 2", "--judge", f"{w}/judge.pt",
+           "--judge-steps", "5", "--steps", "2", "--variations", "3", "--n-boot", "50", "--compare", f"{w}/pre/ckpt.pt",
+           "--out", out)
+    for kind in ("linear", "diffusion"):
+        assert torch.load(out / f"prior-{kind}/prior.pt", weights_only=True)["config"]["kind"] == kind
+    results = json.load(open(out / "results.json"))
+    rows, table = results["rows"], (out / "results.md").read_text()
+    assert list(rows) == ["the held-out images themselves", "true image (CLIP)", "linear prior", "diffusion prior",
+                          "none (text alone)", f"ldm model {w}/pre/ckpt.pt (text alone)"]
+    for name, row in rows.items():
+        assert 0 <= row["faithfulness"] <= 1 and f"| {row['faithfulness']:.3f} |" in table, name
+    assert rows["true image (CLIP)"]["centred cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert f"| linear prior | {rows['linear prior']['centred cosine']:.3f} |" in table
+    pairwise = results["pairwise"]
+    assert pairwise["n"] == 8 and pairwise["win"] + pairwise["tie"] + pairwise["lose"] == pytest.approx(100.0)
+    variations = results["variations"]
+    assert variations["sources"] == 3 and -1 <= variations["own"] <= 1 and 0 <= variations["own nearest"] <= 1
+    assert 0 <= variations["others farther"] <= 1
+    assert f"to their own source {variations['own']:.3f}" in table

@@ -1,8 +1,10 @@
 """Kandinsky's decoder (emu/kandinsky.py): MoVQ latents, the image-text conditioning, inpainting."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from emu import EmuError
 from emu.arch import get_arch
@@ -163,3 +165,51 @@ def test_fusion_mixes_unit_directions_by_weight_at_the_mean_norm():
     assert more_a[0] > more_a[1] > 0
     with pytest.raises(EmuError, match="one positive weight per input"):
         fuse_embeddings(torch.stack([a, b]), [1.0])
+
+
+def test_variations_of_an_image_are_closer_to_it_in_clip_space_than_to_other_images():
+    """A decoder trained briefly on toy images, conditioned on their CLIP image embeddings alone (every
+    caption empty; pixels as its latents, 8x8; the toy CLIP vision tower): new noise around an
+    image's embedding gives images whose CLIP embeddings are nearer that image's than most others'.
+    (The toy tower is untrained, and many toy images share a background, so the other images can be
+    near too: the measure is how many of them a variation is farther from, not the nearest alone.)"""
+    from emu.pixel import PixelSpace, resize
+    from emu.toyworld import make_haystack
+    pixels = np.stack([image for image, _, _ in make_haystack(96, seed=3, size=32)])
+    images = resize(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, 8)  # (96, 3, 8, 8)
+    torch.manual_seed(1)
+    towers = ImageTextEncoder(FakeTowers(), CLIPVisionModel(CLIP_VISION_PRESETS["toy"]).eval())
+    cond = towers.encode([""] * len(images), images=images)
+    center = cond.image.mean(0)  # measured from the mean embedding: what sets each image apart
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(decoder_config("toy", 3, towers), model_channels=32))
+    diffusion = GaussianDiffusion("scaled_linear", 1000, "eps")
+    k = 16
+    sources = cond[:k]
+    twice = TextImageEmbedding.cat([sources, sources])  # two variations of each, with different noise
+
+    def closeness():
+        """Centred cosine of the variations to their own source, to the others, and the share of the
+        other sources farther than its own."""
+        unet.eval()
+        made = decoder_generate(unet, PixelSpace(), diffusion, twice, towers.encode([""] * 2 * k),
+                                list(range(100, 100 + 2 * k)), (8, 8), 3.0, 20, "ddim", 0.0)
+        unet.train()
+        seen = towers.embed_images(made.clamp(-1, 1))
+        sim = F.normalize(seen - center, dim=-1) @ F.normalize(sources.image - center, dim=-1).T  # (2k, k)
+        own = sim[torch.arange(2 * k), torch.arange(k).repeat(2)]
+        others = (sim.sum(1) - own) / (k - 1)
+        return own.mean(), others.mean(), ((sim < own[:, None]).sum(1).float() / (k - 1)).mean()
+
+    untrained = closeness()
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(300):
+        idx = torch.randint(0, len(images), (32,), generator=gen)
+        loss = diffusion.training_loss(unet, images[idx], cond[idx], generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    own, others, farther = closeness()
+    assert own > others + 0.3 and farther > 0.65, (own, others, farther)
+    assert untrained[2] < 0.65, untrained  # it is the training that makes them so
