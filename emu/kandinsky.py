@@ -108,6 +108,8 @@ class ImageTextEncoder(nn.Module):
     unconditional input, the one caption dropout trains and classifier-free guidance compares against.
     """
     reads_images = True  # emu.training.conditioning passes the batch's images
+    # The diffusion prior samples with `prior_steps` DDIM steps at guidance `prior_cfg` (4, the
+    # released Kandinsky 2 pipelines' default), seeded by `seed` at every call.
 
     def __init__(self, text_encoder, vision, prior=None, prior_steps=25, prior_cfg=4.0, seed=0):
         super().__init__()
