@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from emu.flops import train_step_flops, unet_flops
 from emu.pixel import BASE_PRESETS, UPSAMPLER_PRESETS
-from emu.text import TextEmbedding
+from emu.text import TextEmbedding, TextImageEmbedding
 from emu.unet import PRESETS, UNet, count_parameters
 
 CONFIGS = {
@@ -24,6 +24,8 @@ CONFIGS = {
     "pixel-upsampler": UPSAMPLER_PRESETS["toy"].unet,
     # Kandinsky's decoder: conditioned on an image embedding too
     "image-embedding": replace(PRESETS["toy"], image_embed_dim=24, image_tokens=3),
+    # ... and its inpainting version, which also reads the masked latents and the mask
+    "inpainting": replace(PRESETS["toy"], image_embed_dim=24, image_tokens=3, cond_channels=17),
 }
 
 
@@ -51,8 +53,8 @@ def measured_flops(cfg, batch, latent_size, clip_tokens, t5_tokens, backward=Fal
         extra = {"cond": torch.randn(batch, cfg.cond_channels, latent_size, latent_size)} if cfg.cond_channels else {}
         if cfg.aug_embedding:
             extra["t_aug"] = torch.randint(0, 1000, (batch,))
-        if cfg.image_embed_dim:
-            extra["image_embed"] = torch.randn(batch, cfg.image_embed_dim)
+        if cfg.image_embed_dim:  # Kandinsky's decoder reads the image embedding with the text
+            text = TextImageEmbedding(**vars(text), image=torch.randn(batch, cfg.image_embed_dim))
         out = unet(x, t, text, **extra)
         if backward:
             out.square().mean().backward()
