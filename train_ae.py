@@ -95,7 +95,7 @@ def reconstruct(ae, images, device, bs=64):
 def latent_std(ae, images, device, bs=64):
     """Standard deviation of the (unscaled) latents of `images`: the posterior means, or MoVQ's
     encoder output before the codebook. 1 / scale_factor (latent_scale)."""
-    latents = (lambda x: ae.posterior(x)[0]) if isinstance(ae, Autoencoder) else (lambda x: ae.quant_conv(ae.encoder(x)))
+    latents = (lambda x: ae.posterior(x)[0]) if isinstance(ae, Autoencoder) else ae.encode_latents
     means = [latents(images[i:i + bs].to(device)).cpu() for i in range(0, len(images), bs)]
     return torch.cat(means).std().item()
 

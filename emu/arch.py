@@ -28,11 +28,9 @@ differs is four things, each a method here:
 """
 import dataclasses
 
-import torch
-
 from emu import EmuError
 from emu.checkpoint import config_from_dict, config_to_dict
-from emu.diffusion import GaussianDiffusion, classifier_free_guidance
+from emu.diffusion import GaussianDiffusion, guided_images
 from emu.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
 from emu.muse import TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig, muse_generate
 from emu.pixel import BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config, cascade_generate
@@ -64,15 +62,8 @@ class LatentDiffusion:
         return "scaled_linear", "eps"
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
-        # one latent noise tensor per seed, so the same seed gives the same start in any model
-        side = image_size // ae.downsample_factor
-        shape = (model.cfg.in_channels, side, side)
-        device = text.clip.device
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        gen = torch.Generator(device).manual_seed(int(seeds[0]))
-        model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale)
-        latents = objective.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen)
-        return ae.decode(latents)
+        return guided_images(model, ae, objective, text, uncond, seeds, (image_size, image_size), cfg_scale, steps,
+                             sampler, eta)
 
 
 class PixelDiffusion(LatentDiffusion):

@@ -218,3 +218,23 @@ def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None
     out = model(torch.cat([x, x]), torch.cat([t, t]), TextEmbedding.cat([text, uncond]), **both)
     cond, unc = out.chunk(2)
     return unc + scale * (cond - unc)
+
+
+@torch.no_grad()
+def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta,
+                  model_kwargs=None):
+    """Images from a latent model: one noise tensor per seed (drawn on the CPU from that seed alone, so
+    the same seed gives the same start in any model and on any device), sampled with classifier-free
+    guidance, then decoded by the first stage.
+
+    :param size: the images' (height, width) in pixels; the latents are first_stage.downsample_factor smaller.
+    :param model_kwargs: other inputs of the model (classifier_free_guidance's).
+    :return: (B, 3, H, W).
+    """
+    f, device = first_stage.downsample_factor, text.clip.device
+    shape = (model.cfg.in_channels, size[0] // f, size[1] // f)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    gen = torch.Generator(device).manual_seed(int(seeds[0]))
+    model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale, model_kwargs)
+    latents = diffusion.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen)
+    return first_stage.decode(latents)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from emu import EmuError
 from emu.clip import clip_preprocess, load_clip_vision
-from emu.diffusion import classifier_free_guidance
+from emu.diffusion import guided_images
 from emu.inpaint import inpaint_condition, latent_mask, paste_known, random_masks
 from emu.prior import load_prior
 from emu.text import TextImageEmbedding
@@ -86,15 +86,13 @@ class MoVQLatents(nn.Module):
 
     def encode(self, images):
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, D, H/f, W/f)."""
-        return self.tokenizer.quant_conv(self.tokenizer.encoder(images)) * self.scale
+        return self.tokenizer.encode_latents(images) * self.scale
 
     def decode(self, latents):
         """Latents (B, D, h, w) -> images (B, 3, h*f, w*f)."""
         z = latents / self.scale
-        if self.quantize:
-            B, D, h, w = z.shape
-            ids = self.tokenizer.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, D))  # (B*h*w,)
-            z = self.tokenizer.quantizer.lookup(ids.view(B, h, w))  # (B, D, h, w) the nearest codes
+        if self.quantize:  # the nearest codes
+            z = self.tokenizer.quantizer.lookup(self.tokenizer.nearest_ids(z))
         return self.tokenizer.decode_codes(z)
 
 
@@ -209,19 +207,14 @@ def decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale,
         An inpainting U-Net without it draws the whole image (a mask of all ones).
     :return: (B, 3, H, W).
     """
-    f, device = ae.downsample_factor, text.pooled.device
-    shape = (model.cfg.in_channels, size[0] // f, size[1] // f)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
     kwargs = {}
     if model.cfg.cond_channels:
         images, masks = inpaint if inpaint is not None else (torch.zeros(len(seeds), 3, *size), torch.ones(len(seeds), 1, *size))
-        images, masks = images.to(device), masks.to(device)
-        kwargs["cond"] = inpaint_condition(ae.encode(images * (1 - masks)), latent_mask(masks, f))
+        images, masks = images.to(text.pooled.device), masks.to(text.pooled.device)
+        kwargs["cond"] = inpaint_condition(ae.encode(images * (1 - masks)), latent_mask(masks, ae.downsample_factor))
     elif inpaint is not None:
         raise EmuError("inpainting and outpainting need an inpainting decoder (pretrain.py --arch kandinsky --preset toy-inpaint)")
-    gen = torch.Generator(device).manual_seed(int(seeds[0]))
-    model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale, kwargs)
-    out = ae.decode(diffusion.sample(model_fn, noise, steps=steps, sampler=sampler, eta=eta, generator=gen))
+    out = guided_images(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, kwargs)
     return out if inpaint is None else paste_known(out.clamp(-1, 1), images, masks)
 
 

@@ -240,19 +240,25 @@ class VQTokenizer(nn.Module):
 
         :return: (recon (B, 3, H, W), vq_loss (scalar), ids (B, H/f, W/f)).
         """
-        z = self.quant_conv(self.encoder(images))  # (B, D, h, w)
-        quantized, vq_loss, ids = self.quantizer(z)
+        quantized, vq_loss, ids = self.quantizer(self.encode_latents(images))
         return self.decode_codes(quantized), vq_loss, ids
 
     def decode_codes(self, quantized):
         """Code vectors (B, D, h, w) -> images; a MoVQ decoder also reads them in every norm."""
         return self.decoder(quantized, quantized if self.cfg.spatial_norm else None)
 
-    def encode(self, images):
-        """Images (B, 3, H, W) in [-1, 1] -> token ids (B, H/f, W/f) (the codebook is left as it is)."""
-        z = self.quant_conv(self.encoder(images))  # (B, D, h, w)
+    def encode_latents(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> the encoder's continuous output before the codebook, (B, D, H/f, W/f)."""
+        return self.quant_conv(self.encoder(images))
+
+    def nearest_ids(self, z):
+        """Vectors (B, D, h, w) -> the ids of their nearest codes, (B, h, w) (the codebook is left as it is)."""
         B, D, h, w = z.shape
         return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, D)).view(B, h, w)
+
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> token ids (B, H/f, W/f) (the codebook is left as it is)."""
+        return self.nearest_ids(self.encode_latents(images))
 
     def decode_tokens(self, ids):
         """Token ids (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
