@@ -2,8 +2,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,8 +13,7 @@ from emu.autoencoder import (PRESETS, AELoss, Autoencoder, FourierFeatures, Patc
 from emu.metrics import psnr, ssim
 from emu.nn import Downsample, Upsample
 from emu.perceptual import PerceptualLoss
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from launch import script
 
 
 def small_config(**overrides):
@@ -75,6 +72,7 @@ def test_linear_patch_path_alone_is_a_linear_patch_code():
     assert ((y2 - y).abs().sum(dim=1) > 0).sum() <= 2 * 16 and (y2 - y)[:, :, 4:, 4:].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_shortcuts_make_the_toy_autoencoder_learn_faster():
     from emu.toyworld import make_haystack
     data = torch.stack([torch.as_tensor(img).permute(2, 0, 1).float() / 127.5 - 1
@@ -362,7 +360,6 @@ def test_train_ae_flags_pick_the_table_1_variant(toy_folder, tmp_path):
 
 
 def test_train_ae_without_data_says_how_to_make_it(tmp_path):
-    result = subprocess.run([sys.executable, "train_ae.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "ae")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = script("train_ae.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "ae"), timeout=120)
     assert result.returncode != 0
     assert "run python data/make_toy.py first" in result.stderr and "Traceback" not in result.stderr

@@ -1,8 +1,6 @@
 """The curation funnel's automatic stages: each filter on constructed images, counts, provenance, resume."""
 import json
 import os
-import subprocess
-import sys
 from contextlib import closing
 
 import numpy as np
@@ -14,6 +12,7 @@ import emu.curate as curate
 from emu import EmuError
 from emu.curate import FunnelConfig, export_curated, open_store, register_images, run_automatic, summary, why
 from emu.text import make_toy_towers
+from launch import script
 from test_filters import photo_like, with_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,27 +147,26 @@ def test_an_interrupted_funnel_resumes_without_measuring_anything_twice(haystack
     assert len([k for k in kept_strict if k.startswith("dup-")]) == 1 and set(kept_strict) < set(kept)
 
 
+@pytest.mark.slow
 def test_the_script_curates_explains_and_refuses_bad_input_in_one_line(haystack, tmp_path, towers):
     cfg = config(tmp_path, towers)
     out = str(tmp_path / "out")
-    run = [sys.executable, "data/curate.py", "--data", str(haystack), "--clip", towers, "--out", out,
+    argv = ["data/curate.py", "--data", str(haystack), "--clip", towers, "--out", out,
            "--blocklist", os.path.join(ROOT, "data", "blocklist.txt"), "--aesthetic-head", cfg.aesthetic_head,
            "--aesthetic-min", "4.5", "--text-max-words", "4", "--min-size", "32", "--max-aspect", "3",
            "--clusters", "4", "--per-cluster", "2", "--min-likes", "10"]
-    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
+    proc = script(*argv)
     assert proc.returncode == 0, proc.stderr
     assert "| usable | 16 | 15 | 1 |" in proc.stdout and "| popularity |" in proc.stdout
     assert open(os.path.join(out, "summary.md")).read() in proc.stdout
-    proc = subprocess.run([sys.executable, "data/curate.py", "why", "--out", out, "wide", "good-1"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = script("data/curate.py", "why", "--out", out, "wide", "good-1")
     assert "wide: dropped at size: 240x40: aspect ratio 6.00 > 3.0" in proc.stdout
     assert "good-1: kept by every stage it reached" in proc.stdout
     for argv, message in [(["--blocklist", str(tmp_path / "none.txt")], "none.txt: blocklist not found"),
                           (["--aesthetic-min", "1"], "needs --aesthetic-head"),
                           (["--aesthetic-head", str(haystack / "good-1.txt"), "--aesthetic-min", "1"], "not a head"),
                           (["--clusters", "3"], "--clusters and --per-cluster go together")]:
-        proc = subprocess.run([sys.executable, "data/curate.py", "--data", str(haystack), "--clip", towers,
-                               "--out", str(tmp_path / "other"), *argv], cwd=ROOT, capture_output=True, text=True)
+        proc = script("data/curate.py", "--data", str(haystack), "--clip", towers, "--out", str(tmp_path / "other"), *argv)
         err = proc.stderr.strip()
         assert proc.returncode != 0 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
 

@@ -18,6 +18,7 @@ from emu.curate_people import (CHECKLIST, add_raters, assign, decide, final_keys
                                simulate, verdict)
 from emu.judges import appeal_score
 from emu.study import VoteError
+from launch import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_PASS = {item: True for item, _, _ in CHECKLIST}
@@ -111,6 +112,7 @@ def test_simulated_people_finish_the_funnel_with_provenance_and_captions(funnel)
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.slow
 def test_people_keep_check_and_caption_images_on_the_page(funnel):
     """One person does all three stages in a real browser: keys for the generalists' page, ticks for
     the checklist, typing for the caption; the script then exports what they decided."""
@@ -166,9 +168,7 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
 
-    run = subprocess.run([sys.executable, "data/curate.py", "--data", str(tmp_path / "haystack"), "--out", out,
-                          "--clip", "unused", "--min-likes", "1"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run("data/curate.py", "--data", str(tmp_path / "haystack"), "--out", out, "--clip", "unused", "--min-likes", "1")
     curated = sorted(f for f in os.listdir(tmp_path / "out" / "curated") if f.endswith(".txt"))
     assert len(curated) == 1
     assert (tmp_path / "out" / "curated" / curated[0]).read_text() == "a <b>bold</b> red circle & friends\n"

@@ -2,7 +2,6 @@
 plots, and the parts that must be deterministic are."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
 from emu.pairwise import summarize_outcomes  # noqa: E402
 from emu.toyworld import parse_caption  # noqa: E402
+from launch import run, script  # noqa: E402
 
 
 def write_photos(folder):
@@ -55,21 +55,18 @@ def test_table1_bad_input_gets_one_line(tmp_path):
                           (["--photos", str(tmp_path / "photos")], "--photos needs --heldout"),
                           (["--photos", str(tmp_path / "photos"), "--heldout", "gone.png"], "gone.png: photograph not found"),
                           (["--variants", "AE-32"], "unknown variant 'AE-32'")]:
-        proc = subprocess.run([sys.executable, "experiments/table1_autoencoder.py", "--out", str(tmp_path / "out"), *argv],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = script("experiments/table1_autoencoder.py", "--out", str(tmp_path / "out"), *argv)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
     write_photos(tmp_path / "photos")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "experiments/table1_autoencoder.py", "--photos", str(tmp_path / "photos"),
-                           "--heldout", "held.png", "--out", str(out), "--photo-size", "48", "--size", "16",
-                           "--crops", "16", "--steps", "3", "--bs", "4", "--disc-start", "2",
-                           "--variants", "AE-4,Fourier-AE-16"],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run("experiments/table1_autoencoder.py", "--photos", str(tmp_path / "photos"), "--heldout", "held.png", "--out", str(out),
+        "--photo-size", "48", "--size", "16", "--crops", "16", "--steps", "3", "--bs", "4", "--disc-start", "2",
+        "--variants", "AE-4,Fourier-AE-16")
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| AE-") or line.startswith("| Fourier-")]
     assert [r.split(" | ")[0] for r in rows] == ["| AE-4", "| Fourier-AE-16"] * 2  # the main table, then per photograph
@@ -114,21 +111,14 @@ def test_luma_stats_and_histogram_on_constructed_images(tmp_path):
     assert np.allclose([f for _, f in noise_offset.histogram(np.array([0.1, 0.2, 0.9, 1.5]), 2)], [0.5, 0.5])
 
 
-def test_noise_offset_experiment_runs_end_to_end(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def script(*argv):
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return proc.stdout
-
-    script("data/make_toy.py", "--n", "48", "--out", f"{tmp_path}/haystack", "--towers", f"{tmp_path}/towers")
-    script("train_ae.py", "--data", f"{tmp_path}/haystack", "--out", f"{tmp_path}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
+@pytest.mark.slow
+def test_noise_offset_experiment_runs_end_to_end(toy_world, tmp_path):
+    w, _ = toy_world
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares on the left\n")
     out = tmp_path / "exp"
-    script("experiments/noise_offset.py", "--data", f"{tmp_path}/haystack", "--ae", f"{tmp_path}/ae",
-           "--clip", f"{tmp_path}/towers/clip", "--t5", f"{tmp_path}/towers/t5", "--prompts", str(tmp_path / "prompts.txt"),
-           "--n", "2", "--steps", "2", "--bs", "4", "--out", str(out))
+    run("experiments/noise_offset.py", "--data", f"{w}/haystack48", "--ae", f"{w}/ae", "--clip", f"{w}/towers/clip",
+        "--t5", f"{w}/towers/t5", "--prompts", str(tmp_path / "prompts.txt"), "--n", "2", "--steps", "2", "--bs", "4",
+        "--out", str(out))
     table = (out / "results.md").read_text()
     assert "| training images | 48 |" in table and "| no offset | 4 |" in table and "| offset 0.1 | 4 |" in table
     b = noise_offset.luma_stats(str(out / "samples-offset-0"))[:, 0]
@@ -141,23 +131,12 @@ def test_noise_offset_experiment_runs_end_to_end(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # The quality-tuning experiments: quality-tuned vs pretrained, set size, overfitting
 
-def script(*argv):
-    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
-def tuning_world(tmp_path_factory):
-    """A 48-image toy world, a 2-step autoencoder and pretrained model, and the flags that make each
+def tuning_world(toy_world):
+    """The session's toy world (its 48-image haystack and the 2-step model on it) and the flags that make each
     experiment's quality-tuning and evaluation as small as they go; the haystack stands in for the curated set."""
-    w = tmp_path_factory.mktemp("tuning")
-    script("data/make_toy.py", "--n", "48", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
-    script("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
-    script("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "2", "--bs", "4", "--ae", f"{w}/ae",
-           "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5", "--sample-every", "0")
-    flags = ["--pretrained", f"{w}/pre/ckpt.pt", "--curated", f"{w}/haystack", "--haystack", f"{w}/haystack",
+    w, _ = toy_world
+    flags = ["--pretrained", f"{w}/pre48/ckpt.pt", "--curated", f"{w}/haystack48", "--haystack", f"{w}/haystack48",
              "--heldout", "4", "--prompts", "4", "--iters", "2", "--bs", "4", "--eval-every", "1", "--sample-steps", "2",
              "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50"]
     return w, flags
@@ -172,18 +151,19 @@ def scenes(haystack):
     return seen
 
 
+@pytest.mark.slow
 def test_unseen_prompts_name_scenes_no_haystack_image_shows(tuning_world):
     w, _ = tuning_world
-    prompts = common.unseen_prompts(f"{w}/haystack", 30, seed=1)
-    assert prompts == common.unseen_prompts(f"{w}/haystack", 30, seed=1) != common.unseen_prompts(f"{w}/haystack", 30, seed=2)
+    prompts = common.unseen_prompts(f"{w}/haystack48", 30, seed=1)
+    assert prompts == common.unseen_prompts(f"{w}/haystack48", 30, seed=1) != common.unseen_prompts(f"{w}/haystack48", 30, seed=2)
     assert len({p for p, _ in prompts}) == 30
-    seen = scenes(f"{w}/haystack")
+    seen = scenes(f"{w}/haystack48")
     for prompt, category in prompts:
         attributes = parse_caption(prompt)
         assert tuple(sorted(attributes.items())) not in seen
         assert category == ("Counting" if attributes["count"] > 1 else "Basic")
     with pytest.raises(SystemExit, match="fewer than the 5000 prompts"):
-        common.unseen_prompts(f"{w}/haystack", 5000, seed=0)
+        common.unseen_prompts(f"{w}/haystack48", 5000, seed=0)
 
 
 def test_early_stop_point_follows_qtunes_patience_rule():
@@ -193,10 +173,11 @@ def test_early_stop_point_follows_qtunes_patience_rule():
     assert qtune_overfitting.early_stop_point(losses, 1) == (50, 25)
 
 
+@pytest.mark.slow
 def test_qtune_vs_pretrained_pools_its_seeds(tuning_world, tmp_path):
     w, flags = tuning_world
     out = tmp_path / "exp"
-    script("experiments/qtune_vs_pretrained.py", *flags, "--seeds", "0,1", "--out", out)
+    run("experiments/qtune_vs_pretrained.py", *flags, "--seeds", "0,1", "--out", out)
     table = (out / "results.md").read_text()
     for seed in (0, 1):  # each seed tuned on its own split: 44 trained, 4 held out, never trained on
         train = {f for f in os.listdir(out / f"seed-{seed}/train") if f.endswith(".png")}
@@ -211,10 +192,11 @@ def test_qtune_vs_pretrained_pools_its_seeds(tuning_world, tmp_path):
     assert Image.open(out / "win_rates.png").size[0] == 640
 
 
+@pytest.mark.slow
 def test_qtune_set_size_tunes_nested_subsets_against_a_stand_in(tuning_world, tmp_path):
     w, flags = tuning_world
     out = tmp_path / "exp"
-    stdout = script("experiments/qtune_set_size.py", *flags, "--seeds", "0", "--fractions", "0.05,1", "--out", out)
+    stdout = run("experiments/qtune_set_size.py", *flags, "--seeds", "0", "--fractions", "0.05,1", "--out", out)
     assert "--seed 1 --sample-every 0" in stdout  # the stand-in: the pretrained recipe, another seed
     stand_in = torch.load(out / "baseline/ckpt.pt", weights_only=True)
     assert stand_in["args"]["seed"] == 1 and stand_in["args"]["steps"] == 2 and stand_in["args"]["bs"] == 4
@@ -230,10 +212,11 @@ def test_qtune_set_size_tunes_nested_subsets_against_a_stand_in(tuning_world, tm
     assert Image.open(out / "win_rate_by_size.png").size == (640, 400)
 
 
+@pytest.mark.slow
 def test_qtune_overfitting_keeps_each_milestone_of_one_run(tuning_world, tmp_path):
     w, flags = tuning_world
     out = tmp_path / "exp"
-    script("experiments/qtune_overfitting.py", *flags, "--milestones", "2,4", "--out", out)
+    run("experiments/qtune_overfitting.py", *flags, "--milestones", "2,4", "--out", out)
     for m in (2, 4):
         assert torch.load(out / f"iter-{m}.pt", weights_only=True)["step"] == m
     records = [json.loads(line) for line in open(out / "qtune/metrics.jsonl")]
@@ -250,10 +233,11 @@ def test_qtune_overfitting_keeps_each_milestone_of_one_run(tuning_world, tmp_pat
     assert Image.open(out / "win_rates_by_iteration.png").size == (640, 400)
 
 
+@pytest.mark.slow
 def test_architectures_tunes_and_judges_each_architecture_on_the_same_splits(tuning_world, tmp_path):
     w, flags = tuning_world
     out = tmp_path / "exp"
-    script("experiments/architectures.py", *flags, "--seeds", "0", "--towers", f"{w}/towers", "--pretrain-steps", "2",
+    run("experiments/architectures.py", *flags, "--seeds", "0", "--towers", f"{w}/towers", "--pretrain-steps", "2",
            "--pretrain-flags", "--bs 4 --sample-every 0", "--vq-steps", "2", "--vq-flags", "--bs 4 --holdout 8", "--out", out)
     assert json.load(open(out / "muse/vq/config.json"))["kind"] == "vq"
     for arch in ("pixel", "muse"):
@@ -270,24 +254,25 @@ def test_architectures_tunes_and_judges_each_architecture_on_the_same_splits(tun
     assert Image.open(out / "win_rates.png").size[0] == 640
 
 
+@pytest.mark.slow
 def test_kandinsky_priors_compares_both_priors_and_the_variations(tuning_world, tmp_path):
     w, _ = tuning_world
-    script("train_ae.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--out", f"{tmp_path}/movq", "--steps", "2",
+    run("train_ae.py", "--arch", "kandinsky", "--data", f"{w}/haystack48", "--out", f"{tmp_path}/movq", "--steps", "2",
            "--bs", "8", "--holdout", "8")
-    script("pretrain.py", "--arch", "kandinsky", "--data", f"{w}/haystack", "--out", f"{tmp_path}/decoder", "--steps", "2",
+    run("pretrain.py", "--arch", "kandinsky", "--data", f"{w}/haystack48", "--out", f"{tmp_path}/decoder", "--steps", "2",
            "--bs", "4", "--ae", f"{tmp_path}/movq", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5", "--sample-every", "0")
     out = tmp_path / "exp"
-    script("experiments/kandinsky_priors.py", "--decoder", f"{tmp_path}/decoder/ckpt.pt", "--haystack", f"{w}/haystack",
+    run("experiments/kandinsky_priors.py", "--decoder", f"{tmp_path}/decoder/ckpt.pt", "--haystack", f"{w}/haystack48",
            "--clip", f"{w}/towers/clip", "--holdout", "8", "--prior-steps", "2",
            "--prior-flags", "--bs 4 --eval-every 2 --save-every 2 --sample-steps 2", "--judge", f"{w}/judge.pt",
-           "--judge-steps", "5", "--steps", "2", "--variations", "3", "--n-boot", "50", "--compare", f"{w}/pre/ckpt.pt",
+           "--judge-steps", "5", "--steps", "2", "--variations", "3", "--n-boot", "50", "--compare", f"{w}/pre48/ckpt.pt",
            "--out", out)
     for kind in ("linear", "diffusion"):
         assert torch.load(out / f"prior-{kind}/prior.pt", weights_only=True)["config"]["kind"] == kind
     results = json.load(open(out / "results.json"))
     rows, table = results["rows"], (out / "results.md").read_text()
     assert list(rows) == ["the held-out images themselves", "true image (CLIP)", "linear prior", "diffusion prior",
-                          "none (text alone)", f"ldm model {w}/pre/ckpt.pt (text alone)"]
+                          "none (text alone)", f"ldm model {w}/pre48/ckpt.pt (text alone)"]
     for name, row in rows.items():
         assert 0 <= row["faithfulness"] <= 1 and f"| {row['faithfulness']:.3f} |" in table, name
     assert rows["true image (CLIP)"]["centred cosine"] == pytest.approx(1.0, abs=1e-5)

@@ -4,13 +4,10 @@ import argparse
 import copy
 import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch._dynamo  # FSDP imports it on first use: imported here, once, the forked ranks need not
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -22,6 +19,7 @@ from emu.fsdp import (full_state_dict, load_full_weights, load_sharded, save_sha
 from emu.text import TextEmbedding
 from emu.training import make_ema, make_optimizer, train_step, update_ema, warmup_schedule
 from emu.unet import UNet, UNetConfig
+from launch import on_two_ranks
 
 # tiny, with every kind of unit (Stage, Downsample, Upsample, a transformer in the middle): DTensor's
 # first steps cost time per parameter tensor, so attention stays out of the levels
@@ -30,28 +28,6 @@ CFG = UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2), attentio
 ARGS = argparse.Namespace(lr=1e-2, weight_decay=0.01, grad_clip=1.0, caption_dropout=0.25, noise_offset=0.02,
                           precision="fp32", ema_decay=0.9)
 GLOBAL_BS = 4
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # two processes on two cores
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        fn(World(rank, 2, torch.device("cpu")), *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def on_two_ranks(fn, *args):
-    """Run fn(world, *args) in two processes joined over gloo; a failure in either fails the test.
-    Forked, so the children start without importing torch again."""
-    mp.start_processes(_entry, args=(free_port(), fn, args), nprocs=2, start_method="fork")
 
 
 def batch(step, rank):
@@ -187,6 +163,7 @@ def _fsdp_matches_ddp(world, precision):
         assert difference < 0.1 * update, (difference, update)
 
 
+@pytest.mark.slow
 def test_fsdp_trains_exactly_like_ddp():
     """3 steps on per-rank halves of the batch: the weights and the EMA agree with DDP's within 1e-5
     (fused AdamW on the shards, the gradient norm clipped over all shards), and so do samples from
@@ -194,6 +171,7 @@ def test_fsdp_trains_exactly_like_ddp():
     on_two_ranks(_fsdp_matches_ddp, "fp32")
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_mixed_precision_trains_like_ddp_with_autocast():
     """Gathered in bfloat16, reduced in float32, under train_step's autocast: the losses agree with
     DDP + autocast within 1e-3 and the weights move alike (AdamW turns tiny gradient differences
@@ -224,6 +202,7 @@ def _resume(world, folder):
     assert resumed.opt.param_groups[0]["lr"] == straight.opt.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_bitwise(tmp_path, one_thread):
     """2 steps, save, load into fresh (differently initialised) sharded objects, 2 more steps ==
     4 steps in one go, bitwise: weights, EMA, AdamW's moments and step counts. And one process
@@ -273,6 +252,7 @@ def _broken_saves(world, folder):
     assert_same(fresh.local_state(), saved)
 
 
+@pytest.mark.slow
 def test_a_broken_sharded_save_is_detected_and_the_previous_one_still_loads(tmp_path):
     """A save killed before its rename leaves only a .tmp- directory; a checkpoint without its
     .metadata or extra.pt, or with a truncated shard, is named as broken and refused; the one

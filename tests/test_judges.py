@@ -117,6 +117,7 @@ def test_appeal_judge_never_takes_the_prompt():
 # the attribute classifier and the faithfulness judge
 
 
+@pytest.mark.slow
 def test_quick_classifier_reads_held_out_images(classifier):
     images, labels = render_labelled_images(400, seed=99)
     acc = classifier_accuracy(classifier, images, labels)
@@ -146,6 +147,7 @@ def colour_and_count_pairs(n, seed):
     return np.stack(good), np.stack(wrong), prompts
 
 
+@pytest.mark.slow
 def test_faithfulness_prefers_the_image_that_matches_the_prompt(classifier):
     good, wrong, prompts = colour_and_count_pairs(30, seed=5)
     assert (faithfulness_score(classifier, good, prompts) > faithfulness_score(classifier, wrong, prompts)).mean() > 0.9
@@ -156,6 +158,7 @@ def test_faithfulness_prefers_the_image_that_matches_the_prompt(classifier):
                           ["text faithfulness"]) == A).mean() > 0.8
 
 
+@pytest.mark.slow
 def test_faithfulness_says_both_and_neither_for_equal_images(classifier):
     good, wrong, prompts = colour_and_count_pairs(20, seed=6)
     judge = FaithfulnessJudge(classifier, n_raters=3, seed=0)
@@ -164,6 +167,7 @@ def test_faithfulness_says_both_and_neither_for_equal_images(classifier):
     assert (judge.vote(good, good, prompts) == NEITHER).mean() < 0.1
 
 
+@pytest.mark.slow
 def test_classifier_save_load_round_trip(classifier, tmp_path):
     images, _ = render_labelled_images(16, seed=3)
     save_classifier(classifier, tmp_path / "attributes.pt")

@@ -167,6 +167,7 @@ def test_fusion_mixes_unit_directions_by_weight_at_the_mean_norm():
         fuse_embeddings(torch.stack([a, b]), [1.0])
 
 
+@pytest.mark.slow
 def test_variations_of_an_image_are_closer_to_it_in_clip_space_than_to_other_images():
     """A decoder trained briefly on toy images, conditioned on their CLIP image embeddings alone (every
     caption empty; pixels as its latents, 8x8; the toy CLIP vision tower): new noise around an

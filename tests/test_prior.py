@@ -71,6 +71,7 @@ def test_the_diffusion_prior_predicts_from_the_real_tokens_only():
     assert not torch.allclose(prior(x, t, changed), out)
 
 
+@pytest.mark.slow
 def test_the_diffusion_prior_learns_and_its_guidance_moves_towards_the_caption():
     """Trained on a fixed caption -> embedding function, it predicts held-out captions' embeddings
     (cosine above the mean embedding's); a guidance scale of 1 is the conditional model alone."""

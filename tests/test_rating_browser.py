@@ -22,7 +22,8 @@ from test_rating import SCRIPT_PROMPT, make_study
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if find_chromium() is None and os.environ.get("EMU_REQUIRE_BROWSER") == "1":
     raise RuntimeError("EMU_REQUIRE_BROWSER=1 but no chromium on PATH")
-pytestmark = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)"),
+              pytest.mark.slow]
 
 
 def free_port():

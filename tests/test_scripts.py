@@ -4,8 +4,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,68 +13,54 @@ from PIL import Image
 from emu.checkpoint import read_metrics
 from emu.pipeline import read_training_checkpoint
 from emu.shards import pack_folder
+from launch import run, script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*argv, timeout=600):
-    """Run a script from the repository root; fail with its output if it fails or is still running
-    after `timeout` seconds (a hang fails its test instead of stalling the suite)."""
-    try:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
-        pytest.fail(f"{' '.join(argv)}: still running after {timeout} s:\n{out[-2000:]}")
-    assert proc.returncode == 0, f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+pytestmark = pytest.mark.slow  # the scripts' end-to-end runs: not in the quick tier
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A 96-image toy world, a 2-step autoencoder and a 6-step pretrained model, shared by the tests."""
-    w = tmp_path_factory.mktemp("world")
-    run("data/make_toy.py", "--n", "96", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
-    run("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
-    frozen = ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]
-    run("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "6", "--bs", "8", *frozen)
-    return w, frozen
+def world(toy_world):
+    """The session's toy world: 96 images, its towers, a 2-step autoencoder and a 6-step pretrained model."""
+    return toy_world
 
 
-def test_pretrain_qtune_sample_eval_end_to_end(world):
+def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
+    """Quality-tuning, sampling and the pairwise evaluation, whose faithfulness judge is trained here
+    because its --judge file is missing."""
     w, _ = world
-    out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{w}/qt",
+    out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{tmp_path}/qt",
               "--curate-top", "24", "--holdout", "8", "--bs", "8", "--iters", "4", "--eval-every", "2")
     assert "curated 24 of 96 images" in out
-    curated = json.load(open(f"{w}/qt/curated.json"))
+    curated = json.load(open(f"{tmp_path}/qt/curated.json"))
     assert len(curated["images"]) == 24 and curated["images"][0]["score"] >= curated["images"][-1]["score"]
-    assert os.path.exists(f"{w}/qt/best.pt") and torch.load(f"{w}/qt/ckpt.pt", weights_only=True)["step"] == 4
+    assert os.path.exists(f"{tmp_path}/qt/best.pt") and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 4
 
-    run("sample.py", "--ckpt", f"{w}/qt/best.pt", "--prompt", "a red circle in the center on a white background",
-        "--n", "2", "--steps", "3", "--out", f"{w}/samples")
-    png = Image.open(f"{w}/samples/0001.png")
+    run("sample.py", "--ckpt", f"{tmp_path}/qt/best.pt", "--prompt", "a red circle in the center on a white background",
+        "--n", "2", "--steps", "3", "--out", f"{tmp_path}/samples")
+    png = Image.open(f"{tmp_path}/samples/0001.png")
     assert png.size == (32, 32)
     assert png.text["prompt"] == "a red circle in the center on a white background" and png.text["seed"] == "1"
     assert png.text["cfg"] == "5.0" and png.text["checkpoint"].endswith("best.pt")
-    assert Image.open(f"{w}/samples/grid.png").size == (64, 32)
+    assert Image.open(f"{tmp_path}/samples/grid.png").size == (64, 32)
 
-    prompts = w / "prompts.tsv"
+    prompts = tmp_path / "prompts.tsv"
     prompts.write_text("Prompt\tCategory\n" + "".join("a blue square at the top on a pink background\tA\n"
                                                       "two green circles on the left on a black background\tB\n" for _ in range(3)))
-    run("eval_pairs.py", "--a", f"{w}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
-        "--judge", f"{w}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{w}/eval")
-    results = json.load(open(f"{w}/eval/results.json"))
+    out = run("eval_pairs.py", "--a", f"{tmp_path}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
+        "--judge", f"{tmp_path}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{tmp_path}/eval")
+    results = json.load(open(f"{tmp_path}/eval/results.json"))
     assert set(results) == {"study", "judge"}  # no people have voted yet
-    assert results["study"]["a"] == f"{w}/qt/best.pt" and results["study"]["steps"] == "2"
+    assert "training the faithfulness judge's attribute classifier" in out and os.path.exists(f"{tmp_path}/judge.pt")
+    assert results["study"]["a"] == f"{tmp_path}/qt/best.pt" and results["study"]["steps"] == "2"
     for task in ("visual appeal", "text faithfulness"):
         rates = results["judge"]["summary"]["all"][task]
         assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0) and rates["n"] == 6
     assert set(results["judge"]["summary"]) == {"all", "A", "B"}
-    votes = list(csv.DictReader(open(f"{w}/eval/votes.csv")))
+    votes = list(csv.DictReader(open(f"{tmp_path}/eval/votes.csv")))
     assert len(votes) == 6 * (5 + 3) and {v["kind"] for v in votes} == {"judge"}
-    assert "| all | visual appeal | 6 |" in open(f"{w}/eval/results.md").read()
-    assert sorted(os.listdir(f"{w}/eval/images")) == sorted(f"{i:04d}-{s}.png" for i in range(6) for s in "ab")
-    again = run("eval_pairs.py", "report", "--study", f"{w}/eval", "--n-boot", "50")
+    assert "| all | visual appeal | 6 |" in open(f"{tmp_path}/eval/results.md").read()
+    assert sorted(os.listdir(f"{tmp_path}/eval/images")) == sorted(f"{i:04d}-{s}.png" for i in range(6) for s in "ab")
+    again = run("eval_pairs.py", "report", "--study", f"{tmp_path}/eval", "--n-boot", "50")
     assert "| all | text faithfulness | 6 |" in again
 
 
@@ -178,9 +162,9 @@ def test_pretrain_stops_after_too_many_non_finite_steps_with_a_valid_checkpoint(
     """An absurd learning rate blows the weights up after one step; every step after it has a
     non-finite loss, is skipped and counted, and the run stops in one line, its checkpoint loadable."""
     w, frozen = world
-    proc = subprocess.run([sys.executable, "pretrain.py", "--data", f"{w}/haystack", "--bs", "8", "--steps", "30",
+    proc = script("pretrain.py", "--data", f"{w}/haystack", "--bs", "8", "--steps", "30",
                            "--lr", "1e30", "--warmup", "1", "--max-bad-steps", "3", "--out", f"{tmp_path}/pre",
-                           *frozen], cwd=ROOT, capture_output=True, text=True)
+                  *frozen)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: 4 steps in a row had a non-finite loss or gradient")
     ckpt = torch.load(f"{tmp_path}/pre/ckpt.pt", weights_only=True)
@@ -205,7 +189,7 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         (["train_ae.py", "--arch", "muse", "--latent-channels", "4", "--data", f"{w}/haystack"], "the VQ tokenizer has none"),
         (["train_prior.py", "--data", f"{tmp_path}/none", "--out", f"{tmp_path}/prior"], "data folder not found"),
     ]:
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        proc = script(*argv)
         assert proc.returncode != 0
         err = proc.stderr.strip()
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
@@ -288,8 +272,7 @@ def test_qtune_checks_on_a_separate_folder_and_repeats_a_set_smaller_than_the_ba
     assert Image.open(f"{tmp_path}/qt/samples/iter-000002.png").size == (2 * 32, 32)  # the check set's 2 captions
     checks = [r for r in read_metrics(f"{tmp_path}/qt/metrics.jsonl") if "heldout" in r]
     assert [r["iter"] for r in checks] == [0, 1, 2] and checks[0]["heldout"] == checks[0]["best"]
-    proc = subprocess.run([sys.executable, "qtune.py", "--curate-top", "0", "--heldout-data", f"{tmp_path}/nope"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = script("qtune.py", "--curate-top", "0", "--heldout-data", f"{tmp_path}/nope")
     assert proc.returncode != 0 and proc.stderr.strip() == f"error: --heldout-data {tmp_path}/nope: folder not found"
 
 
@@ -420,10 +403,8 @@ def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tm
     wide = np.asarray(Image.open(f"{tmp_path}/outpaint/0001.png")).astype(int)
     assert wide.shape == (32, 64, 3) and np.abs(wide[:, 16:48] - original).max() <= 1
 
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", decoder, "--mode", "inpaint", "--image", image, "--box",
-                           "0.2,0.2,0.5,0.5"], cwd=ROOT, capture_output=True, text=True)
+    proc = script("sample.py", "--ckpt", decoder, "--mode", "inpaint", "--image", image, "--box", "0.2,0.2,0.5,0.5")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
         "error: inpainting and outpainting need an inpainting decoder (pretrain.py --arch kandinsky --preset toy-inpaint)")
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--mode", "variations", "--image", image],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = script("sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--mode", "variations", "--image", image)
     assert proc.returncode != 0 and "needs Kandinsky's decoder" in proc.stderr

@@ -1,8 +1,6 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from dataclasses import fields
 
 import pytest
@@ -16,6 +14,7 @@ from emu.data import read_prompts
 from emu.text import TextEmbedding, TextEncoder, make_toy_towers
 from emu.text_cache import TextEmbeddingCache, load_text_cache, write_text_cache
 from emu.unet import PRESETS, UNet
+from launch import script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_PROMPTS = os.path.join(ROOT, "data", "prompts", "toy.tsv")
@@ -130,9 +129,8 @@ def test_other_towers_and_missing_captions_are_one_line_errors(towers, tmp_path)
 
     # the script, pointed at other towers than its --out was made with
     toyworld.write_folder(tmp_path / "data", toyworld.make_haystack(2, seed=0, size=8))
-    proc = subprocess.run([sys.executable, "data/embed_captions.py", "--data", str(tmp_path / "data"), "--clip", str(other_clip),
-                           "--t5", str(other_t5), "--out", str(tmp_path / "cache"), "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = script("data/embed_captions.py", "--data", str(tmp_path / "data"), "--clip", str(other_clip),
+                  "--t5", str(other_t5), "--out", str(tmp_path / "cache"), "--device", "cpu")
     err = proc.stderr.strip()
     assert proc.returncode != 0 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {tmp_path / 'cache' / 'manifest.json'}: made with other towers"), err
