@@ -7,15 +7,15 @@ Neither count as a tie). Each pair's outcome is the majority vote; the report gi
 win / tie / lose rates with 95% bootstrap confidence intervals, overall and per prompt category,
 and how well the raters agree.
 
-Three commands share one study folder (--out / --study, emu/study.py):
+Three commands share one study folder (--out / --study, emu/evaluation/study.py):
 
     python eval_pairs.py --a runs/qtune/best.pt --b runs/pretrain/ckpt.pt   # generate (the default)
     python eval_pairs.py serve --raters alice,bob,carol,dan,erin            # people vote in a browser
     python eval_pairs.py report                                             # people and judges
 
-`generate` draws both models' images and lets the automatic judges (emu/judges.py, toy world only:
+`generate` draws both models' images and lets the automatic judges (emu/evaluation/judges.py, toy world only:
 `--judges none` for real models) vote as the paper's raters would. `serve` gives each person a link
-to the rating page (emu/rating.py). `report` summarises every kind of rater the same way, so the
+to the rating page (emu/evaluation/rating.py). `report` summarises every kind of rater the same way, so the
 judges can be compared with people.
 """
 import argparse
@@ -30,12 +30,14 @@ import torch
 
 from emu import EmuError
 from emu.arch import ARCHS
-from emu.data import make_grid, read_prompts, save_png, to_uint8
-from emu.judges import AppealJudge, FaithfulnessJudge, load_or_train_classifier
-from emu.pairwise import A, B, BOTH, NEITHER, RATES, TIE, to_markdown
+from emu.datasets.folders import make_grid, read_prompts, save_png, to_uint8
+from emu.evaluation.judges import AppealJudge
+from emu.evaluation.faithfulness import FaithfulnessJudge, load_or_train_classifier
+from emu.evaluation.pairwise import A, B, BOTH, NEITHER, RATES, TIE, to_markdown
 from emu.pipeline import TextToImage
-from emu.rating import RatingServer
-from emu.study import TASKS, add_judge_votes, add_raters, assign, create_study, meta, open_study, read_votes, study_report
+from emu.evaluation.rating import RatingServer
+from emu.evaluation.study import (TASKS, add_judge_votes, add_raters, assign, create_study, meta, open_study,
+                                  read_votes, study_report)
 
 COMMANDS = ("generate", "serve", "report")
 

@@ -13,7 +13,7 @@ The same script pretrains the other two architectures quality-tuning is shown on
     python pretrain.py --arch pixel --out runs/pixel/pretrain                     # Imagen-like, on pixels
     python train_ae.py --arch muse && python pretrain.py --arch muse --out runs/muse/pretrain  # Muse-like
 
-and Kandinsky's decoder (emu/kandinsky.py), on MoVQ latents, conditioned on CLIP image embeddings,
+and Kandinsky's decoder (emu/variants/kandinsky.py), on MoVQ latents, conditioned on CLIP image embeddings,
 with an image prior for its sample grids; a "-inpaint" preset trains the inpainting decoder:
 
     python train_ae.py --arch kandinsky && python train_prior.py
@@ -31,14 +31,15 @@ from tqdm import tqdm
 from emu import EmuError
 from emu.arch import ARCHS, resolve_arch_flags
 from emu.checkpoint import append_metrics, save_checkpoint
-from emu.data import SkipLog, read_prompts
-from emu.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.fsdp import full_state_dict, save_sharded, shard_model
+from emu.datasets.folders import SkipLog, read_prompts
+from emu.training.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
+from emu.training.fsdp import full_state_dict, save_sharded, shard_model
 from emu.pipeline import load_frozen_parts, sample_grid
-from emu.plot import plot_metrics
-from emu.training import (add_training_flags, check_data_path, count_bad_step, make_ema, make_optimizer, open_training_data,
-                          parse_stages, prune_checkpoints, resume_path, resume_training_state, save_rolling, save_training_state,
-                          stage_at, too_many_bad_steps, train_step, training_batches, training_extra, update_ema, warmup_schedule)
+from emu.evaluation.plot import plot_metrics
+from emu.training.loop import (add_training_flags, check_data_path, count_bad_step, make_ema, make_optimizer,
+                               open_training_data, parse_stages, prune_checkpoints, resume_path, resume_training_state,
+                               save_rolling, save_training_state, stage_at, too_many_bad_steps, train_step,
+                               training_batches, training_extra, update_ema, warmup_schedule)
 
 
 def parse_args(argv=None):
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--text-cache", default=None,
                    help="caption embeddings from data/embed_captions.py, made with --clip/--t5: the towers are not loaded")
     p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/fsdp.py); "
+                   help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/training/fsdp.py); "
                         "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
     add_training_flags(p)
     return p.parse_args(argv)
@@ -103,33 +104,18 @@ def main(args):
                                          args.prior if args.sample_every else None)
     net = arch.build(args.preset, ae, text_encoder).to(device)
     net.grad_checkpoint = args.grad_checkpoint
-    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
-    if args.fsdp:  # every rank keeps 1/N of the weights, gradients, AdamW state and EMA
-        model = shard_model(net, world, args.precision)
-        shard_model(ema, world)
-    else:  # DDP averages the gradients over ranks during backward; every rank then takes the same step.
-        model = DDP(net) if world.world_size > 1 else net
+    model, ema = distribute(net, world, args)
     objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens
     opt = make_optimizer(net, args)
     sched = warmup_schedule(opt, args.warmup)
     gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
     log(f"{arch.name} model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)")
-    prompts = [p for p, _ in read_prompts(args.sample_prompts)][:args.sample_n] if args.sample_every else []
-    if prompts:
-        try:
-            text_encoder.encode(prompts)  # a text cache without them fails now, not hours later
-        except EmuError as e:
-            raise EmuError(f"--sample-prompts: {e} (--prompts {args.sample_prompts}), or pass --sample-every 0") from None
+    prompts = sample_prompts(args, text_encoder)
 
-    step, skipped, position, bad = 0, {}, None, {"in_a_row": 0, "total": 0}
     ckpt_file = os.path.join(args.out, "ckpt.pt")
     ckpt_path = resume_path(args.resume, args.out)
+    step, skipped, position, bad = resume(ckpt_path, stages, world, net, ema, opt, sched, gen)
     if ckpt_path:
-        ckpt = resume_training_state(ckpt_path, net, ema, opt, sched, gen)
-        step, skipped, bad = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("bad_steps", bad)
-        if ckpt.get("stage", 0) == stage_at(stages, step)[0]:  # the data position of a stage still under way
-            position = rank_entry(ckpt, "data_position", world, ckpt_path)
-        gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
         log(f"resumed from {ckpt_path} at step {step}")
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
     if world.main:
@@ -141,12 +127,12 @@ def main(args):
         extra = dict(skipped=dict(batches.skipped), data_position=positions, gens=gens, stage=index, bad_steps=bad)
         if args.fsdp:  # every rank writes its own pieces
             save_sharded(os.path.join(args.out, f"ckpt-{step:09d}"), net, ema, opt,
-                         training_extra(net, sched, step, gen, args, **extra))
+                         training_extra(arch, net, sched, step, gen, args, **extra))
             if world.main:
                 prune_checkpoints(args.out, args.keep)
         elif world.main:
             save_rolling(args.out, step, args.keep,
-                         lambda path: save_training_state(path, net, ema, opt, sched, step, gen, args, **extra))
+                         lambda path: save_training_state(path, arch, net, ema, opt, sched, step, gen, args, **extra))
 
     # train, stage after stage: each at its own resolution, batch size and noise offset
     net.train()
@@ -184,10 +170,9 @@ def main(args):
                 log(f"step {step}/{args.steps}  loss {loss:.4f}  {seconds:.3f}s/step"
                     + (f"  ({bad['total']} steps skipped for a non-finite loss)" if bad["total"] else ""))
                 if world.main:
-                    append_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds, "stage": index + 1,
-                                                 "image_size": stage.image_size, "skipped": len(batches.skipped),
-                                                 "bad_steps": bad["total"]})
-                    plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "step", "loss", "pretraining loss", log_y=True)
+                    write_metrics(metrics_log, {"step": step, "loss": loss, "sec_per_step": seconds, "stage": index + 1,
+                                                "image_size": stage.image_size, "skipped": len(batches.skipped),
+                                                "bad_steps": bad["total"]})
                 t0, losses, logged = time.time(), [], step
             if step % args.save_every == 0 or step == stage_end:
                 save()
@@ -196,15 +181,66 @@ def main(args):
                             objective, stage.image_size, prompts, write=world.main)
         progress.close()
         skipped = dict(batches.skipped)
-    if args.fsdp:  # a plain ckpt.pt too, for sample.py and qtune.py: the whole weights, gathered on rank 0
-        whole = {"model": full_state_dict(net), "ema": full_state_dict(ema)}
-        if world.main:
-            save_checkpoint(ckpt_file, {**whole, **training_extra(net, sched, step, gen, args, skipped=skipped)})
-    elif not replicas_agree(net, world):
-        raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
+    finish(ckpt_file, arch, world, net, ema, sched, step, gen, args, skipped)
     log(f"saved {ckpt_file}; data: {SkipLog.summary(skipped)}; {bad['total']} steps skipped for a non-finite loss"
         + ("; the replicas' weights agree" if world.world_size > 1 and not args.fsdp else ""))
     close_world(world)
+
+
+def finish(ckpt_file, arch, world, net, ema, sched, step, gen, args, skipped):
+    """The end of training. Under --fsdp, a plain ckpt.pt too, for sample.py and qtune.py: the whole
+    weights, gathered on rank 0. Under DDP, the check that every rank holds the same weights."""
+    if args.fsdp:
+        whole = {"model": full_state_dict(net), "ema": full_state_dict(ema)}
+        if world.main:
+            save_checkpoint(ckpt_file, {**whole, **training_extra(arch, net, sched, step, gen, args, skipped=skipped)})
+    elif not replicas_agree(net, world):
+        raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
+
+
+def write_metrics(metrics_log, record):
+    """Append a logged step to metrics.jsonl and redraw the loss curve beside it (loss.png)."""
+    append_metrics(metrics_log, record)
+    plot_metrics(metrics_log, os.path.join(os.path.dirname(metrics_log), "loss.png"), "step", "loss", "pretraining loss",
+                 log_y=True)
+
+
+def distribute(net, world, args):
+    """(the model to train, its EMA): under --fsdp both sharded, every rank keeping 1/N of the weights,
+    gradients, AdamW state and EMA; under torchrun otherwise DDP, which averages the gradients over
+    ranks during backward so that every rank takes the same step; in a world of one, the network."""
+    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
+    if args.fsdp:
+        model = shard_model(net, world, args.precision)
+        shard_model(ema, world)
+    else:
+        model = DDP(net) if world.world_size > 1 else net
+    return model, ema
+
+
+def sample_prompts(args, text_encoder):
+    """The prompts of the sample grids (none with --sample-every 0), checked against the text encoder
+    now: a text cache without them fails at the start, not hours later."""
+    prompts = [p for p, _ in read_prompts(args.sample_prompts)][:args.sample_n] if args.sample_every else []
+    if prompts:
+        try:
+            text_encoder.encode(prompts)
+        except EmuError as e:
+            raise EmuError(f"--sample-prompts: {e} (--prompts {args.sample_prompts}), or pass --sample-every 0") from None
+    return prompts
+
+
+def resume(ckpt_path, stages, world, net, ema, opt, sched, gen):
+    """Load the checkpoint at `ckpt_path` (None: a fresh start) into the live objects; return where
+    training stands: (step, skipped files, this rank's data position in the current stage, bad steps)."""
+    step, skipped, position, bad = 0, {}, None, {"in_a_row": 0, "total": 0}
+    if ckpt_path:
+        ckpt = resume_training_state(ckpt_path, net, ema, opt, sched, gen)
+        step, skipped, bad = ckpt["step"], ckpt.get("skipped", {}), ckpt.get("bad_steps", bad)
+        if ckpt.get("stage", 0) == stage_at(stages, step)[0]:  # the data position of a stage still under way
+            position = rank_entry(ckpt, "data_position", world, ckpt_path)
+        gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
+    return step, skipped, position, bad
 
 
 def rank_entry(ckpt, key, world, path, default=None):

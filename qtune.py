@@ -23,15 +23,16 @@ import torch
 from emu import EmuError
 from emu.arch import ARCHS
 from emu.checkpoint import append_metrics
-from emu.data import ImageCaptionFolder, to_uint8
-from emu.dist import World
-from emu.judges import appeal_score
+from emu.datasets.folders import ImageCaptionFolder, to_uint8
+from emu.training.dist import World
+from emu.evaluation.judges import appeal_score
 from emu.pipeline import load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
-from emu.plot import plot_metrics
-from emu.shards import ShardDataset, first_samples
-from emu.training import (add_training_flags, conditioning, count_bad_step, early_stopping, make_ema, make_optimizer,
-                          open_training_data, resume_path, resume_training_state, save_rolling, save_training_state,
-                          shard_paths, too_many_bad_steps, train_step, training_batches, update_ema, warmup_schedule)
+from emu.evaluation.plot import plot_metrics
+from emu.datasets.shards import ShardDataset, first_samples
+from emu.training.loop import (add_training_flags, conditioning, count_bad_step, early_stopping, make_ema,
+                               make_optimizer, open_training_data, resume_path, resume_training_state, save_rolling,
+                               save_training_state, shard_paths, too_many_bad_steps, train_step, training_batches,
+                               update_ema, warmup_schedule)
 
 SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process: the whole data set is its share
 
@@ -182,7 +183,7 @@ def main(args):
         step, stop, bad, position = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad), ckpt.get("data_position")
         print(f"resumed from {ckpt_path} at iteration {step}")
     else:
-        save_training_state(os.path.join(args.out, "best.pt"), net, ema, opt, sched, 0, gen, args, early_stop=stop)
+        save_training_state(os.path.join(args.out, "best.pt"), arch, net, ema, opt, sched, 0, gen, args, early_stop=stop)
     print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     # the paper's batch of 64 even for a set of 100 images: a set smaller than a batch fills it with repeats
     batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, SINGLE, repeat=True)
@@ -191,7 +192,7 @@ def main(args):
         print(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")
 
     def save(path):
-        save_training_state(path, net, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
+        save_training_state(path, arch, net, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
                             data_position=batches.position())
 
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run

@@ -6,7 +6,7 @@ and checkpoint, so any image can be regenerated; a grid of all of them is writte
     python sample.py --prompt "two red circles on the left on a teal background"
     python sample.py --ckpt runs/pretrain/ckpt.pt --prompts data/prompts/toy.tsv --cfg 5
 
-Kandinsky's decoder (pretrain.py --arch kandinsky) has the paper's other modes too (emu/kandinsky.py):
+Kandinsky's decoder (pretrain.py --arch kandinsky) has the paper's other modes too (emu/variants/kandinsky.py):
 
     python sample.py --ckpt runs/kandinsky/decoder/ckpt.pt --prompt "..."          # text -> prior -> image
     python sample.py --ckpt ... --mode variations --image photo.png               # new images like it
@@ -26,11 +26,11 @@ import torch
 
 from emu import EmuError
 from emu.arch import ARCHS
-from emu.data import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
-from emu.inpaint import box_mask, mask_from_image, outpaint_canvas
-from emu.kandinsky import fuse_embeddings
+from emu.datasets.folders import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
+from emu.variants.inpaint import box_mask, mask_from_image, outpaint_canvas
+from emu.variants.kandinsky import fuse_embeddings
 from emu.pipeline import TextToImage
-from emu.pixel import size_multiple
+from emu.variants.pixel import size_multiple
 
 MODES = ("text", "variations", "fusion", "inpaint", "outpaint")
 
@@ -128,7 +128,7 @@ def mode_inputs(args, model, prompts):
     """(prompts, image embeddings (P, E) or None, (images, masks) or None), one row per prompt.
 
     variations: the image's CLIP embedding, decoded with new noise (prompts optional: they join the text
-    conditioning). fusion: the weighted mix (emu.kandinsky.fuse_embeddings) of the images' embeddings and,
+    conditioning). fusion: the weighted mix (emu.variants.kandinsky.fuse_embeddings) of the images' embeddings and,
     with a prompt, the prior's embedding of it. inpaint/outpaint: the image and the hole; the prompt
     steers the fill through the prior, or with no prompt the image's own embedding does.
     """

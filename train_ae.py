@@ -24,13 +24,15 @@ import time
 import torch
 
 from emu import EmuError
-from emu.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, save_autoencoder
-from emu.checkpoint import append_metrics, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
-from emu.data import EpochBatches, ImageCaptionFolder, SkipLog, collate
-from emu.metrics import psnr, ssim
-from emu.muse import VQ_PRESETS, VQTokenizer, codebook_usage, vq_training_losses
-from emu.perceptual import PerceptualLoss
-from emu.training import resume_path
+from emu.models.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator
+from emu.models.first_stage import save_autoencoder
+from emu.checkpoint import (append_metrics, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint,
+                            set_rng_state)
+from emu.datasets.folders import EpochBatches, ImageCaptionFolder, SkipLog, collate
+from emu.evaluation.metrics import psnr, ssim
+from emu.models.vq import VQ_PRESETS, VQTokenizer, codebook_usage, vq_training_losses
+from emu.models.perceptual import PerceptualLoss
+from emu.training.loop import resume_path
 
 
 OUT_DIRS = {"ldm": "runs/ae", "muse": "runs/vq", "kandinsky": "runs/movq"}  # where --arch's first stage goes by default
@@ -40,16 +42,16 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="runs/toy/haystack", help="folder of key.png + key.txt pairs")
     p.add_argument("--arch", default="ldm", choices=sorted(OUT_DIRS),
-                   help="ldm: the latent diffusion model's autoencoder; muse: the Muse-like model's VQ tokenizer (emu/muse.py), "
+                   help="ldm: the latent diffusion model's autoencoder; muse: the Muse-like model's VQ tokenizer (emu/variants/muse.py), "
                         "trained with the same losses plus the quantizer's; kandinsky: MoVQ, a VQ tokenizer whose code "
-                        "modulates the decoder's norms (emu/kandinsky.py)")
+                        "modulates the decoder's norms (emu/variants/kandinsky.py)")
     p.add_argument("--out", default=None, help="output directory (checkpoint, trained model, metrics); default runs/ae, "
                                                "runs/vq for --arch muse, runs/movq for --arch kandinsky")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--holdout", type=int, default=256, help="the last N images are held out for evaluation")
     # model
     p.add_argument("--preset", default=None, help="size: toy (kandinsky: toy-movq), or the real one (ldm: emu, emu-ae4, ...: "
-                                                  "emu/autoencoder.py; muse: muse; kandinsky: movq: emu/muse.py)")
+                                                  "emu/models/autoencoder.py; muse: muse; kandinsky: movq: emu/variants/muse.py)")
     p.add_argument("--latent-channels", type=int, default=None, help="latent channels, e.g. 4, 8 or 16 (default: the preset's)")
     p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
                    help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
@@ -58,7 +60,7 @@ def build_parser():
     p.add_argument("--disc-start", type=int, default=400, help="step at which the adversarial loss and the discriminator start")
     p.add_argument("--disc-weight", type=float, default=0.5, help="scale of the adaptive adversarial weight")
     p.add_argument("--perceptual-weights", default=None,
-                   help="local safetensors file of LPIPS/VGG16 weights (layout in emu/perceptual.py); no perceptual loss without it")
+                   help="local safetensors file of LPIPS/VGG16 weights (layout in emu/models/perceptual.py); no perceptual loss without it")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the perceptual loss")
     # optimisation
     p.add_argument("--steps", type=int, default=600, help="training steps")

@@ -3,7 +3,7 @@
 The Kandinsky decoder draws an image from a CLIP image embedding; the prior supplies that embedding
 from a caption (kandinsky_paper.txt, section 3). The paper compares priors (Table 3) and finds the
 simplest, one linear layer, gives the best FID, while the transformer diffusion prior gives the best
-CLIP score and human preference. Both are here (emu/prior.py):
+CLIP score and human preference. Both are here (emu/variants/prior.py):
 
     python data/make_toy.py                    # once: the toy haystack and towers
     python train_prior.py --kind linear        # closed-form ridge regression: seconds
@@ -12,7 +12,7 @@ CLIP score and human preference. Both are here (emu/prior.py):
 The CLIP towers are frozen, so every caption's and image's embeddings are computed once and kept in
 OUT/embeddings.pt (a rerun with the same data and towers reuses them). The last --holdout pairs are
 never trained on; the measure is the cosine similarity of the predicted image embedding to the true
-one on them, raw and centred on the mean training embedding (emu.prior.cosine_similarity), beside
+one on them, raw and centred on the mean training embedding (emu.variants.prior.cosine_similarity), beside
 the raw cosine of that mean itself (the same embedding for every caption), and, for the diffusion
 prior, its unguided samples.
 Writes OUT/prior.pt (what sample.py loads), OUT/metrics.jsonl and OUT/results.md.
@@ -26,12 +26,12 @@ import torch
 
 from emu import EmuError
 from emu.checkpoint import append_metrics, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from emu.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
-from emu.data import ImageCaptionFolder
-from emu.hf import tokenize
-from emu.prior import PRIOR_PRESETS, DiffusionPrior, LinearPrior, cosine_similarity, prior_config
-from emu.text import TextEmbedding
-from emu.training import resume_path
+from emu.text.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
+from emu.datasets.folders import ImageCaptionFolder
+from emu.text.hf import tokenize
+from emu.variants.prior import PRIOR_PRESETS, DiffusionPrior, LinearPrior, cosine_similarity, prior_config
+from emu.text.encoder import TextEmbedding
+from emu.training.loop import resume_path
 
 
 def parse_args(argv=None):

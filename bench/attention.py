@@ -3,7 +3,7 @@
     python bench/attention.py                                  # bf16, N = 1k to 16k, head dims 64 and 128
     python bench/attention.py --seqlens 2048 8192 --head-dims 128 --modes fwd
 
-Compared, on the same inputs: ours (the emu::flash_attention op of emu/fused_attention.py, which
+Compared, on the same inputs: ours (the emu::flash_attention op of emu/models/fused_attention.py, which
 builds the CUDA extension on first use), and PyTorch's scaled_dot_product_attention held to one backend
 at a time with torch.nn.attention.sdpa_kernel: flash, memory-efficient and math. Each is printed in
 TFLOP/s, and ours also as a ratio to SDPA-flash. A backend that cannot run a shape (not supported, out
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from emu import fused_attention  # noqa: E402
+from emu.models import fused_attention  # noqa: E402
 
 SDPA_BACKENDS = [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                  ("math", SDPBackend.MATH)]

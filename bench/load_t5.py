@@ -7,7 +7,7 @@ The checkpoint is synthetic but has the real shapes and layout: google/t5-v1_1-x
 float32 as published, in shards of --shard-gb with a model.safetensors.index.json. It is written
 lazily, one shard in memory at a time. Each load then runs in a fresh process, which reports its
 peak resident memory (VmHWM):
-  ours       emu.t5.load_t5_encoder: empty bf16 model, then one tensor at a time with plain reads
+  ours       emu.text.t5.load_t5_encoder: empty bf16 model, then one tensor at a time with plain reads
   reference  the same empty bf16 model filled through the safetensors library's memory-mapped
              safe_open, shard by shard (what a straightforward loader does)
 The ratio to report is ours / bf16 weight bytes; the reference shows what the plain reads save.
@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from emu.hf import empty_model  # noqa: E402
-from emu.t5 import T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, t5_key_map  # noqa: E402
+from emu.text.hf import empty_model  # noqa: E402
+from emu.text.t5 import T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, t5_key_map  # noqa: E402
 
 
 def parse_args(argv=None):

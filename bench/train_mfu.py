@@ -5,12 +5,12 @@
                                                    # the paper's 2.8B U-Net on an H100: the goal is MFU >= 45%
 
 MFU is the rate at which the training step does the model's FLOPs divided by the device's peak dense
-rate for the precision. The FLOPs are analytic (emu/flops.py): the matmul work of one forward, from
+rate for the precision. The FLOPs are analytic (emu/models/flops.py): the matmul work of one forward, from
 the config and the input sizes, times 3 for the forward and the backward (the convention of the PaLM
 paper and of nanoGPT). Work the hardware does on top, such as recomputation under activation
 checkpointing, does not count: MFU says how much of the device the model gets.
 
-What is timed is the real step, emu.training.train_step: caption dropout, noise and timesteps,
+What is timed is the real step, emu.training.loop.train_step: caption dropout, noise and timesteps,
 the (autocast) forward, the loss, the backward, gradient clipping and the fused AdamW update, on a
 fixed batch of random latents and random text embeddings. Loading and encoding data is not timed.
 
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from emu.autoencoder import PRESETS as AE_PRESETS  # noqa: E402
+from emu.models.autoencoder import PRESETS as AE_PRESETS  # noqa: E402
 from emu.diffusion import GaussianDiffusion  # noqa: E402
-from emu.flops import train_step_flops, unet_flops  # noqa: E402
-from emu.text import TextEmbedding  # noqa: E402
-from emu.training import make_optimizer, train_step, warmup_schedule  # noqa: E402
-from emu.unet import PRESETS, UNet  # noqa: E402
+from emu.models.flops import train_step_flops, unet_flops  # noqa: E402
+from emu.text.encoder import TextEmbedding  # noqa: E402
+from emu.training.loop import make_optimizer, train_step, warmup_schedule  # noqa: E402
+from emu.models.unet import PRESETS, UNet  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s from the vendor datasheets, matched by a substring of the CUDA
 # device name, first match wins. fp32 is the plain CUDA-core rate: PyTorch runs fp32 matmuls in full
@@ -48,7 +48,7 @@ PEAK_TFLOPS = [  # (name contains, bf16, fp32)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net shape (emu.unet.PRESETS)")
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="U-Net shape (emu.models.unet.PRESETS)")
     p.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     p.add_argument("--downsample", type=int, default=None,
                    help="autoencoder downsampling factor (default: the autoencoder preset of the same name: toy 4, emu 8)")

@@ -7,7 +7,7 @@
         --text-max-words 4 --min-size 32 --max-aspect 2 --clusters 16 --per-cluster 80 --min-likes 40
     python data/curate.py why --out runs/curate 000123
 
-The stages run in the paper's order (emu/curate.py); each is on when its flag is given. The images
+The stages run in the paper's order (emu/curation/funnel.py); each is on when its flag is given. The images
 that pass every stage are copied with their captions and provenance into --out/curated, which
 `qtune.py --curate-top 0 --data runs/curate/curated` trains on. A rerun measures only what it has not
 measured before, so an interrupted run continues, and thresholds can change without measuring again.
@@ -23,13 +23,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from emu import EmuError  # noqa: E402
-from emu.curate import (HUMAN_STAGES, FunnelConfig, Measurer, bicubic, export_curated, open_store, read_ratings,  # noqa: E402
-                        read_store, register_images, run_automatic, save_head, summary, train_aesthetic_head, why)
-from emu.curate_people import (add_raters, assign, decide, final_keys, human_captions, pending, prepare,  # noqa: E402
-                               simulate)
-from emu.curate_people import CurationStage  # noqa: E402
+from emu.curation.funnel import (HUMAN_STAGES, FunnelConfig, Measurer, bicubic, export_curated, open_store,  # noqa: E402
+                                 read_store, register_images, run_automatic, summary, why)
+from emu.curation.heads import read_ratings, save_head, train_aesthetic_head  # noqa: E402
+from emu.curation.people import (add_raters, assign, decide, final_keys, human_captions, pending, prepare,  # noqa: E402
+                                 simulate)
+from emu.curation.people import CurationStage  # noqa: E402
 from emu.pipeline import DiffusionUpsampler  # noqa: E402
-from emu.rating import RatingServer  # noqa: E402
+from emu.evaluation.rating import RatingServer  # noqa: E402
 
 DEFAULT_PER_IMAGE = {"generalists": 3, "specialists": 1, "captions": 1}  # our choice: the paper gives no numbers
 

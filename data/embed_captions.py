@@ -9,7 +9,7 @@
 It reads the captions training reads: every key.txt, the accurate captions quality-tuning trains on
 (the metadata field --caption-field, where present), and optionally prompt files; the empty caption
 is always added. Run it again after an interruption, or on more data: only the captions the cache
-lacks are computed. A cache belongs to one pair of towers and one dtype (emu/text_cache.py).
+lacks are computed. A cache belongs to one pair of towers and one dtype (emu/text/cache.py).
 """
 import argparse
 import os
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from emu import EmuError  # noqa: E402
-from emu.data import ImageCaptionFolder, read_prompts  # noqa: E402
-from emu.text import TEXT_DTYPES  # noqa: E402
-from emu.text_cache import TextEmbeddingCache, write_text_cache  # noqa: E402
+from emu.datasets.folders import ImageCaptionFolder, read_prompts  # noqa: E402
+from emu.text.encoder import TEXT_DTYPES  # noqa: E402
+from emu.text.cache import TextEmbeddingCache, write_text_cache  # noqa: E402
 
 
 def parse_args(argv=None):

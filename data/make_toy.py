@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from emu import toyworld  # noqa: E402
-from emu.judges import appeal_score  # noqa: E402
-from emu.text import make_toy_towers  # noqa: E402
+from emu.datasets import toyworld  # noqa: E402
+from emu.evaluation.judges import appeal_score  # noqa: E402
+from emu.text.encoder import make_toy_towers  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -2,6 +2,20 @@
 
 Pipeline: autoencoder -> latent diffusion pretraining on a large "haystack" ->
 quality-tuning on a few photogenic "needles" -> sampling -> pairwise A/B evaluation.
+
+The package, grouped by the parts of the system; imports run one way, from the assembly down:
+
+    checkpoint.py   atomic checkpoints, safetensors files
+    models/         the networks: layers, attention (+ the fused kernel), U-Net, autoencoder, VQ tokenizer
+    text/           the frozen text towers: CLIP, T5, the Hugging Face layout, the embedding cache
+    datasets/       image-caption folders, tar shards, the toy world
+    diffusion.py    the DDPM maths and samplers
+    training/       the loop's parts, distributed training, FSDP
+    curation/       the curation funnel: automatic filters, human stages
+    evaluation/     judges, pairwise statistics, the rating study and page, metrics, charts
+    variants/       the pixel cascade, the Muse-like model, Kandinsky
+    arch.py         what differs by --arch
+    pipeline.py     first stage + text towers + model = text to image, from a checkpoint
 """
 
 

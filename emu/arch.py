@@ -5,11 +5,11 @@ model like Imagen and a masked generative transformer like Muse and quality-tune
 curated set, to show the recipe is not specific to latent diffusion. `--arch` picks one of them in
 pretrain.py (qtune.py, sample.py and eval_pairs.py read it from the checkpoint):
 
-    ldm    autoencoder latents  -> emu.unet.UNet            -> GaussianDiffusion    (emu/diffusion.py)
-    pixel  the pixels           -> base U-Net + upsampler   -> CascadeDiffusion     (emu/pixel.py)
-    muse   VQ token ids         -> MaskedTransformer        -> MaskedTokens, MaskGIT (emu/muse.py)
+    ldm    autoencoder latents  -> emu.models.unet.UNet            -> GaussianDiffusion    (emu/diffusion.py)
+    pixel  the pixels           -> base U-Net + upsampler   -> CascadeDiffusion     (emu/variants/pixel.py)
+    muse   VQ token ids         -> MaskedTransformer        -> MaskedTokens, MaskGIT (emu/variants/muse.py)
 
-Beside them, Kandinsky's decoder (kandinsky_paper.txt; emu/kandinsky.py), the other system this
+Beside them, Kandinsky's decoder (kandinsky_paper.txt; emu/variants/kandinsky.py), the other system this
 code reproduces:
 
     kandinsky  MoVQ latents     -> UNet + a CLIP image embedding -> GaussianDiffusion (or, with a
@@ -20,7 +20,7 @@ checkpoints and resuming, distributed training, curation, quality-tuning and eva
 differs is four things, each a method here:
 
   * build / from_config: the trained model from a preset, or from the config a checkpoint recorded;
-  * objective: what train_step optimises (training_noise and training_loss, see emu/training.py),
+  * objective: what train_step optimises (training_noise and training_loss, see emu/training/loop.py),
     and check_loss, the fixed-draw loss qtune's early stopping watches;
   * generate: text embeddings and seeds -> images;
   * the frozen first stage (the --ae directory): an autoencoder, none (PixelSpace), or a VQ tokenizer
@@ -31,10 +31,12 @@ import dataclasses
 from emu import EmuError
 from emu.checkpoint import config_from_dict, config_to_dict
 from emu.diffusion import GaussianDiffusion, guided_images
-from emu.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
-from emu.muse import TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig, muse_generate
-from emu.pixel import BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config, cascade_generate
-from emu.unet import PRESETS, UNet, UNetConfig
+from emu.models.unet import PRESETS, UNet, UNetConfig
+from emu.variants.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
+from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig,
+                               muse_generate)
+from emu.variants.pixel import (BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config,
+                                cascade_generate)
 
 
 class LatentDiffusion:
@@ -68,7 +70,7 @@ class LatentDiffusion:
 
 class PixelDiffusion(LatentDiffusion):
     """Imagen-like: a base U-Net on pixels at 1/factor of the image size, conditioned on T5 alone,
-    and a diffusion upsampler to the full size, trained together (emu.pixel.PixelCascade)."""
+    and a diffusion upsampler to the full size, trained together (emu.variants.pixel.PixelCascade)."""
     name, presets, default_ae = "pixel", tuple(sorted(BASE_PRESETS)), None
 
     def build(self, preset, ae, text_encoder):
@@ -93,7 +95,7 @@ class PixelDiffusion(LatentDiffusion):
 
 class MaskedGenerative:
     """Muse-like: a bidirectional transformer over VQ token ids, trained to fill in masked tokens and
-    sampled by MaskGIT's parallel decoding (emu/muse.py). No diffusion: no schedule, no sampler."""
+    sampled by MaskGIT's parallel decoding (emu/variants/muse.py). No diffusion: no schedule, no sampler."""
     name, presets, default_ae = "muse", tuple(sorted(TRANSFORMER_PRESETS)), "runs/vq"
 
     def build(self, preset, tokenizer, text_encoder):
@@ -121,8 +123,8 @@ class MaskedGenerative:
 
 class KandinskyDecoder(LatentDiffusion):
     """Kandinsky's decoder: a U-Net on MoVQ latents conditioned on a CLIP image embedding and the text
-    (emu/kandinsky.py). Its conditioning is an emu.text.TextImageEmbedding: the first stage and the
-    text encoder it is given are emu.kandinsky.MoVQLatents and ImageTextEncoder. A "-inpaint" preset
+    (emu/variants/kandinsky.py). Its conditioning is an emu.text.encoder.TextImageEmbedding: the first stage and the
+    text encoder it is given are emu.variants.kandinsky.MoVQLatents and ImageTextEncoder. A "-inpaint" preset
     is the inpainting U-Net, trained on random masks."""
     name, default_ae = "kandinsky", "runs/movq"
     presets = tuple(sorted([*KANDINSKY_PRESETS, *(p + INPAINT for p in KANDINSKY_PRESETS)]))

@@ -14,16 +14,17 @@ reader skips, and the next append starts on a fresh line.
 import errno
 import glob
 import json
+import math
 import os
 import tempfile
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from emu import EmuError
-from emu.hf import read_safetensors
 
 TMP_PREFIX = ".tmp-"
 
@@ -186,3 +187,118 @@ def read_metrics(path):
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading safetensors
+
+# The format's dtype names. Tensors are stored little-endian, as torch holds them on every machine we run on.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+class SafetensorsFile:
+    """One .safetensors file: the header is read and checked on opening, tensors are read on demand.
+
+    The layout is an 8-byte little-endian header length, a JSON header mapping each tensor name to
+    {"dtype", "shape", "data_offsets": [begin, end]} (offsets into the data that follows the header),
+    then the data. `entries[name]` is (dtype, shape, begin, end).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little") if self.size >= 8 else -1
+                if not 0 < n <= min(MAX_HEADER_BYTES, self.size - 8):
+                    raise self.error(f"not a safetensors file (header length {n}, file of {self.size} bytes)")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise EmuError(f"{self.path}: cannot read ({e.strerror})") from None
+        except (ValueError, UnicodeDecodeError):
+            raise self.error("not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise self.error("not a safetensors file (header is not a JSON object)")
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = {key: self._check_entry(key, entry) for key, entry in header.items()}
+        spans = sorted((begin, end, key) for key, (_, _, begin, end) in self.entries.items() if end > begin)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self.error(f"{second}: its bytes overlap those of {first}")
+
+    def error(self, message):
+        return EmuError(f"{self.path}: {message}")
+
+    def _check_entry(self, key, entry):
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise self.error(f"{key}: malformed header entry {str(entry)[:80]}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+            raise self.error(f"{key}: data_offsets [{begin}, {end}] do not fit a {entry['dtype']} tensor of shape "
+                             f"{list(shape)} ({nbytes} bytes)")
+        if self.data_start + end > self.size:
+            raise self.error(f"{key}: data ends at byte {self.data_start + end} but the file has {self.size}; "
+                             f"truncated?")
+        return dtype, shape, begin, end
+
+    def read(self, key):
+        """Tensor `key` on the CPU in the file's dtype."""
+        return self.read_rows(key, 0, None)
+
+    def read_rows(self, key, start, stop, file=None):
+        """Rows start..stop (along the first dimension; stop None: to the end) of tensor `key`, on the
+        CPU in the file's dtype, with one seek and one read. `file`: this file already open, to reuse."""
+        dtype, shape, begin, end = self.entries[key]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        stop = (shape[0] if shape else 1) if stop is None else stop
+        out = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        data = out.view(-1).view(torch.uint8)  # the same memory, as bytes for the read to fill
+        with (open(self.path, "rb", buffering=0) if file is None else nullcontext(file)) as f:
+            self._read_exactly(f, self.data_start + begin + start * row_bytes, memoryview(data.numpy()), key)
+        return out
+
+    def copy_into(self, key, out, scratch):
+        """Copy tensor `key` into `out` (a contiguous tensor of the same shape, any dtype, any device),
+        converting as it goes, one chunk of the file at a time.
+
+        :param scratch: a reusable uint8 CPU buffer; each chunk is its size. Reusing one buffer for a
+            whole checkpoint keeps the extra memory to that buffer and spares the kernel from handing
+            out (and zeroing) fresh pages for every tensor.
+        """
+        dtype, shape, begin, end = self.entries[key]
+        if out.shape != shape:
+            raise ValueError(f"{key}: cannot copy {list(shape)} into {list(out.shape)}")
+        chunk = len(scratch) - len(scratch) % dtype.itemsize  # whole elements per chunk
+        flat = out.view(-1)
+        with open(self.path, "rb", buffering=0) as f:
+            for start in range(0, end - begin, chunk):
+                n = min(chunk, end - begin - start)
+                self._read_exactly(f, self.data_start + begin + start, memoryview(scratch.numpy())[:n], key)
+                first = start // dtype.itemsize
+                flat[first:first + n // dtype.itemsize].copy_(scratch[:n].view(dtype))
+
+    def _read_exactly(self, f, offset, buffer, key):
+        """Fill `buffer` from byte `offset` of the open file `f`."""
+        f.seek(offset)
+        got = 0
+        while got < len(buffer):  # a read may return less than asked; only 0 means the file ended
+            n = f.readinto(buffer[got:])
+            if not n:
+                raise self.error(f"{key}: file ended while reading; truncated?")
+            got += n
+
+
+def read_safetensors(path):
+    """Every tensor of a .safetensors file as a {name: CPU tensor} dict (small files: checkpoints, caches)."""
+    file = SafetensorsFile(path)
+    return {key: file.read(key) for key in file.entries}

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from emu.text import TextEmbedding
+from emu.text.encoder import TextEmbedding
 
 
 def make_betas(schedule, num_timesteps):
@@ -95,7 +95,7 @@ class GaussianDiffusion:
         """What the model is trained to output at (x0, t, noise)."""
         if self.prediction == "eps":
             return noise
-        if self.prediction == "x0":  # the clean sample itself (DALL-E 2's and Kandinsky's image prior, emu/prior.py)
+        if self.prediction == "x0":  # the clean sample itself (DALL-E 2's and Kandinsky's image prior, emu/variants/prior.py)
             return x0
         ab = self._ab(t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
@@ -111,7 +111,7 @@ class GaussianDiffusion:
 
         :param model: called as model(x_t, t, text).
         :param x0: (B, C, H, W) clean latents.
-        :param text: the batch's emu.text.TextEmbedding (captions already dropped for CFG).
+        :param text: the batch's emu.text.encoder.TextEmbedding (captions already dropped for CFG).
         :param t, noise: the timesteps and noise to use; drawn with training_noise() when not given.
         """
         if t is None:

@@ -12,13 +12,13 @@ from PIL import Image
 
 from emu import EmuError
 from emu.arch import get_arch
-from emu.autoencoder import load_autoencoder
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
-from emu.data import from_pil, make_grid, save_png, to_uint8
-from emu.kandinsky import load_kandinsky_parts
-from emu.pixel import PixelSpace, size_multiple, upsample
-from emu.text import TEXT_DTYPES, TextEncoder
-from emu.text_cache import load_text_cache
+from emu.datasets.folders import from_pil, make_grid, save_png, to_uint8
+from emu.models.first_stage import load_autoencoder
+from emu.text.cache import load_text_cache
+from emu.text.encoder import TEXT_DTYPES, TextEncoder
+from emu.variants.kandinsky import load_kandinsky_parts
+from emu.variants.pixel import PixelSpace, size_multiple, upsample
 
 
 def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None, arch="ldm", prior=None):
@@ -32,7 +32,7 @@ def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", t
 
     Kandinsky's decoder (arch "kandinsky") uses its MoVQ for continuous latents, and its conditioning
     adds a CLIP image embedding: from CLIP's vision tower in clip_dir for the batch's images, or from
-    the image prior at `prior` (train_prior.py's prior.pt) for a caption alone (emu/kandinsky.py).
+    the image prior at `prior` (train_prior.py's prior.pt) for a caption alone (emu/variants/kandinsky.py).
     """
     ae = load_autoencoder(ae_dir, device=device) if ae_dir else PixelSpace().to(device)
     dtype = TEXT_DTYPES[text_dtype]
@@ -49,7 +49,7 @@ def read_training_checkpoint(path):
     """What a training checkpoint holds: a .pt file, or the whole weights (and the plain part) of a
     sharded checkpoint directory that pretrain.py --fsdp writes (ckpt-<step>/)."""
     if os.path.isdir(path):
-        from emu.fsdp import load_full_weights  # torch.distributed.checkpoint: loaded only when needed
+        from emu.training.fsdp import load_full_weights  # torch.distributed.checkpoint: loaded only when needed
         return load_full_weights(path)
     return load_checkpoint(path)
 

@@ -27,7 +27,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.plot import plot_win_rates  # noqa: E402
+from emu.evaluation.plot import plot_win_rates  # noqa: E402
 from common import (add_flags, cells, fresh_out, pooled, run, tune_and_judge, unseen_prompts, write_prompts,  # noqa: E402
                     write_results)
 

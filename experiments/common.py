@@ -13,9 +13,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.pairwise import RATES, summarize_outcomes  # noqa: E402
-from emu.study import TASKS, open_study, study_report  # noqa: E402
-from emu.toyworld import ATTRIBUTES, BACKGROUNDS, COLORS, POSITIONS, SHAPES, Scene, caption  # noqa: E402
+from emu.evaluation.pairwise import RATES, summarize_outcomes  # noqa: E402
+from emu.evaluation.study import TASKS, open_study, study_report  # noqa: E402
+from emu.datasets.toyworld import ATTRIBUTES, BACKGROUNDS, COLORS, POSITIONS, SHAPES, Scene, caption  # noqa: E402
 
 # The paper's pairwise results (emu_paper.txt, section 4.2, Figure 6, PartiPrompts): Emu vs its pretrained model.
 PAPER_QT_VS_PRETRAINED = {"visual appeal": (82.9, 15.4), "text faithfulness": (36.7, 21.0)}  # (win, lose) %

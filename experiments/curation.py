@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.judges import appeal_score  # noqa: E402
+from emu.evaluation.judges import appeal_score  # noqa: E402
 from common import run, write_results  # noqa: E402  (experiments/common.py)
 
 

@@ -15,8 +15,8 @@ own scripts and library:
      beside the judge's score of the held-out images themselves (their captions are noisy web
      captions, so even the real images do not show everything they state) and of another model's
      images of the same captions and seeds (--compare: Emu's toy latent model);
-  3. each row's centred cosine of the embedding to the true one (emu.prior.cosine_similarity), the
-     faithfulness judge's mean score of the images (emu.judges.faithfulness_score: the classifier's
+  3. each row's centred cosine of the embedding to the true one (emu.variants.prior.cosine_similarity), the
+     faithfulness judge's mean score of the images (emu.evaluation.faithfulness.faithfulness_score: the classifier's
      belief that the image shows what its caption states), and the judge's three raters comparing the
      diffusion prior's images with the linear prior's, pair by pair (win / tie / lose, 95% bootstrap
      intervals over captions);
@@ -39,11 +39,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.data import ImageCaptionFolder, to_uint8  # noqa: E402
-from emu.judges import FaithfulnessJudge, faithfulness_score, load_or_train_classifier  # noqa: E402
-from emu.pairwise import faithfulness_to_ternary, summarize  # noqa: E402
+from emu.datasets.folders import ImageCaptionFolder, to_uint8  # noqa: E402
+from emu.evaluation.faithfulness import FaithfulnessJudge, faithfulness_score, load_or_train_classifier  # noqa: E402
+from emu.evaluation.pairwise import faithfulness_to_ternary, summarize  # noqa: E402
 from emu.pipeline import TextToImage  # noqa: E402
-from emu.prior import cosine_similarity, load_prior  # noqa: E402
+from emu.variants.prior import cosine_similarity, load_prior  # noqa: E402
 from common import fresh_out, run, write_results  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.plot import plot_curves  # noqa: E402
+from emu.evaluation.plot import plot_curves  # noqa: E402
 from common import fresh_out, run, write_results  # noqa: E402  (experiments/common.py)
 
 

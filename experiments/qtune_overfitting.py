@@ -30,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.checkpoint import read_metrics  # noqa: E402
-from emu.data import read_caption  # noqa: E402
-from emu.pairwise import summarize_outcomes  # noqa: E402
-from emu.plot import metric_series, plot_curves  # noqa: E402
-from emu.training import early_stopping  # noqa: E402
+from emu.datasets.folders import read_caption  # noqa: E402
+from emu.evaluation.pairwise import summarize_outcomes  # noqa: E402
+from emu.evaluation.plot import metric_series, plot_curves  # noqa: E402
+from emu.training.loop import early_stopping  # noqa: E402
 from common import (add_flags, cells, copy_examples, evaluate, fresh_out, quality_tune, split_curated,  # noqa: E402
                     unseen_prompts, write_prompts, write_results)
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 def early_stop_point(heldout, patience):
     """(iteration where qtune.py's rule stops, best iteration) for a held-out loss series [(iter, loss), ...]
-    whose first check is before any tuning: qtune.py's emu.training.early_stopping applied check by check;
+    whose first check is before any tuning: qtune.py's emu.training.loop.early_stopping applied check by check;
     (None, best) if it would not stop within the series."""
     (first, loss), *checks = heldout
     stop = {"best": loss, "best_step": first, "bad": 0}

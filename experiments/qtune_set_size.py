@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emu.pipeline import read_training_checkpoint  # noqa: E402
-from emu.plot import plot_curves  # noqa: E402
+from emu.evaluation.plot import plot_curves  # noqa: E402
 from common import (add_flags, cells, copy_examples, evaluate, fresh_out, pooled, quality_tune, run,  # noqa: E402
                     split_curated, unseen_prompts, write_prompts, write_results)
 

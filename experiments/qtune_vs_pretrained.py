@@ -24,8 +24,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.pairwise import summarize_outcomes  # noqa: E402
-from emu.plot import plot_win_rates  # noqa: E402
+from emu.evaluation.pairwise import summarize_outcomes  # noqa: E402
+from emu.evaluation.plot import plot_win_rates  # noqa: E402
 from common import (PAPER_QT_VS_PRETRAINED, add_flags, cells, fresh_out, pooled, tune_and_judge,  # noqa: E402
                     unseen_prompts, write_prompts, write_results)
 

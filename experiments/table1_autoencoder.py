@@ -33,11 +33,11 @@ from PIL import Image, ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emu.autoencoder import load_autoencoder  # noqa: E402
+from emu.models.first_stage import load_autoencoder  # noqa: E402
 from emu.checkpoint import read_metrics  # noqa: E402
-from emu.data import IMAGE_EXTENSIONS, open_rgb, to_uint8  # noqa: E402
-from emu.metrics import psnr, ssim  # noqa: E402
-from emu.plot import metric_series, plot_curves  # noqa: E402
+from emu.datasets.folders import IMAGE_EXTENSIONS, open_rgb, to_uint8  # noqa: E402
+from emu.evaluation.metrics import psnr, ssim  # noqa: E402
+from emu.evaluation.plot import metric_series, plot_curves  # noqa: E402
 from common import run  # noqa: E402  (experiments/common.py)
 
 # scikit-image's bundled photographs and their licences (skimage/data/_fetchers.py)

@@ -71,7 +71,7 @@ def assert_unchanged(folder, made):
 
 
 def _build_world(w):
-    from emu.judges import save_classifier, train_attribute_classifier
+    from emu.evaluation.faithfulness import save_classifier, train_attribute_classifier
     run("data/make_toy.py", "--n", "96", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
     run("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
     frozen = ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]

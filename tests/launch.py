@@ -134,7 +134,7 @@ def _rank(rank, port, fn, args, errors):
     import torch
     import torch.distributed as dist
 
-    from emu.dist import World, close_world
+    from emu.training.dist import World, close_world
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two processes on two cores
     dist.init_process_group("gloo", rank=rank, world_size=2)

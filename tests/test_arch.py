@@ -9,14 +9,16 @@ import torch.nn.functional as F
 
 from emu import EmuError
 from emu.arch import ARCHS, resolve_arch_flags
-from emu.autoencoder import PRESETS as AE_PRESETS, Autoencoder, load_autoencoder, save_autoencoder
+from emu.models.autoencoder import PRESETS as AE_PRESETS, Autoencoder
+from emu.models.first_stage import load_autoencoder, save_autoencoder
 from emu.diffusion import GaussianDiffusion
-from emu.kandinsky import MoVQLatents
-from emu.muse import VQ_PRESETS, MaskedTokens, VQTokenizer, muse_generate
+from emu.variants.kandinsky import MoVQLatents
+from emu.models.vq import VQ_PRESETS, VQTokenizer
+from emu.variants.muse import MaskedTokens, muse_generate
 from emu.pipeline import model_from_checkpoint, read_training_checkpoint
-from emu.pixel import CascadeDiffusion, PixelSpace, cascade_generate, resize
-from emu.text import TextEmbedding, TextImageEmbedding
-from emu.training import make_optimizer, module_device, save_training_state, train_step, warmup_schedule
+from emu.variants.pixel import CascadeDiffusion, PixelSpace, cascade_generate, resize
+from emu.text.encoder import TextEmbedding, TextImageEmbedding
+from emu.training.loop import make_optimizer, module_device, save_training_state, train_step, warmup_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -78,7 +80,7 @@ def batch(arch, n=4, seed=0):
 def test_a_training_checkpoint_records_the_architecture_and_rebuilds_its_model(name, tmp_path):
     model, arch = build(name), arch_and_preset(name)[0]
     opt = make_optimizer(model, training_args(name))
-    save_training_state(tmp_path / "ckpt.pt", model, model, opt, warmup_schedule(opt, 1), 0, torch.Generator(),
+    save_training_state(tmp_path / "ckpt.pt", ARCHS[arch], model, model, opt, warmup_schedule(opt, 1), 0, torch.Generator(),
                         training_args(name))
     ckpt = read_training_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["arch"] == arch
@@ -92,7 +94,7 @@ def test_a_checkpoint_from_before_the_architectures_loads_as_latent_diffusion(tm
     """Checkpoints written before --arch existed have "unet_config" and no "arch"."""
     model = build("ldm")
     opt = make_optimizer(model, training_args("ldm"))
-    save_training_state(tmp_path / "ckpt.pt", model, model, opt, warmup_schedule(opt, 1), 0, torch.Generator(),
+    save_training_state(tmp_path / "ckpt.pt", ARCHS["ldm"], model, model, opt, warmup_schedule(opt, 1), 0, torch.Generator(),
                         training_args("ldm"))
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ckpt["unet_config"] = ckpt.pop("model_config")

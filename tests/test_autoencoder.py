@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import save_file
 
 from emu import EmuError
-from emu.autoencoder import (PRESETS, AELoss, Autoencoder, FourierFeatures, PatchDiscriminator, hinge_discriminator_loss,
-                             load_autoencoder, save_autoencoder)
-from emu.metrics import psnr, ssim
-from emu.nn import Downsample, Upsample
-from emu.perceptual import PerceptualLoss
+from emu.models.autoencoder import (PRESETS, AELoss, Autoencoder, FourierFeatures, PatchDiscriminator,
+                                    hinge_discriminator_loss)
+from emu.models.first_stage import load_autoencoder, save_autoencoder
+from emu.evaluation.metrics import psnr, ssim
+from emu.models.nn import Downsample, Upsample
+from emu.models.perceptual import PerceptualLoss
 from launch import script
 
 
@@ -74,7 +75,7 @@ def test_linear_patch_path_alone_is_a_linear_patch_code():
 
 @pytest.mark.slow
 def test_shortcuts_make_the_toy_autoencoder_learn_faster():
-    from emu.toyworld import make_haystack
+    from emu.datasets.toyworld import make_haystack
     data = torch.stack([torch.as_tensor(img).permute(2, 0, 1).float() / 127.5 - 1
                         for img, _, _ in make_haystack(64, seed=3)])
     results = {}
@@ -315,7 +316,7 @@ def test_ssim_matches_a_window_by_window_reference():
 
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):
-    from emu import toyworld
+    from emu.datasets import toyworld
     root = tmp_path_factory.mktemp("toy") / "haystack"
     toyworld.write_folder(str(root), toyworld.make_haystack(40, seed=0, size=32))
     return root

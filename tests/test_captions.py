@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import train_ae
-from emu import EmuError, toyworld
-from emu.autoencoder import PRESETS, Autoencoder
-from emu.clip import CLIP_EOS
-from emu.data import MAX_CAPTION_BYTES, BadCaption, BadImage, ImageCaptionFolder, Skipped, collate, read_caption
-from emu.hf import tokenize
-from emu.t5 import T5_EOS
-from emu.text import TextEncoder, make_toy_towers
-from emu.training import LatentBatches
+from emu import EmuError
+from emu.datasets import toyworld
+from emu.models.autoencoder import PRESETS, Autoencoder
+from emu.text.clip import CLIP_EOS
+from emu.datasets.folders import (MAX_CAPTION_BYTES, BadCaption, BadImage, ImageCaptionFolder, Skipped, collate,
+                                  read_caption)
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_EOS
+from emu.text.encoder import TextEncoder, make_toy_towers
+from emu.training.loop import LatentBatches
 
 WORLD = toyworld.make_haystack(8, seed=0)
 

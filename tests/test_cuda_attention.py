@@ -1,4 +1,4 @@
-"""The fused CUDA attention kernels (emu/csrc/flash_attention.cu): they must compile wherever nvcc is
+"""The fused CUDA attention kernels (emu/models/csrc/flash_attention.cu): they must compile wherever nvcc is
 installed, GPU or not, so a broken kernel is caught on any machine; with a GPU, the standalone build's
 forward and backward must also agree with its CPU reference."""
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "emu", "csrc", "flash_attention.cu")
+SOURCE = os.path.join(ROOT, "emu", "models", "csrc", "flash_attention.cu")
 NVCC = shutil.which("nvcc")
 
 pytestmark = [pytest.mark.skipif(NVCC is None, reason="nvcc is not installed"), pytest.mark.slow]

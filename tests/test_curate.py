@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import emu.curate as curate
+import emu.curation.funnel as curate
+import emu.curation.heads as heads
 from emu import EmuError
-from emu.curate import FunnelConfig, export_curated, open_store, register_images, run_automatic, summary, why
-from emu.text import make_toy_towers
+from emu.curation.funnel import FunnelConfig, export_curated, open_store, register_images, run_automatic, summary, why
+from emu.text.encoder import make_toy_towers
 from launch import script
 from test_filters import photo_like, with_text
 
@@ -61,8 +62,8 @@ def config(tmp_path, towers, **overrides):
         keys = [k for (k,) in conn.execute("SELECT key FROM images WHERE unusable IS NULL")]
         emb = curate.Measurer(conn, towers).embed(keys)
     ratings = [1.0 if k == "blank" else 8.0 for k in keys]
-    head = curate.train_aesthetic_head(torch.from_numpy(np.stack([emb[k] for k in keys])), ratings, steps=300)
-    curate.save_head(head, str(tmp_path / "aesthetic.safetensors"))
+    head = heads.train_aesthetic_head(torch.from_numpy(np.stack([emb[k] for k in keys])), ratings, steps=300)
+    heads.save_head(head, str(tmp_path / "aesthetic.safetensors"))
     cfg = dict(blocklist=("nsfw", "gore"), aesthetic_head=str(tmp_path / "aesthetic.safetensors"), aesthetic_min=4.5,
                text_max_words=4, clip_min=-1.0, min_size=32, max_aspect=3.0, clusters=4, per_cluster=2, min_likes=10)
     return FunnelConfig(**{**cfg, **overrides})
@@ -179,8 +180,8 @@ def test_an_unsafe_content_head_from_local_weights_drops_what_it_flags(haystack,
         keys = [k for (k,) in conn.execute("SELECT key FROM images WHERE unusable IS NULL")]
         emb = curate.Measurer(conn, towers).embed(keys)
         logits = [6.0 if k == "good-2" else -6.0 for k in keys]  # the unsafe logit the head should give
-        head = curate.train_aesthetic_head(torch.from_numpy(np.stack([emb[k] for k in keys])), logits)
-        curate.save_head(head, str(tmp_path / "unsafe.safetensors"))
+        head = heads.train_aesthetic_head(torch.from_numpy(np.stack([emb[k] for k in keys])), logits)
+        heads.save_head(head, str(tmp_path / "unsafe.safetensors"))
         kept, _ = run_automatic(conn, FunnelConfig(unsafe_head=str(tmp_path / "unsafe.safetensors"), unsafe_max=0.5), towers)
         d = decisions(conn)
     assert d[("good-2", "offensive")][0] is False and d[("good-2", "offensive")][1] == "unsafe probability 1.00 > 0.5"

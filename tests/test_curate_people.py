@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from browser import Browser, find_chromium
-from emu import EmuError, toyworld
-from emu.curate import FunnelConfig, export_curated, open_store, register_images, run_automatic, why
-from emu.curate_people import (CHECKLIST, add_raters, assign, decide, final_keys, human_captions, prepare, record_answer,
-                               simulate, verdict)
-from emu.judges import appeal_score
-from emu.study import VoteError
+from emu import EmuError
+from emu.datasets import toyworld
+from emu.curation.funnel import FunnelConfig, export_curated, open_store, register_images, run_automatic, why
+from emu.curation.people import (CHECKLIST, add_raters, assign, decide, final_keys, human_captions, prepare,
+                                 record_answer, simulate, verdict)
+from emu.evaluation.judges import appeal_score
+from emu.evaluation.study import VoteError
 from launch import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,12 +127,22 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
 
     def serve(stage, *flags):
         proc = subprocess.Popen([sys.executable, "data/curate.py", "serve", "--out", out, "--stage", stage, "--port", str(port),
-                                 "--per-image", "1", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 "--per-image", "1", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         line = proc.stdout.readline()
         while "/rate?t=" not in line:
             assert proc.poll() is None and line, f"the server did not start: {line}{proc.stdout.read()}"
             line = proc.stdout.readline()
         return proc, line.split("\t")[1].strip()
+
+    def stop(proc):
+        """Ctrl-C; a server still running 30 s later prints its threads' stacks (faulthandler) into the failure."""
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"the server was still running 30 s after SIGINT:\n{proc.communicate(timeout=30)[0][-6000:]}")
 
     with Browser() as b:
         proc, link = serve("generalists", "--raters", "eve")
@@ -141,8 +152,7 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
             b.wait_for("document.images[0].complete && document.images[0].naturalWidth === 32")
             b.wait_for_navigation(lambda: b.press(key))
         assert b.evaluate("!!document.getElementById('done')")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        stop(proc)
         with closing(open_store(out)) as c:
             assert decide(c, "generalists")[:2] == (3, 2)
 
@@ -152,8 +162,7 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
             for item in ticks:
                 b.click(f"input[name={item}]")
             b.wait_for_navigation(lambda: b.click("button[name=done]"))
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        stop(proc)
         with closing(open_store(out)) as c:
             assert decide(c, "specialists")[:2] == (2, 1)
 
@@ -165,8 +174,7 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
         b.send("Input.insertText", {"text": "a <b>bold</b> red circle & friends"})
         b.wait_for_navigation(lambda: b.click("button[name=done]"))
         assert b.evaluate("!!document.getElementById('done')")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        stop(proc)
 
     run("data/curate.py", "--data", str(tmp_path / "haystack"), "--out", out, "--clip", "unused", "--min-likes", "1")
     curated = sorted(f for f in os.listdir(tmp_path / "out" / "curated") if f.endswith(".txt"))

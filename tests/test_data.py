@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from emu import EmuError, toyworld
-from emu.data import EpochBatches, ImageCaptionFolder, make_grid, read_prompts, save_png, to_uint8
+from emu import EmuError
+from emu.datasets import toyworld
+from emu.datasets.folders import EpochBatches, ImageCaptionFolder, make_grid, read_prompts, save_png, to_uint8
 
 
 @pytest.fixture

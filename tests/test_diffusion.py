@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from emu.diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, make_betas, sample_noise
-from emu.text import TextEmbedding
+from emu.text.encoder import TextEmbedding
 
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])

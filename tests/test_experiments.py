@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
 import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
-from emu.pairwise import summarize_outcomes  # noqa: E402
-from emu.toyworld import parse_caption  # noqa: E402
+from emu.evaluation.pairwise import summarize_outcomes  # noqa: E402
+from emu.datasets.toyworld import parse_caption  # noqa: E402
 from launch import run, script  # noqa: E402
 
 
@@ -72,8 +72,8 @@ def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
     assert [r.split(" | ")[0] for r in rows] == ["| AE-4", "| Fourier-AE-16"] * 2  # the main table, then per photograph
     assert "| AE-4 | 4 | no |" in table and "| Fourier-AE-16 | 16 | yes |" in table
     # the table's numbers are the trained models' own: recompute AE-4's held-out SSIM and PSNR
-    from emu.autoencoder import load_autoencoder
-    from emu.metrics import psnr, ssim
+    from emu.models.first_stage import load_autoencoder
+    from emu.evaluation.metrics import psnr, ssim
     photo = np.asarray(Image.open(out / "data" / "1-heldout-held-0000.png"))
     ae = load_autoencoder(str(out / "AE-4"))
     tiles = table1_autoencoder.tiles(np.asarray(Image.open(tmp_path / "photos" / "held.png").resize((64, 48), Image.BICUBIC)), 16)

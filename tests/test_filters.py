@@ -1,10 +1,10 @@
-"""Tests for emu/filters.py: the text-in-image proxy, k-means and the per-cluster cap."""
+"""Tests for emu/curation/filters.py: the text-in-image proxy, k-means and the per-cluster cap."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from emu.filters import balance_clusters, kmeans, label_regions, text_word_count
+from emu.curation.filters import balance_clusters, kmeans, label_regions, text_word_count
 
 WORDS = ("the quick brown fox jumps over lazy dog while seven small birds sing about rain and sun in old "
          "green hills").split()

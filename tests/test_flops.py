@@ -1,4 +1,4 @@
-"""The analytic FLOP count (emu/flops.py) against torch's FlopCounterMode on real forward passes."""
+"""The analytic FLOP count (emu/models/flops.py) against torch's FlopCounterMode on real forward passes."""
 from dataclasses import replace
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from emu.flops import train_step_flops, unet_flops
-from emu.pixel import BASE_PRESETS, UPSAMPLER_PRESETS
-from emu.text import TextEmbedding, TextImageEmbedding
-from emu.unet import PRESETS, UNet, count_parameters
+from emu.models.flops import train_step_flops, unet_flops
+from emu.variants.pixel import BASE_PRESETS, UPSAMPLER_PRESETS
+from emu.text.encoder import TextEmbedding, TextImageEmbedding
+from emu.models.unet import PRESETS, UNet, count_parameters
 
 CONFIGS = {
     "toy": PRESETS["toy"],
@@ -19,7 +19,7 @@ CONFIGS = {
     # other text widths and a head width that gives several heads per level
     "wide-text": replace(PRESETS["toy"], channel_mult=(1, 2), attention_levels=(0, 1), head_dim=16, context_dim=96,
                          clip_dim=80, t5_dim=40, pooled_dim=24),
-    # the pixel models (emu/pixel.py): T5 alone; the upsampler also takes its low-res image and augmentation level
+    # the pixel models (emu/variants/pixel.py): T5 alone; the upsampler also takes its low-res image and augmentation level
     "pixel-base": BASE_PRESETS["toy"].unet,
     "pixel-upsampler": UPSAMPLER_PRESETS["toy"].unet,
     # Kandinsky's decoder: conditioned on an image embedding too

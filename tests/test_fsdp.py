@@ -13,12 +13,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from emu import EmuError
 from emu.diffusion import GaussianDiffusion
-from emu.dist import World, gather_objects
-from emu.fsdp import (full_state_dict, load_full_weights, load_sharded, save_sharded, shard_model,
-                      sharded_checkpoint_problem)
-from emu.text import TextEmbedding
-from emu.training import make_ema, make_optimizer, train_step, update_ema, warmup_schedule
-from emu.unet import UNet, UNetConfig
+from emu.training.dist import World, gather_objects
+from emu.training.fsdp import (full_state_dict, load_full_weights, load_sharded, save_sharded, shard_model,
+                               sharded_checkpoint_problem)
+from emu.text.encoder import TextEmbedding
+from emu.training.loop import make_ema, make_optimizer, train_step, update_ema, warmup_schedule
+from emu.models.unet import UNet, UNetConfig
 from launch import on_two_ranks
 
 # tiny, with every kind of unit (Stage, Downsample, Upsample, a transformer in the middle): DTensor's

@@ -1,4 +1,4 @@
-"""The fused attention op (emu/fused_attention.py) and the backend choice in emu/attention.py.
+"""The fused attention op (emu/models/fused_attention.py) and the backend choice in emu/models/attention.py.
 
 On any machine: the op's CPU implementation, a plain-PyTorch copy of the kernel's math, agrees with
 PyTorch's attention in values and gradients; torch.library.opcheck accepts the op's schema, fake
@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from emu import attention as attention_module
-from emu import fused_attention as fa
-from emu.attention import attention
-from emu.text import TextEmbedding
-from emu.unet import PRESETS, UNet
+from emu.models import attention as attention_module
+from emu.models import fused_attention as fa
+from emu.models.attention import attention
+from emu.text.encoder import TextEmbedding
+from emu.models.unet import PRESETS, UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -126,7 +126,7 @@ def test_the_op_composes_with_torch_compile():
 # choosing the backend
 
 def sdpa_as_before(q, k, v, mask):
-    """emu.attention's SDPA path, as it was before there was a choice: an additive float mask."""
+    """emu.models.attention's SDPA path, as it was before there was a choice: an additive float mask."""
     pad = torch.zeros(mask[:, None, None, :].shape, dtype=q.dtype).masked_fill(~mask[:, None, None, :], float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pad)
 
@@ -158,8 +158,8 @@ def test_an_unknown_backend_is_refused(backend):
         backend("flash")
 
 
-PROBE = ("import sys, torch; import emu.attention as a; q = torch.randn(1, 2, 5, 64); a.attention(q, q, q); "
-         "print(a.get_backend(), 'emu.fused_attention' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)")
+PROBE = ("import sys, torch; import emu.models.attention as a; q = torch.randn(1, 2, 5, 64); a.attention(q, q, q); "
+         "print(a.get_backend(), 'emu.models.fused_attention' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)")
 
 
 @pytest.mark.parametrize("env,expected", [(None, "sdpa"), ("sdpa", "sdpa"), ("auto", "auto")])
@@ -174,7 +174,7 @@ def test_emu_attention_env_var_chooses_and_cpu_imports_nothing_fused(env, expect
 
 def test_a_bad_emu_attention_env_var_is_a_one_line_error():
     environ = dict(os.environ, EMU_ATTENTION="flash")
-    proc = subprocess.run([sys.executable, "-c", "import emu.attention"], cwd=ROOT, env=environ, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", "import emu.models.attention"], cwd=ROOT, env=environ, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "ValueError: EMU_ATTENTION must be one of sdpa, auto, fused, got 'flash'"

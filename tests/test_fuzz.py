@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from emu import toyworld
-from emu.clip import CLIP_EOS
-from emu.data import (MAX_CAPTION_BYTES, BadCaption, BadImage, ImageCaptionFolder, Skipped,
-                      caption_from_metadata, load_image, read_caption, read_metadata)
-from emu.hf import tokenize
-from emu.t5 import T5_EOS
-from emu.text import TextEncoder, make_toy_towers
+from emu.datasets import toyworld
+from emu.text.clip import CLIP_EOS
+from emu.datasets.folders import (MAX_CAPTION_BYTES, BadCaption, BadImage, ImageCaptionFolder, Skipped,
+                                  caption_from_metadata, load_image, read_caption, read_metadata)
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_EOS
+from emu.text.encoder import TextEncoder, make_toy_towers
 
 SEED = 1234
 IMAGE_CASES = 800  # about a second on one core
@@ -300,7 +300,7 @@ SHARD_CASES = 200
 
 def test_fuzzed_tar_shards_give_samples_or_skipped_entries(tmp_path):
     """A broken shard yields RawSamples; each decodes to (image, caption) or Skipped. Nothing escapes."""
-    from emu.shards import decode_sample, pack_folder, read_shard
+    from emu.datasets.shards import decode_sample, pack_folder, read_shard
     toyworld.write_folder(tmp_path / "folder", WORLD)
     (shard,) = pack_folder(tmp_path / "folder", tmp_path / "shards")
     valid = shard.read_bytes()

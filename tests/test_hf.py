@@ -1,4 +1,4 @@
-"""Tests for emu/hf.py: our safetensors reader and loading a model through a key map."""
+"""Tests for emu/text/hf.py: our safetensors reader and loading a model through a key map."""
 import json
 
 import pytest
@@ -7,7 +7,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from emu import EmuError
-from emu.hf import SafetensorsFile, empty_model, load_hf_weights, read_safetensors
+from emu.checkpoint import SafetensorsFile, read_safetensors
+from emu.text.hf import empty_model, load_hf_weights
 
 
 class Tiny(nn.Module):

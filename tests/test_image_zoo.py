@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emu.data import BadImage, load_image, open_rgb
+from emu.datasets.folders import BadImage, load_image, open_rgb
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

@@ -1,8 +1,8 @@
-"""Masks for inpainting and outpainting (emu/inpaint.py)."""
+"""Masks for inpainting and outpainting (emu/variants/inpaint.py)."""
 import torch
 
-from emu.inpaint import (hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, paste_known, random_masks,
-                         segment_distance)
+from emu.variants.inpaint import (hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, paste_known,
+                                  random_masks, segment_distance)
 
 
 def test_training_masks_are_binary_seeded_and_varied():

@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from emu import EmuError, toyworld
-from emu.judges import (CLASSES, MEASUREMENTS, AppealJudge, FaithfulnessJudge, appeal_score, classifier_accuracy,
-                        connected_components, faithfulness_score, judge_pairs, load_classifier, photo_measurements,
-                        render_labelled_images, save_classifier, train_attribute_classifier)
-from emu.pairwise import A, B, BOTH, NEITHER, TIE, majority_vote
+from emu import EmuError
+from emu.datasets import toyworld
+from emu.evaluation.faithfulness import (CLASSES, FaithfulnessJudge, classifier_accuracy, faithfulness_score,
+                                         load_classifier, render_labelled_images, save_classifier,
+                                         train_attribute_classifier)
+from emu.evaluation.judges import (MEASUREMENTS, AppealJudge, appeal_score, connected_components, judge_pairs,
+                                   photo_measurements)
+from emu.evaluation.pairwise import A, B, BOTH, NEITHER, TIE, majority_vote
 
 
 def spearman(x, y):

@@ -1,4 +1,4 @@
-"""Kandinsky's decoder (emu/kandinsky.py): MoVQ latents, the image-text conditioning, inpainting."""
+"""Kandinsky's decoder (emu/variants/kandinsky.py): MoVQ latents, the image-text conditioning, inpainting."""
 import dataclasses
 
 import numpy as np
@@ -8,15 +8,15 @@ import torch.nn.functional as F
 
 from emu import EmuError
 from emu.arch import get_arch
-from emu.clip import CLIP_VISION_PRESETS, CLIPVisionModel, clip_preprocess
+from emu.text.clip import CLIP_VISION_PRESETS, CLIPVisionModel, clip_preprocess
 from emu.diffusion import GaussianDiffusion
-from emu.inpaint import box_mask, outpaint_canvas
-from emu.kandinsky import (KANDINSKY_PRESETS, ImageTextEncoder, InpaintingDiffusion, MoVQLatents, decoder_config,
-                           decoder_generate, fuse_embeddings)
-from emu.muse import VQ_PRESETS, VQTokenizer
-from emu.prior import LinearPrior
-from emu.text import TextEmbedding, TextImageEmbedding
-from emu.unet import UNet, count_parameters
+from emu.variants.inpaint import box_mask, outpaint_canvas
+from emu.variants.kandinsky import (KANDINSKY_PRESETS, ImageTextEncoder, InpaintingDiffusion, MoVQLatents,
+                                    decoder_config, decoder_generate, fuse_embeddings)
+from emu.models.vq import VQ_PRESETS, VQTokenizer
+from emu.variants.prior import LinearPrior
+from emu.text.encoder import TextEmbedding, TextImageEmbedding
+from emu.models.unet import UNet, count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -174,8 +174,8 @@ def test_variations_of_an_image_are_closer_to_it_in_clip_space_than_to_other_ima
     image's embedding gives images whose CLIP embeddings are nearer that image's than most others'.
     (The toy tower is untrained, and many toy images share a background, so the other images can be
     near too: the measure is how many of them a variation is farther from, not the nearest alone.)"""
-    from emu.pixel import PixelSpace, resize
-    from emu.toyworld import make_haystack
+    from emu.variants.pixel import PixelSpace, resize
+    from emu.datasets.toyworld import make_haystack
     pixels = np.stack([image for image, _, _ in make_haystack(96, seed=3, size=32)])
     images = resize(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, 8)  # (96, 3, 8, 8)
     torch.manual_seed(1)

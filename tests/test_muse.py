@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emu import attention as attention_module
-from emu.autoencoder import AELoss, PatchDiscriminator
-from emu.muse import (TRANSFORMER_PRESETS, VQ_PRESETS, MaskedTransformer, MaskedTransformerConfig, VectorQuantizer,
-                      VQTokenizer, codebook_usage, count_parameters, guided_logits, maskgit_sample, maskgit_schedule,
-                      masked_token_loss, random_mask, vq_training_losses)
-from emu.text import TextEmbedding
-from emu.toyworld import make_haystack
+from emu.models import attention as attention_module
+from emu.models.autoencoder import AELoss, PatchDiscriminator
+from emu.models.vq import VQ_PRESETS, VectorQuantizer, VQTokenizer, codebook_usage, vq_training_losses
+from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTransformer, MaskedTransformerConfig, count_parameters,
+                               guided_logits, maskgit_sample, maskgit_schedule, masked_token_loss, random_mask)
+from emu.text.encoder import TextEmbedding
+from emu.datasets.toyworld import make_haystack
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -247,7 +247,7 @@ def test_transformer_is_bidirectional_and_reads_text_but_not_its_padding():
 
 def test_transformer_attention_goes_through_emu_attention():
     model = small_transformer()
-    with mock.patch("emu.nn.attention", wraps=attention_module.attention) as spy:
+    with mock.patch("emu.models.nn.attention", wraps=attention_module.attention) as spy:
         model(torch.zeros(1, 4, 4, dtype=torch.long), random_text(1, model.cfg))
     assert spy.call_count == 2 * model.cfg.depth  # self- and cross-attention in every block
 
@@ -362,7 +362,7 @@ def test_guidance_scale_one_is_the_conditional_model_alone():
 # MoVQ: the tokenizer with spatially conditioned decoder norms (Kandinsky's autoencoder)
 
 def test_movq_decoder_reads_the_code_in_every_norm():
-    from emu.nn import SpatialNorm
+    from emu.models.nn import SpatialNorm
     torch.manual_seed(0)
     tok = VQTokenizer(small_vq(spatial_norm=True)).eval()
     norms = [m for m in tok.decoder.modules() if isinstance(m, SpatialNorm)]
@@ -382,7 +382,7 @@ def test_the_autoencoder_keeps_its_parameters_without_spatial_norm():
     """The spatial norms are an option: saved autoencoders hold the state dict they always held.
     The fingerprints (names and shapes) were taken before the option existed."""
     import hashlib
-    from emu.autoencoder import PRESETS, Autoencoder
+    from emu.models.autoencoder import PRESETS, Autoencoder
     for name, expected in [("toy", (147, "0f0144ba31ef12be029c8222fe39bdbd2ec5aadd6f638e9a4cec05918e471e67")),
                            ("emu", (239, "eb60b24b73ac41dcf474796b3231f092f2404ff8f08594348d83c7945c9ace33"))]:
         with torch.device("meta"):

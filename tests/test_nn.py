@@ -1,6 +1,6 @@
 import torch
 
-from emu.nn import normalization
+from emu.models.nn import normalization
 
 
 def test_group_norm_groups_keep_at_least_four_channels():

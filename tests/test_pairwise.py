@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from emu.pairwise import (A, B, BOTH, NEITHER, TIE, bootstrap_ci, faithfulness_to_ternary, fleiss_kappa, majority_vote,
-                          summarize, summarize_outcomes, to_markdown, win_rates)
+from emu.evaluation.pairwise import (A, B, BOTH, NEITHER, TIE, bootstrap_ci, faithfulness_to_ternary, fleiss_kappa,
+                                     majority_vote, summarize, summarize_outcomes, to_markdown, win_rates)
 
 
 def test_majority_vote_with_five_raters():

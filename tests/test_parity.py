@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from emu.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, TEXT_SKIPPED, VISION_SKIPPED, CLIPTextModel,
-                      CLIPVisionModel, build_toy_clip_tokenizer, clip_text_key_map, clip_vision_key_map,
-                      load_clip_text, load_clip_vision)
-from emu.hf import tokenize
-from emu.t5 import T5_PRESETS, T5_SKIPPED, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, t5_key_map
+from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, TEXT_SKIPPED, VISION_SKIPPED, CLIPTextModel,
+                           CLIPVisionModel, build_toy_clip_tokenizer, clip_text_key_map, clip_vision_key_map,
+                           load_clip_text, load_clip_vision)
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_PRESETS, T5_SKIPPED, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, t5_key_map
 
 transformers = pytest.importorskip("transformers")
 

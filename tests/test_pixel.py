@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from emu.diffusion import dynamic_threshold
-from emu.nn import ResBlock
-from emu.pixel import (BASE_PRESETS, UPSAMPLER_PRESETS, aug_timestep, base_generate, build_model, noise_augment,
-                       resize, upsample, upsampler_condition, upsampler_training_loss)
-from emu.text import TextEmbedding
-from emu.toyworld import make_example
-from emu.unet import SpatialTransformer, UNet, count_parameters
+from emu.models.nn import ResBlock
+from emu.variants.pixel import (BASE_PRESETS, UPSAMPLER_PRESETS, aug_timestep, base_generate, build_model,
+                                noise_augment, resize, upsample, upsampler_condition, upsampler_training_loss)
+from emu.text.encoder import TextEmbedding
+from emu.datasets.toyworld import make_example
+from emu.models.unet import SpatialTransformer, UNet, count_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

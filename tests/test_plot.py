@@ -4,8 +4,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from emu.checkpoint import append_metrics
-from emu.plot import (COLORS, MARGINS, WIN_TIE_LOSE, log_ticks, metric_series, nice_ticks, plot_curves, plot_metrics,
-                      plot_win_rates, y_range)
+from emu.evaluation.plot import (COLORS, MARGINS, WIN_TIE_LOSE, log_ticks, metric_series, nice_ticks, plot_curves,
+                                 plot_metrics, plot_win_rates, y_range)
 
 
 def read_rgb(path):

@@ -1,10 +1,10 @@
-"""Kandinsky's image priors (emu/prior.py): caption embedding -> CLIP image embedding."""
+"""Kandinsky's image priors (emu/variants/prior.py): caption embedding -> CLIP image embedding."""
 import pytest
 import torch
 
-from emu.prior import (PRIOR_PRESETS, DiffusionPrior, DiffusionPriorConfig, EmbeddingNorm, LinearPrior, build_prior,
-                       cosine_similarity, count_parameters, prior_config)
-from emu.text import TextEmbedding
+from emu.variants.prior import (PRIOR_PRESETS, DiffusionPrior, DiffusionPriorConfig, EmbeddingNorm, LinearPrior,
+                                build_prior, cosine_similarity, count_parameters, prior_config)
+from emu.text.encoder import TextEmbedding
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from emu import EmuError
-from emu.pairwise import A, B, TIE
-from emu.rating import RatingServer
-from emu.study import (TASKS, add_raters, assign, create_study, next_item, open_study, progress, read_votes, record_vote,
-                       study_report)
+from emu.evaluation.pairwise import A, B, TIE
+from emu.evaluation.rating import RatingServer
+from emu.evaluation.study import (TASKS, add_raters, assign, create_study, next_item, open_study, progress, read_votes,
+                                  record_vote, study_report)
 
 SCRIPT_PROMPT = '<script>window.pwned = 1</script> a "red" circle & <b>bold</b>'
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from browser import Browser, find_chromium
-from emu.study import open_study
+from emu.evaluation.study import open_study
 from test_rating import SCRIPT_PROMPT, make_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from emu.checkpoint import read_metrics
 from emu.pipeline import read_training_checkpoint
-from emu.shards import pack_folder
+from emu.datasets.shards import pack_folder
 from launch import run, script
 
 pytestmark = pytest.mark.slow  # the scripts' end-to-end runs: not in the quick tier
@@ -250,7 +250,7 @@ def test_qtune_on_curated_shards_holds_out_and_resumes_bitwise(world, tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert all(torch.equal(a["opt"]["state"][i][m], b["opt"]["state"][i][m]) for i in a["opt"]["state"] for m in ("exp_avg", "exp_avg_sq"))
     # the held-out samples are the first 4 of the first shard, and no stream ever reads them
-    from emu.shards import ShardDataset, first_samples
+    from emu.datasets.shards import ShardDataset, first_samples
     _, _, names = first_samples(shards, 4, 32)
     assert names == [f"{shards[0]}:{key}" for key in sorted(p.stem for p in curated.glob("*.png"))[:4]]
     assert len(list(ShardDataset(shards, 32, exclude=names))) == 30 - 4
@@ -341,7 +341,7 @@ def test_other_architectures_pretrain_resume_on_two_ranks_qtune_sample_and_evalu
 def test_train_prior_fits_the_linear_prior_and_resumes_the_diffusion_prior_bitwise(world, tmp_path):
     """train_prior.py on the toy world: the linear prior in closed form; the diffusion prior, 2 steps +
     resume + 2 steps equal to 4, the embeddings computed once and reused."""
-    from emu.prior import DiffusionPrior, LinearPrior, build_prior
+    from emu.variants.prior import DiffusionPrior, LinearPrior, build_prior
     w, _ = world
     common = ["train_prior.py", "--data", f"{w}/haystack", "--clip", f"{w}/towers/clip", "--holdout", "16"]
     out = run(*common, "--kind", "linear", "--out", f"{tmp_path}/linear")

@@ -1,4 +1,4 @@
-"""Tests for emu/shards.py: tar shards read in memory, hostile members refused, every sample once
+"""Tests for emu/datasets/shards.py: tar shards read in memory, hostile members refused, every sample once
 per epoch across ranks and workers, and a resumed stream that continues where it stopped."""
 import io
 import os
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from emu import shards as shards_module
-from emu.data import Skipped, load_image
-from emu.shards import ShardDataset, collate_stream, decode_sample, read_shard
+from emu.datasets import shards as shards_module
+from emu.datasets.folders import Skipped, load_image
+from emu.datasets.shards import ShardDataset, collate_stream, decode_sample, read_shard
 
 
 def png_bytes(seed, size=(12, 12)):

@@ -1,4 +1,4 @@
-"""Tests for emu/text.py: the two frozen text towers, their tokenizers and the Hugging Face layout."""
+"""Tests for emu/text/encoder.py: the two frozen text towers, their tokenizers and the Hugging Face layout."""
 import json
 import math
 import shutil
@@ -10,11 +10,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from emu import EmuError
-from emu.clip import (CLIP_PRESETS, CLIPTextModel, build_toy_clip_tokenizer, clip_text_key_map, load_clip_text,
-                      save_clip)
-from emu.hf import tokenize
-from emu.t5 import T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, relative_position_bucket, save_t5_encoder, t5_key_map
-from emu.text import TextEmbedding, TextEncoder, make_toy_towers
+from emu.text.clip import (CLIP_PRESETS, CLIPTextModel, build_toy_clip_tokenizer, clip_text_key_map, load_clip_text,
+                           save_clip)
+from emu.text.hf import tokenize
+from emu.text.t5 import (T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, relative_position_bucket,
+                         save_t5_encoder, t5_key_map)
+from emu.text.encoder import TextEmbedding, TextEncoder, make_toy_towers
 
 CAPTIONS = [
     "a photo of a cat sitting on a red sofa",
@@ -411,7 +412,7 @@ def test_make_toy_towers_is_deterministic_and_leaves_global_rng_alone(tmp_path):
 
 
 def test_clip_preprocess_resizes_short_side_crops_centre_and_normalises():
-    from emu.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
+    from emu.text.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
     grey = torch.full((2, 3, 40, 60), 0.2)  # [-1, 1] images, wider than tall
     out = clip_preprocess(grey, size=32)
     expected = (torch.tensor(0.6) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)

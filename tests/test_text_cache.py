@@ -7,13 +7,15 @@ import pytest
 import torch
 
 import pretrain
-from emu import EmuError, toyworld
-from emu.autoencoder import PRESETS as AE_PRESETS
-from emu.autoencoder import Autoencoder, save_autoencoder
-from emu.data import read_prompts
-from emu.text import TextEmbedding, TextEncoder, make_toy_towers
-from emu.text_cache import TextEmbeddingCache, load_text_cache, write_text_cache
-from emu.unet import PRESETS, UNet
+from emu import EmuError
+from emu.datasets import toyworld
+from emu.models.autoencoder import PRESETS as AE_PRESETS
+from emu.models.autoencoder import Autoencoder
+from emu.models.first_stage import save_autoencoder
+from emu.datasets.folders import read_prompts
+from emu.text.encoder import TextEmbedding, TextEncoder, make_toy_towers
+from emu.text.cache import TextEmbeddingCache, load_text_cache, write_text_cache
+from emu.models.unet import PRESETS, UNet
 from launch import script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

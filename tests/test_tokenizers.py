@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from emu.clip import (CLIP_BOS, CLIP_EOS, CLIP_LENGTH, CLIPTextConfig, CLIPTextModel, build_toy_clip_tokenizer,
-                      clip_clean, load_clip_text, save_clip)
-from emu.hf import tokenize
-from emu.t5 import T5_EOS, T5_LENGTH, T5Config, T5Encoder, load_t5_encoder, save_t5_encoder
-from emu.toyworld import caption, sample_scene, web_caption
+from emu.text.clip import (CLIP_BOS, CLIP_EOS, CLIP_LENGTH, CLIPTextConfig, CLIPTextModel, build_toy_clip_tokenizer,
+                           clip_clean, load_clip_text, save_clip)
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_EOS, T5_LENGTH, T5Config, T5Encoder, load_t5_encoder, save_t5_encoder
+from emu.datasets.toyworld import caption, sample_scene, web_caption
 
 CAPTIONS = [
     "a photo of a cat sitting on a red sofa",

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from emu import toyworld
+from emu.datasets import toyworld
 
 
 def test_examples_are_deterministic_per_seed_and_index():

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from emu import EmuError
-from emu.autoencoder import PRESETS, Autoencoder
-from emu.data import Skipped, collate
-from emu.text import TextEncoder, make_toy_towers
-from emu.training import LatentBatches, drop_captions
+from emu.models.autoencoder import PRESETS, Autoencoder
+from emu.datasets.folders import Skipped, collate
+from emu.text.encoder import TextEncoder, make_toy_towers
+from emu.text.encoder import drop_captions
+from emu.training.loop import LatentBatches
 
 CAPTIONS = ["a red circle", "two blue squares on the left", "a green triangle at the top on a grey background",
             "three yellow circles", "a purple square in the centre", "one red triangle", "", "blue"]
@@ -120,7 +121,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted():
     from test_unet import random_text, toy_unet
 
     from emu.diffusion import GaussianDiffusion
-    from emu.training import count_bad_step, make_optimizer, train_step, warmup_schedule
+    from emu.training.loop import count_bad_step, make_optimizer, train_step, warmup_schedule
     torch.manual_seed(0)
     unet = toy_unet()
     args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.0, noise_offset=0.0, grad_clip=1.0, precision="fp32")
@@ -151,7 +152,7 @@ def test_bf16_autocast_trains_float32_master_weights_close_to_fp32():
     from test_unet import nontrivial_unet, random_text
 
     from emu.diffusion import GaussianDiffusion
-    from emu.training import make_optimizer, train_step, warmup_schedule
+    from emu.training.loop import make_optimizer, train_step, warmup_schedule
     latents, text = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1)), random_text(2, nontrivial_unet().cfg)
     losses, weights = {}, {}
     for precision in ("fp32", "bf16"):
@@ -173,7 +174,7 @@ def _one_step(unet, latents, text, sgd=False, **flags):
     from argparse import Namespace
 
     from emu.diffusion import GaussianDiffusion
-    from emu.training import make_optimizer, train_step, warmup_schedule
+    from emu.training.loop import make_optimizer, train_step, warmup_schedule
     args = Namespace(lr=1e-3, weight_decay=0.0, caption_dropout=0.5, noise_offset=0.1, grad_clip=1e9 if sgd else 1.0,
                      precision="fp32", **flags)
     opt = torch.optim.SGD(unet.parameters(), lr=1.0) if sgd else make_optimizer(unet, args)
@@ -218,7 +219,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_stages_parse_with_per_stage_batch_and_the_final_noise_offset():
     from argparse import Namespace
 
-    from emu.training import ResolutionStage, parse_stages, stage_at
+    from emu.training.loop import ResolutionStage, parse_stages, stage_at
     args = Namespace(stages="256:100:64,512:50,1024:20:16:0.05", bs=32, image_size=32, steps=7, noise_offset=0.02)
     stages = parse_stages(args)
     assert stages == [ResolutionStage(256, 100, 64, 0.0), ResolutionStage(512, 50, 32, 0.0), ResolutionStage(1024, 20, 16, 0.05)]

@@ -5,9 +5,9 @@ from unittest import mock
 import pytest
 import torch
 
-from emu.nn import ResBlock
-from emu.text import TextEmbedding, TextImageEmbedding
-from emu.unet import PRESETS, SpatialTransformer, UNet, UNetConfig, count_parameters
+from emu.models.nn import ResBlock
+from emu.text.encoder import TextEmbedding, TextImageEmbedding
+from emu.models.unet import PRESETS, SpatialTransformer, UNet, UNetConfig, count_parameters
 
 
 def random_text(batch, cfg, lengths=(5, 7), seed=0):

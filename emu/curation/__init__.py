@@ -1,0 +1,1 @@
+"""The curation funnel: the automatic filters and the human stages."""

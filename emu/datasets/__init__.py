@@ -1,0 +1,1 @@
+"""Training data: image-caption folders, tar shards, the procedural toy world."""

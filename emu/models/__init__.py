@@ -1,0 +1,1 @@
+"""The networks: shared layers, attention (and the fused kernel), the U-Net, the autoencoder, the perceptual loss, FLOP counts."""

@@ -1,0 +1,253 @@
+"""Caption embeddings computed once and read back, so training can run without the text towers.
+
+The towers are frozen, so a caption's embedding never changes, and T5-XXL (4.8B parameters) is the
+costliest part of a training step that encodes its captions. data/embed_captions.py runs the towers
+over every caption of a dataset once and writes the results here; pretrain.py and qtune.py take
+`--text-cache DIR` and read them through the same encode() a TextEncoder offers.
+
+A cache directory holds:
+
+    manifest.json             the towers' fingerprint and directories, dims, sequence lengths, dtype,
+                              and the shard files in the order they were written
+    shard-00000.safetensors   N captions, row i of every tensor belonging to caption i:
+                                keys       (N, 32) uint8: sha256 of (fingerprint, caption)
+                                clip       (N, Lc, Dc) all of CLIP's positions (it runs unmasked)
+                                clip_mask  (N, Lc) bool
+                                t5         (T, Dt) T5's real tokens only, caption after caption
+                                t5_mask    (N, Lt) bool; caption i owns t5_mask[i].sum() rows of t5
+                                pooled     (N, P)
+
+Tensors are stored in the dtype the towers ran in: the float32 that encode() returns for a bfloat16
+tower holds bfloat16 values, so nothing is lost. encode() gives back exactly what TextEncoder.encode
+gave (float32; same shapes, masks, CLIP padding and pooled vector) except at T5's padding positions,
+which hold zeros instead of the tower's output there. Those positions are masked keys in every
+cross-attention, so they get exactly zero weight and the U-Net's output is the same to the last bit;
+storing them would cost all 77 of T5's positions per caption (T5-XXL: 4096 numbers each) for nothing.
+
+A caption's embedding is the one it got in the batch it was computed in. Matrix kernels may round
+differently for another batch size (on a CPU, e.g. CLIP's pooled vector for a batch of one or two), so
+a fresh encode in another batch can differ in the last bits. The empty caption is computed alone, as
+training asks for it (encode([""])).
+
+Reading keeps an index in memory (a few hundred bytes per caption) and reads each caption's rows from
+disk when asked, so the cache can be far larger than memory.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from emu import EmuError
+from emu.checkpoint import SafetensorsFile, _atomic_write, save_weights
+from emu.text.encoder import TEXT_DTYPES, TextEmbedding, TextEncoder
+from emu.text.hf import find_weight_files
+from emu.text.t5 import T5_LENGTH
+
+MANIFEST = "manifest.json"
+KEY_BYTES = 32  # a sha256 digest
+SAMPLES, SAMPLE_BYTES = 16, 2**16  # the pieces of each weight file a fingerprint reads
+
+# ----------------------------------------------------------------------------------------------------
+# Which towers, which caption
+
+
+def tower_fingerprint(clip_dir, t5_dir, dtype=torch.bfloat16, t5_max_length=T5_LENGTH):
+    """A sha256 hex digest naming these exact towers and how their embeddings were computed.
+
+    It hashes each tower's config.json and tokenizer.json, every weight file's name, size and header
+    (each tensor's name, dtype, shape and place), SAMPLES evenly spaced pieces of its data, plus the
+    dtype and T5's padded length. Two different checkpoints of the same shapes differ in every
+    sampled piece, so this tells them apart while reading about 1 MB per file, where hashing the
+    published T5-XXL checkpoint whole (45 GB) would take minutes at every start. File names, not
+    directories, go in, so a moved tower keeps its fingerprint.
+    """
+    digest = hashlib.sha256(f"emu text cache; dtype {str(dtype).removeprefix('torch.')}; "
+                            f"t5 length {t5_max_length}\n".encode())
+    for tower in (Path(clip_dir), Path(t5_dir)):
+        hash_tower(digest, tower)
+    return digest.hexdigest()
+
+
+def hash_tower(digest, tower):
+    """Feed one Hugging Face model directory into `digest` (see tower_fingerprint for what is read)."""
+    tower = Path(tower)
+    if not tower.is_dir():
+        raise EmuError(f"{tower}: text tower directory not found")
+    files, source = find_weight_files(tower)  # the single file, or the index and its shards
+    for path in (tower / "config.json", tower / "tokenizer.json", source):
+        if not path.is_file():
+            raise EmuError(f"{path}: not found")
+        digest.update(f"{path.name} ".encode() + path.read_bytes())
+    for weights in sorted({file.path: file for file in files.values()}.values(), key=lambda file: file.path.name):
+        digest.update(f"{weights.path.name} {weights.size} {sorted(weights.entries.items())}\n".encode())
+        with open(weights.path, "rb") as f:
+            for i in range(SAMPLES):
+                f.seek(weights.data_start + (weights.size - weights.data_start) * i // SAMPLES)
+                digest.update(f.read(SAMPLE_BYTES))
+
+
+def caption_key(fingerprint, caption):
+    """The 32 bytes a caption's embedding is stored under."""
+    return hashlib.sha256(f"{fingerprint}\n{caption}".encode()).digest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(path):
+    """The parsed `path`/manifest.json, checked to have every entry the reader uses."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise EmuError(f"{path}: not a text-embedding cache (no {MANIFEST}; make one with data/embed_captions.py)")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EmuError(f"{file}: not valid JSON ({str(e)[:120]})") from None
+    needed = ("fingerprint", "clip", "t5", "dtype", "clip_dim", "t5_dim", "pooled_dim", "clip_length",
+              "t5_length", "captions", "shards")
+    missing = [k for k in needed if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise EmuError(f"{file}: missing entries {missing}")
+    if manifest["dtype"] not in TEXT_DTYPES:
+        raise EmuError(f"{file}: dtype {manifest['dtype']!r} is not one of {sorted(TEXT_DTYPES)}")
+    return manifest
+
+
+class TextEmbeddingCache:
+    """A cache directory, read like a TextEncoder: encode(captions) -> TextEmbedding, and the dims
+    build_unet reads. Every shard's header is checked on opening; rows are read on demand."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.manifest = m = read_manifest(self.path)
+        self.fingerprint = m["fingerprint"]
+        self.clip_dim, self.t5_dim, self.pooled_dim = m["clip_dim"], m["t5_dim"], m["pooled_dim"]
+        self.shards = [SafetensorsFile(self.path / name) for name in m["shards"]]
+        self.index = {}  # caption key -> (shard, row, first row in t5, number of t5 rows)
+        for shard in self.shards:
+            self._check_shard(shard)
+            keys = shard.read("keys").numpy().tobytes()
+            lengths = shard.read("t5_mask").sum(dim=1)  # (N,)
+            starts = (lengths.cumsum(0) - lengths).tolist()
+            for row, (start, length) in enumerate(zip(starts, lengths.tolist())):
+                self.index[keys[row * KEY_BYTES:(row + 1) * KEY_BYTES]] = (shard, row, start, length)
+
+    def _check_shard(self, shard):
+        """Check that a shard holds the six tensors, shaped as the manifest says."""
+        m = self.manifest
+        if set(shard.entries) != {"keys", "clip", "clip_mask", "t5", "t5_mask", "pooled"}:
+            raise shard.error(f"not a cache shard (tensors {sorted(shard.entries)})")
+        n = shard.entries["keys"][1][0]
+        expected = {"keys": (n, KEY_BYTES), "clip": (n, m["clip_length"], m["clip_dim"]), "clip_mask": (n, m["clip_length"]),
+                    "t5_mask": (n, m["t5_length"]), "pooled": (n, m["pooled_dim"])}
+        for name, shape in expected.items():
+            if shard.entries[name][1] != shape:
+                raise shard.error(f"{name} has shape {list(shard.entries[name][1])}, expected {list(shape)} "
+                                  f"(from {MANIFEST})")
+        if shard.entries["t5"][1][1:] != (m["t5_dim"],):
+            raise shard.error(f"t5 has shape {list(shard.entries['t5'][1])}, expected [tokens, {m['t5_dim']}]")
+
+    def __len__(self):
+        return len(self.index)
+
+    def __contains__(self, caption):
+        return caption_key(self.fingerprint, caption) in self.index
+
+    def encode(self, captions):
+        """The cached embeddings of a list of captions as a float32 TextEmbedding on the CPU, shaped
+        and masked as TextEncoder.encode's (T5's padding positions hold zeros)."""
+        if isinstance(captions, str) or len(captions) == 0:
+            raise EmuError(f"captions must be a non-empty list of strings, got {captions!r:.80}")
+        rows = [self._read(caption) for caption in captions]
+        clip_mask, t5_mask = torch.stack([r["clip_mask"] for r in rows]), torch.stack([r["t5_mask"] for r in rows])
+        t5 = torch.zeros(len(rows), self.manifest["t5_length"], self.t5_dim)  # (B, Lt, Dt)
+        t5[t5_mask] = torch.cat([r["t5"] for r in rows]).float()  # row-major: caption after caption, as stored
+        return TextEmbedding(clip=torch.stack([r["clip"] for r in rows]).float(), clip_mask=clip_mask,
+                             t5=t5, t5_mask=t5_mask, pooled=torch.stack([r["pooled"] for r in rows]).float())
+
+    def _read(self, caption):
+        """One caption's stored rows: {clip (Lc, Dc), clip_mask (Lc,), t5 (n, Dt), t5_mask (Lt,), pooled (P,)}."""
+        found = self.index.get(caption_key(self.fingerprint, caption))
+        if found is None:
+            raise EmuError(f"{self.path}: caption not in the cache: {caption!r:.80}; add it with data/embed_captions.py")
+        shard, row, start, length = found
+        with open(shard.path, "rb", buffering=0) as f:  # one open for the five reads
+            out = {name: shard.read_rows(name, row, row + 1, f)[0] for name in ("clip", "clip_mask", "t5_mask", "pooled")}
+            out["t5"] = shard.read_rows("t5", start, start + length, f)
+        return out
+
+
+def load_text_cache(path, clip_dir, t5_dir, dtype):
+    """The cache in `path`, checked to have been made with the towers in clip_dir and t5_dir (the ones a
+    checkpoint records, which sampling will run) running in `dtype`. Fingerprinting reads about 1 MB
+    per weight file."""
+    cache = TextEmbeddingCache(path)
+    m = cache.manifest
+    if tower_fingerprint(clip_dir, t5_dir, dtype, m["t5_length"]) != cache.fingerprint:
+        raise EmuError(f"{Path(path) / MANIFEST}: made with other towers or another dtype ({m['clip']}, {m['t5']} in "
+                       f"{m['dtype']}) than {clip_dir} and {t5_dir} in {str(dtype).removeprefix('torch.')}; use the "
+                       f"towers and --text-dtype it was made with, or make a new cache")
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_text_cache(path, captions, clip_dir, t5_dir, dtype=torch.bfloat16, device="cpu", batch_size=64,
+                     shard_size=1024):
+    """Add to the cache in `path` (made if absent) the embeddings of the captions it lacks.
+
+    The empty caption is always included. Captions are encoded `batch_size` at a time and written
+    `shard_size` per shard; each shard is written atomically, then listed in the manifest, so an
+    interrupted run loses at most the shard in progress and a rerun computes only what is missing.
+    The towers are loaded only when something is missing.
+    :return: how many captions were computed.
+    """
+    path = Path(path)
+    if batch_size < 1 or shard_size < 1:
+        raise EmuError(f"{path}: batch size {batch_size} and shard size {shard_size} must be at least 1")
+    fingerprint = tower_fingerprint(clip_dir, t5_dir, dtype)
+    cache = TextEmbeddingCache(path) if (path / MANIFEST).exists() else None
+    if cache is not None and cache.fingerprint != fingerprint:
+        m = cache.manifest
+        raise EmuError(f"{path / MANIFEST}: made with other towers or another dtype ({m['clip']} and {m['t5']} in "
+                       f"{m['dtype']}), not {clip_dir} and {t5_dir} in {str(dtype).removeprefix('torch.')}; "
+                       f"write to a new directory")
+    todo = [c for c in dict.fromkeys(["", *captions]) if cache is None or c not in cache]  # distinct, in order
+    if not todo:
+        return 0
+    encoder = TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
+    manifest = cache.manifest if cache is not None else {
+        "fingerprint": fingerprint, "clip": str(clip_dir), "t5": str(t5_dir),
+        "dtype": str(dtype).removeprefix("torch."), "clip_dim": encoder.clip_dim, "t5_dim": encoder.t5_dim,
+        "pooled_dim": encoder.pooled_dim, "clip_length": encoder.clip.config.max_position_embeddings,
+        "t5_length": T5_LENGTH, "captions": 0, "shards": []}
+    with tqdm(total=len(todo), unit="caption", desc="embedding captions") as bar:
+        for first in range(0, len(todo), shard_size):
+            chunk = todo[first:first + shard_size]
+            # the empty caption alone, as training encodes it, so its embedding is bitwise the same
+            rest = [c for c in chunk if c]
+            batches = [[c] for c in chunk if c == ""] + [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
+            parts = []
+            for batch in batches:
+                parts.append(_stored_tensors(encoder.encode(batch), dtype))
+                bar.update(len(batch))
+            tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+            tensors["keys"] = torch.tensor([list(caption_key(fingerprint, c)) for b in batches for c in b], dtype=torch.uint8)
+            name = f"shard-{len(manifest['shards']):05d}.safetensors"
+            save_weights(path / name, tensors)
+            manifest["shards"].append(name)
+            manifest["captions"] += len(chunk)
+            _atomic_write(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+    return len(todo)
+
+
+def _stored_tensors(emb, dtype):
+    """A batch's embedding as it is stored: in the towers' dtype, T5 cut to its real tokens, on the CPU."""
+    return {"clip": emb.clip.to(dtype).cpu(), "clip_mask": emb.clip_mask.cpu(),
+            "t5": emb.t5[emb.t5_mask].to(dtype).cpu(),  # (real tokens of the batch, Dt)
+            "t5_mask": emb.t5_mask.cpu(), "pooled": emb.pooled.to(dtype).cpu()}

@@ -1,0 +1,157 @@
+"""The frozen text conditioning of Emu: both towers behind one encode().
+
+Emu feeds the U-Net two sequences of text features (CLIP ViT-L's and T5-XXL's last hidden states,
+cross-attended with their padding masks) plus CLIP's pooled, projected caption vector. Neither tower
+is trained. The towers live in emu/text/clip.py and emu/text/t5.py and are read from Hugging Face directories
+(emu/text/hf.py); make_toy_towers writes small random ones in that same layout for the toy world and tests.
+"""
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
+                           clip_clean, load_clip_text, save_clip)
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
+
+# The dtypes the towers may run in; not float16, which T5's activations overflow.
+TEXT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning: both towers behind one encode()
+
+
+@dataclass
+class TextEmbedding:
+    """A batch of text conditioning for the U-Net (float32; masks are True at real tokens)."""
+    clip: torch.Tensor  # (B, Lc, Dc) CLIP last hidden states
+    clip_mask: torch.Tensor  # (B, Lc) bool
+    t5: torch.Tensor  # (B, Lt, Dt) T5 last hidden states
+    t5_mask: torch.Tensor  # (B, Lt) bool
+    pooled: torch.Tensor  # (B, P) CLIP's projected end-of-text vector
+
+    VECTORS = ("pooled",)  # the fields that are one vector per row (the others are sequences)
+
+    def to(self, device):
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, idx):
+        """Index every field along the batch; an int gives a batch of one, so results can be cat()."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1 if idx != -1 else None)
+        return type(self)(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def __len__(self):
+        return self.clip.shape[0]
+
+    def without_padding(self):
+        """The same batch with trailing padding columns cut: each sequence ends at the last position
+        any row uses. Attention masks padding out, so the U-Net's output does not change; only the
+        cost of projecting and attending to up to 77 + 77 mostly empty positions goes away."""
+        def length(mask):
+            used = mask.any(dim=0).nonzero()
+            return int(used.max()) + 1 if len(used) else 1
+        lc, lt = length(self.clip_mask), length(self.t5_mask)
+        return replace(self, clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
+                       t5_mask=self.t5_mask[:, :lt])
+
+    def where(self, keep, other):
+        """Row i of this batch where keep[i] is True, else the single row of `other` (a batch of one,
+        e.g. the empty caption), cut to this batch's sequence lengths."""
+        out = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name not in self.VECTORS:
+                theirs = theirs[:, :mine.shape[1]]
+            out[f.name] = torch.where(keep.view(-1, *[1] * (mine.dim() - 1)), mine, theirs)
+        return type(self)(**out)
+
+    @staticmethod
+    def cat(embeddings):
+        """Concatenate a list of TextEmbeddings (all of one class) along the batch."""
+        cls = type(embeddings[0])
+        return cls(**{f.name: torch.cat([getattr(e, f.name) for e in embeddings]) for f in fields(cls)})
+
+
+@dataclass
+class TextImageEmbedding(TextEmbedding):
+    """Text conditioning plus a CLIP image embedding per row: what Kandinsky's decoder U-Net is
+    conditioned on (emu/variants/kandinsky.py). The image embedding comes from CLIP's vision tower (training,
+    image variations), from the image prior (text to image), or is zeros for the empty caption
+    (the unconditional input classifier-free guidance compares against)."""
+    image: torch.Tensor = None  # (B, E) CLIP's projected image vector
+
+    VECTORS = ("pooled", "image")
+
+
+def drop_captions(text, empty, p, generator):
+    """Replace each caption's embedding by the empty caption's with probability p: the model also
+    learns the unconditional prediction that classifier-free guidance needs."""
+    keep = torch.rand(len(text), generator=generator, device=generator.device) >= p
+    return text.where(keep, empty)
+
+
+class TextEncoder(nn.Module):
+    """The two frozen towers and their tokenizers; encode() turns captions into a TextEmbedding."""
+
+    def __init__(self, clip, clip_tokenizer, t5, t5_tokenizer):
+        super().__init__()
+        self.clip, self.t5 = clip, t5
+        self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
+
+    @classmethod
+    def load(cls, clip_dir, t5_dir, dtype=torch.bfloat16, device="cpu", t5_max_length=T5_LENGTH):
+        clip, clip_tokenizer = load_clip_text(clip_dir, dtype=dtype, device=device)
+        t5, t5_tokenizer = load_t5_encoder(t5_dir, dtype=dtype, device=device, max_length=t5_max_length)
+        return cls(clip, clip_tokenizer, t5, t5_tokenizer)
+
+    @property
+    def clip_dim(self):
+        return self.clip.config.hidden_size
+
+    @property
+    def t5_dim(self):
+        return self.t5.config.d_model
+
+    @property
+    def pooled_dim(self):
+        return self.clip.config.projection_dim
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """Encode a list of captions ("" is the unconditional prompt) to a float32 TextEmbedding."""
+        device = self.clip.token_embedding.weight.device
+        clip_ids, clip_mask = tokenize(self.clip_tokenizer, captions, device, clean=clip_clean)  # (B, 77) each
+        t5_ids, t5_mask = tokenize(self.t5_tokenizer, captions, device)  # (B, Lt) each
+        # CLIP was trained without a padding mask; being causal, its real tokens never see the padding.
+        clip_hidden, pooled = self.clip(clip_ids)
+        t5_hidden = self.t5(t5_ids, t5_mask)
+        return TextEmbedding(clip=clip_hidden.float(), clip_mask=clip_mask, t5=t5_hidden.float(),
+                             t5_mask=t5_mask, pooled=pooled.float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Toy towers
+
+
+def make_toy_towers(captions, out_dir, seed=0):
+    """Train toy tokenizers on `captions`, build seeded random toy towers, save them in the HF layout.
+
+    The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
+    :return: (out_dir/"clip", out_dir/"t5") as Paths, ready for TextEncoder.load.
+    """
+    captions = list(captions)
+    clip_tokenizer = build_toy_clip_tokenizer(captions)
+    t5_tokenizer = build_toy_t5_tokenizer(captions)
+    clip_config = replace(CLIP_PRESETS["toy"], vocab_size=clip_tokenizer.get_vocab_size())
+    t5_config = replace(T5_PRESETS["toy"], vocab_size=t5_tokenizer.get_vocab_size())
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        clip, t5 = CLIPTextModel(clip_config), T5Encoder(t5_config)
+        vision = CLIPVisionModel(CLIP_VISION_PRESETS["toy"])
+    clip_dir, t5_dir = Path(out_dir) / "clip", Path(out_dir) / "t5"
+    save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
+    save_t5_encoder(t5, t5_tokenizer, t5_dir)
+    return clip_dir, t5_dir

@@ -1,0 +1,1 @@
+"""The training loop's parts, distributed training and FSDP."""

@@ -1,0 +1,1 @@
+"""The other architectures: the Imagen-like pixel cascade, the Muse-like masked transformer, Kandinsky (prior, decoder, masks)."""
