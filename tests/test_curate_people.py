@@ -126,9 +126,12 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
         port = s.getsockname()[1]
 
     def serve(stage, *flags):
+        # Ctrl-C as in a terminal: SIGINT at its default disposition, whatever this process inherited (a shell
+        # that starts a job in the background makes it ignore SIGINT, and Python then keeps ignoring it)
         proc = subprocess.Popen([sys.executable, "data/curate.py", "serve", "--out", out, "--stage", stage, "--port", str(port),
                                  "--per-image", "1", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         line = proc.stdout.readline()
         while "/rate?t=" not in line:
             assert proc.poll() is None and line, f"the server did not start: {line}{proc.stdout.read()}"
