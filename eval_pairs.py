@@ -14,7 +14,9 @@ Three commands share one study folder (--out / --study, emu/evaluation/study.py)
     python eval_pairs.py report                                             # people and judges
 
 `generate` draws both models' images and lets the automatic judges (emu/evaluation/judges.py, toy world only:
-`--judges none` for real models) vote as the paper's raters would. `serve` gives each person a link
+`--judges none` for real models) vote as the paper's raters would; they also measure each model's prompt
+accuracy (emu/evaluation/accuracy.py: how often the images show what the prompts state) against real toy
+images of the same prompts. `serve` gives each person a link
 to the rating page (emu/evaluation/rating.py). `report` summarises every kind of rater the same way, so the
 judges can be compared with people.
 """
@@ -31,6 +33,7 @@ import torch
 from emu import EmuError
 from emu.arch import ARCHS
 from emu.datasets.folders import make_grid, read_prompts, save_png, to_uint8
+from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits, reference_images
 from emu.evaluation.judges import AppealJudge
 from emu.evaluation.faithfulness import FaithfulnessJudge, load_or_train_classifier
 from emu.evaluation.pairwise import A, B, BOTH, NEITHER, RATES, TIE, to_markdown
@@ -121,18 +124,31 @@ def generate(args):
         a_on_left = np.random.default_rng(args.rater_seed).random(len(texts)) < 0.5
         left = np.where(a_on_left[:, None, None, None], images["a"], images["b"])
         right = np.where(a_on_left[:, None, None, None], images["b"], images["a"])
-        faith_judge = FaithfulnessJudge(load_or_train_classifier(args.judge, args.judge_steps),
-                                        n_raters=args.faith_raters, seed=args.rater_seed + 1)
+        classifier = load_or_train_classifier(args.judge, args.judge_steps)
+        faith_judge = FaithfulnessJudge(classifier, n_raters=args.faith_raters, seed=args.rater_seed + 1)
         votes = {"appeal": AppealJudge(n_raters=args.appeal_raters, seed=args.rater_seed).vote(left, right),
                  "faithfulness": faith_judge.vote(left, right, texts)}  # (n_raters, n_pairs), +1 = the left image
         with closing(open_study(args.out)) as conn:
             add_judge_votes(conn, votes, a_on_left)
+        write_prompt_accuracy(args, classifier, images, texts)
         report(argparse.Namespace(study=args.out, partial=False, n_boot=args.n_boot, seed=args.rater_seed))
 
     n_show = min(16, len(texts))
     pairs = np.concatenate([images["a"][:n_show], images["b"][:n_show]])
     save_png(os.path.join(args.out, "pairs.png"), make_grid(pairs, ncol=n_show), {"top row": args.a, "bottom row": args.b})
     print(f"wrote the study to {args.out}/: images/, study.sqlite and pairs.png (top row {args.name_a}, bottom {args.name_b})")
+
+
+def write_prompt_accuracy(args, classifier, images, texts):
+    """accuracy.json: how often each model's images show what their prompts state, read by the judges'
+    attribute classifier, beside real toy images of the same prompts (the ceiling); report() shows it."""
+    size = images["a"].shape[1]
+    rows = {f"{args.name_a} (A)": prompt_hits(classifier, images["a"], texts),
+            f"{args.name_b} (B)": prompt_hits(classifier, images["b"], texts),
+            "real images of the prompts": prompt_hits(classifier, reference_images(texts, args.rater_seed, size), texts)}
+    tables = {name: accuracy_table(hits, n_boot=args.n_boot, seed=args.rater_seed) for name, hits in rows.items()}
+    with open(os.path.join(args.out, "accuracy.json"), "w") as f:
+        json.dump(tables, f, indent=1)
 
 
 def serve(args):
@@ -209,12 +225,18 @@ def report(args):
     if not reports:
         raise EmuError(f"{args.study}: no votes yet")
     markdown = report_markdown(reports, info, args.partial)
+    accuracy_file = os.path.join(args.study, "accuracy.json")
+    accuracy = json.load(open(accuracy_file)) if os.path.exists(accuracy_file) else None
+    if accuracy:  # the toy world's judges also measured what the images show
+        markdown += ("\n## Prompt accuracy (toy world)\n\nThe share of images in which the judges' attribute classifier "
+                     "reads each attribute the prompt states, and all of them; brackets: 95% bootstrap intervals over "
+                     "prompts.\n\n" + accuracy_markdown(accuracy) + "\n")
 
     with open(os.path.join(args.study, "results.md"), "w") as f:
         f.write(markdown)
     with open(os.path.join(args.study, "results.json"), "w") as f:
-        json.dump({"study": info, **{kind: {k: v for k, v in r.items() if k != "outcomes"} for kind, r in reports.items()}},
-                  f, indent=1)
+        json.dump({"study": info, **{kind: {k: v for k, v in r.items() if k != "outcomes"} for kind, r in reports.items()},
+                   **({"prompt_accuracy": accuracy} if accuracy else {})}, f, indent=1)
     with open(os.path.join(args.study, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rated_by", "category", "task", "pairs", *[f"{k}{end}" for k in RATES for end in ("", "_lo", "_hi")], "kappa"])

@@ -7,6 +7,7 @@ import torch
 
 from emu import EmuError
 from emu.datasets import toyworld
+from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits, reference_images
 from emu.evaluation.faithfulness import (CLASSES, FaithfulnessJudge, classifier_accuracy, faithfulness_score,
                                          load_classifier, render_labelled_images, save_classifier,
                                          train_attribute_classifier)
@@ -180,3 +181,39 @@ def test_classifier_save_load_round_trip(classifier, tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(EmuError, match="other.pt"):
         load_classifier(tmp_path / "other.pt")
+
+
+# -----------------------------------------------------------------------------
+# prompt accuracy (GenEval-style)
+
+@pytest.mark.slow
+def test_prompt_accuracy_reads_real_images_of_the_prompt_right_and_noise_wrong(classifier):
+    prompts = [p for p, _ in toyworld.random_prompts(120, seed=5)]
+    real = accuracy_table(prompt_hits(classifier, reference_images(prompts, seed=1), prompts), n_boot=200)
+    noise = np.random.default_rng(0).integers(0, 256, size=(len(prompts), 32, 32, 3), dtype=np.uint8)
+    random = accuracy_table(prompt_hits(classifier, noise, prompts), n_boot=200)
+    for attribute in ("color", "background", "position"):  # what the quick classifier reads (shape needs longer)
+        assert real[attribute]["accuracy"] >= 90, (attribute, real[attribute])
+        assert random[attribute]["accuracy"] <= 50, (attribute, random[attribute])
+    assert real["all"]["accuracy"] > 3 * max(random["all"]["accuracy"], 1.0)
+    lo, hi = real["color"]["ci"]
+    assert lo <= real["color"]["accuracy"] <= hi and real["color"]["n"] == len(prompts)
+
+
+def test_prompt_hits_count_only_what_the_prompt_states():
+    class Reads:  # a stand-in classifier that reads every image as a red circle, alone, in the center, on white
+        def probabilities(self, images):
+            return {a: np.tile(np.eye(len(CLASSES[a]))[CLASSES[a].index(v)], (len(images), 1))
+                    for a, v in {"shape": "circle", "color": "red", "count": 1, "position": "center",
+                                 "background": "white"}.items()}
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    hits = prompt_hits(Reads(), images, ["a red circle in the center on a white background", "two blue squares",
+                                         "a photo"])
+    assert [hits["color"][0], hits["color"][1]] == [1.0, 0.0] and np.isnan(hits["color"][2])
+    assert hits["count"][1] == 0.0 and np.isnan(hits["background"][1])
+    assert hits["all"][0] == 1.0 and hits["all"][1] == 0.0 and np.isnan(hits["all"][2])
+    table = accuracy_table(hits, n_boot=50)
+    assert table["color"] == {"accuracy": 50.0, "ci": table["color"]["ci"], "n": 2} and table["all"]["n"] == 2
+    row = accuracy_markdown({"model": table}).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "model" and cells[1].startswith("50.0% [") and cells[4:6] == ["100.0% [100.0, 100.0]"] * 2

@@ -49,7 +49,12 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
     out = run("eval_pairs.py", "--a", f"{tmp_path}/qt/best.pt", "--b", f"{w}/pre/ckpt.pt", "--prompts", str(prompts), "--steps", "2",
         "--judge", f"{tmp_path}/judge.pt", "--judge-steps", "5", "--n-boot", "50", "--out", f"{tmp_path}/eval")
     results = json.load(open(f"{tmp_path}/eval/results.json"))
-    assert set(results) == {"study", "judge"}  # no people have voted yet
+    assert set(results) == {"study", "judge", "prompt_accuracy"}  # no people have voted yet
+    accuracy = results["prompt_accuracy"]
+    assert list(accuracy) == ["quality-tuned (A)", "pretrained (B)", "real images of the prompts"]
+    for table in accuracy.values():  # 6 prompts, each stating every attribute
+        assert all(table[c]["n"] == 6 and 0 <= table[c]["accuracy"] <= 100 for c in ("shape", "background", "all"))
+    assert "## Prompt accuracy (toy world)" in open(f"{tmp_path}/eval/results.md").read()
     assert "training the faithfulness judge's attribute classifier" in out and os.path.exists(f"{tmp_path}/judge.pt")
     assert results["study"]["a"] == f"{tmp_path}/qt/best.pt" and results["study"]["steps"] == "2"
     for task in ("visual appeal", "text faithfulness"):

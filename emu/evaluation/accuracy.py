@@ -1,0 +1,78 @@
+"""Prompt accuracy in the toy world, in the manner of GenEval (Ghosh et al., 2023): does an image show
+what its prompt states?
+
+For each image and its prompt, the attribute classifier of emu/evaluation/faithfulness.py reads the
+image's shape, colour, count, position and background; an attribute the prompt states is right when
+the classifier's most likely class is the stated one. The accuracy of each attribute is the share of
+images it is right in (over the prompts that state it), and "all" is the share of images with every
+stated attribute right. Brackets are percentile bootstrap intervals over prompts.
+
+The ceiling is the same measure on real toy images of the same prompts, rendered by the toy world
+(reference_images): what a model that draws every prompt perfectly would score with this classifier.
+"""
+import numpy as np
+
+from emu.datasets import toyworld
+from emu.evaluation.faithfulness import CLASSES
+
+COLUMNS = (*toyworld.ATTRIBUTES, "all")
+
+
+def prompt_hits(classifier, images, prompts):
+    """Which stated attributes each image shows.
+
+    :param images: (N, H, W, 3) uint8; prompts: N captions.
+    :return: {attribute or "all": (N,) float array}, 1.0 right, 0.0 wrong, NaN where the prompt
+             does not state the attribute ("all": NaN where it states none).
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"prompt_hits got {len(images)} images for {len(prompts)} prompts")
+    probs = classifier.probabilities(images)
+    hits = {a: np.full(len(prompts), np.nan) for a in COLUMNS}
+    for i, prompt in enumerate(prompts):
+        stated = {a: v for a, v in toyworld.parse_caption(prompt).items() if v is not None}
+        for a, v in stated.items():
+            hits[a][i] = float(probs[a][i].argmax() == CLASSES[a].index(v))
+        if stated:
+            hits["all"][i] = float(all(hits[a][i] == 1.0 for a in stated))
+    return hits
+
+
+def accuracy_table(hits, n_boot=2000, seed=0, level=0.95):
+    """{column: {"accuracy": %, "ci": (lo, hi) %, "n": prompts that state it}} from prompt_hits."""
+    rng = np.random.default_rng(seed)
+    tail = 100.0 * (1.0 - level) / 2
+    table = {}
+    for column in COLUMNS:
+        x = hits[column][~np.isnan(hits[column])]
+        if len(x) == 0:
+            table[column] = {"accuracy": None, "ci": None, "n": 0}
+            continue
+        means = 100.0 * x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+        table[column] = {"accuracy": 100.0 * float(x.mean()), "n": int(len(x)),
+                         "ci": (float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail)))}
+    return table
+
+
+def reference_images(prompts, seed=0, size=32):
+    """(N, size, size, 3) uint8 toy images that show each prompt exactly, photogenic; unstated attributes
+    are drawn at random (seeded)."""
+    rng = np.random.default_rng([seed, 104729])
+    images = []
+    for prompt in prompts:
+        scene = toyworld.sample_scene(rng, photogenic=True)
+        for a, v in toyworld.parse_caption(prompt).items():
+            if v is not None:
+                setattr(scene, a, v)
+        images.append(toyworld.render(scene, size, rng))
+    return np.stack(images)
+
+
+def accuracy_markdown(rows):
+    """A Markdown table: one row per {name: accuracy_table(...)}, one column per attribute."""
+    lines = ["| images | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, table in rows.items():
+        cells = ["-" if t["accuracy"] is None else f"{t['accuracy']:.1f}% [{t['ci'][0]:.1f}, {t['ci'][1]:.1f}]"
+                 for t in (table[c] for c in COLUMNS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
