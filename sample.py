@@ -6,6 +6,9 @@ and checkpoint, so any image can be regenerated; a grid of all of them is writte
     python sample.py --prompt "two red circles on the left on a teal background"
     python sample.py --ckpt runs/pretrain/ckpt.pt --prompts data/prompts/toy.tsv --cfg 5
 
+In the toy world, --accuracy runs/judges/attributes.pt also prints how often the images show what
+their prompts state (emu/evaluation/accuracy.py), read by the judges' attribute classifier.
+
 Kandinsky's decoder (pretrain.py --arch kandinsky) has the paper's other modes too (emu/variants/kandinsky.py):
 
     python sample.py --ckpt runs/kandinsky/decoder/ckpt.pt --prompt "..."          # text -> prior -> image
@@ -27,9 +30,11 @@ import torch
 from emu import EmuError
 from emu.arch import ARCHS
 from emu.datasets.folders import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
+from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
+from emu.evaluation.faithfulness import load_classifier
+from emu.pipeline import TextToImage
 from emu.variants.inpaint import box_mask, mask_from_image, outpaint_canvas
 from emu.variants.kandinsky import fuse_embeddings
-from emu.pipeline import TextToImage
 from emu.variants.pixel import size_multiple
 
 MODES = ("text", "variations", "fusion", "inpaint", "outpaint")
@@ -57,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--mask", default=None, help="inpaint: the hole drawn as an image, white where to paint")
     p.add_argument("--extend", default=None, help="outpaint: pixels to add on each side, top,bottom,left,right")
     p.add_argument("--prior", default=None, help="Kandinsky's decoder: the image prior (default: the one it was trained beside)")
+    p.add_argument("--accuracy", default=None, metavar="CLASSIFIER",
+                   help="toy world: also print how often the images show what their prompts state, read by this attribute "
+                        "classifier (eval_pairs.py's --judge file, e.g. runs/judges/attributes.pt)")
     p.add_argument("--out", default="runs/samples", help="output directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     return p.parse_args(argv)
@@ -67,6 +75,7 @@ def main(args):
     if not prompts and args.mode == "text":
         prompts = ["two red circles on the left on a teal background", "a yellow square in the center on a black background"]
     check_mode_flags(args)
+    classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before sampling
     model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch, prior=args.prior)
     if args.mode != "text" and model.arch.name != "kandinsky":
         raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
@@ -86,6 +95,9 @@ def main(args):
         save_png(os.path.join(args.out, f"{k:04d}.png"), image, meta)
     save_png(os.path.join(args.out, "grid.png"), make_grid(images, ncol=args.n), {"prompts": " | ".join(prompts), "checkpoint": args.ckpt})
     print(f"wrote {len(images)} images and grid.png to {args.out}")
+    if classifier is not None:
+        table = accuracy_table(prompt_hits(classifier, images, [p for p, _ in jobs]), seed=args.seed)
+        print(f"prompt accuracy, read by {args.accuracy}:\n" + accuracy_markdown({args.ckpt: table}))
 
 
 def check_mode_flags(args):
@@ -101,6 +113,8 @@ def check_mode_flags(args):
             raise EmuError(f"--mode {args.mode} needs --{flag}")
     if args.mode == "inpaint" and bool(args.box) == bool(args.mask):
         raise EmuError("--mode inpaint needs the hole as either --box or --mask")
+    if args.accuracy and args.mode != "text":
+        raise EmuError(f"--accuracy measures text to image; --mode {args.mode} has no prompt to check every image against")
     if args.mode in ("variations", "inpaint", "outpaint") and len(args.image) != 1:
         raise EmuError(f"--mode {args.mode} takes one --image, not {len(args.image)}")
 

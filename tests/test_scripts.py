@@ -35,8 +35,10 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
     assert len(curated["images"]) == 24 and curated["images"][0]["score"] >= curated["images"][-1]["score"]
     assert os.path.exists(f"{tmp_path}/qt/best.pt") and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 4
 
-    run("sample.py", "--ckpt", f"{tmp_path}/qt/best.pt", "--prompt", "a red circle in the center on a white background",
-        "--n", "2", "--steps", "3", "--out", f"{tmp_path}/samples")
+    out = run("sample.py", "--ckpt", f"{tmp_path}/qt/best.pt", "--prompt", "a red circle in the center on a white background",
+              "--n", "2", "--steps", "3", "--out", f"{tmp_path}/samples", "--accuracy", f"{w}/judge.pt")
+    assert f"prompt accuracy, read by {w}/judge.pt:\n| images | shape | color | count | position | background | all |" in out
+    assert out.strip().splitlines()[-1].startswith(f"| {tmp_path}/qt/best.pt | ")
     png = Image.open(f"{tmp_path}/samples/0001.png")
     assert png.size == (32, 32)
     assert png.text["prompt"] == "a red circle in the center on a white background" and png.text["seed"] == "1"
@@ -182,6 +184,9 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
         (["pretrain.py", "--data", f"{tmp_path}/none", *frozen], "data folder not found"),
         (["pretrain.py", "--data", f"{w}/haystack", "--ae", f"{tmp_path}/no-ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"], "no-ae"),
         (["sample.py", "--ckpt", f"{tmp_path}/missing.pt"], "missing.pt: checkpoint not found"),
+        (["sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--accuracy", f"{tmp_path}/none.pt"], "none.pt"),
+        (["sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--mode", "variations", "--image", f"{w}/haystack/000001.png",
+          "--accuracy", f"{w}/judge.pt"], "--accuracy measures text to image"),
         (["qtune.py", "--pretrained", f"{w}/ae/model.safetensors"], "model.safetensors"),
         (["eval_pairs.py", "report", "--study", f"{tmp_path}"], "study.sqlite: no rating study here"),
         (["eval_pairs.py", "serve", "--study", f"{tmp_path}/none"], "no rating study here"),
