@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Third-party modules only: the library itself (cheap to import) is imported afresh by each run, so what
-# it reads from the environment at import time (EMU_ATTENTION) is the run's own environment. FSDP imports
-# torch._dynamo on first use.
+# Third-party modules (and this one, whose _child each run starts in). The library itself, cheap to import,
+# is imported afresh by each run, so what it reads from the environment at import time (EMU_ATTENTION) is
+# the run's own. torch._dynamo is imported on first use by FSDP and by the towers' meta-device build.
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "numpy", "PIL.Image", "safetensors.torch", "tokenizers", "pytest", "launch"]
 
 _CONTEXT = multiprocessing.get_context("forkserver")
