@@ -9,6 +9,7 @@ import torch
 # Tests import the library and the top-level scripts from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.common import copy_examples  # noqa: E402
 from launch import run  # noqa: E402
 
 # Under pytest-xdist each worker has a core of its own: torch's own threads would only wait for each other.
@@ -77,10 +78,7 @@ def _build_world(w):
     frozen = ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]
     run("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "6", "--bs", "8", *frozen)
     # a 48-image haystack (the world's first 48 samples) and a 2-step model on it, for the experiments
-    (w / "haystack48").mkdir()
-    for key in sorted(p.stem for p in (w / "haystack").glob("*.png"))[:48]:
-        for ext in ("png", "txt", "json"):
-            shutil.copy(w / "haystack" / f"{key}.{ext}", w / "haystack48")
+    copy_examples(w / "haystack", sorted(p.stem for p in (w / "haystack").glob("*.png"))[:48], w / "haystack48")
     run("pretrain.py", "--data", f"{w}/haystack48", "--out", f"{w}/pre48", "--steps", "2", "--bs", "4", *frozen,
         "--sample-every", "0")
     # the faithfulness judge's attribute classifier, as `eval_pairs.py --judge-steps 5` trains it when missing

@@ -15,6 +15,7 @@ import multiprocessing.connection
 import os
 import runpy
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -148,7 +149,7 @@ def _rank(rank, port, fn, args, errors):
 
 
 def free_port():
-    import socket
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import closing
@@ -19,7 +18,7 @@ from emu.curation.people import (CHECKLIST, add_raters, assign, decide, final_ke
                                  record_answer, simulate, verdict)
 from emu.evaluation.judges import appeal_score
 from emu.evaluation.study import VoteError
-from launch import run
+from launch import free_port, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_PASS = {item: True for item, _, _ in CHECKLIST}
@@ -121,9 +120,7 @@ def test_people_keep_check_and_caption_images_on_the_page(funnel):
     out = str(tmp_path / "out")
     with conn:  # a small funnel: keep only three images past the automatic stage
         conn.execute("UPDATE decisions SET kept = 0 WHERE stage = 'popularity' AND key NOT IN ('000001', '000002', '000003')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     def serve(stage, *flags):
         # Ctrl-C as in a terminal: SIGINT at its default disposition, whatever this process inherited (a shell

@@ -17,6 +17,7 @@ from PIL import Image
 
 from browser import Browser, find_chromium
 from emu.evaluation.study import open_study
+from launch import free_port
 from test_rating import SCRIPT_PROMPT, make_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,6 @@ if find_chromium() is None and os.environ.get("EMU_REQUIRE_BROWSER") == "1":
     raise RuntimeError("EMU_REQUIRE_BROWSER=1 but no chromium on PATH")
 pytestmark = [pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (apt-get install chromium)"),
               pytest.mark.slow]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(folder, port, *flags):

@@ -13,6 +13,7 @@ from PIL import Image
 from emu.checkpoint import read_metrics
 from emu.pipeline import read_training_checkpoint
 from emu.datasets.shards import pack_folder
+from experiments.common import copy_examples
 from launch import run, script
 
 pytestmark = pytest.mark.slow  # the scripts' end-to-end runs: not in the quick tier
@@ -240,11 +241,7 @@ def test_qtune_on_curated_shards_holds_out_and_resumes_bitwise(world, tmp_path):
     """--curate-top 0: the shards are the curated set. The first --holdout samples are held out (never
     trained on); the run writes a loss curve and sample grids; 2 + resume + 2 iterations equal 4."""
     w, _ = world
-    curated = tmp_path / "curated"
-    curated.mkdir()
-    for key in sorted({f.name.split(".")[0] for f in (w / "haystack").iterdir()})[:30]:
-        for ext in ("png", "txt", "json"):
-            shutil.copy(w / "haystack" / f"{key}.{ext}", curated)
+    curated = copy_examples(w / "haystack", sorted(p.stem for p in (w / "haystack").glob("*.png"))[:30], tmp_path / "curated")
     shards = pack_folder(curated, tmp_path / "shards", samples_per_shard=10)
     common = ["qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", str(tmp_path / "shards"), "--curate-top", "0",
               "--holdout", "4", "--bs", "4", "--eval-every", "2", "--shuffle-buffer", "5", "--iters", "4"]
@@ -272,10 +269,7 @@ def test_qtune_checks_on_a_separate_folder_and_repeats_a_set_smaller_than_the_ba
     w, _ = world
     keys = sorted(p.stem for p in (w / "haystack").glob("*.png"))
     for folder, some in (("train", keys[:3]), ("check", keys[3:5])):
-        (tmp_path / folder).mkdir()
-        for key in some:
-            for ext in ("png", "txt", "json"):
-                shutil.copy(w / "haystack" / f"{key}.{ext}", tmp_path / folder)
+        copy_examples(w / "haystack", some, tmp_path / folder)
     out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", str(tmp_path / "train"), "--curate-top", "0",
               "--heldout-data", str(tmp_path / "check"), "--bs", "8", "--iters", "2", "--eval-every", "1", "--out", f"{tmp_path}/qt")
     assert "training data: 3 images" in out and "3 training images for batch size 8: each batch repeats them" in out
