@@ -25,6 +25,8 @@ from emu.arch import ARCHS
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import World
+from emu.evaluation.accuracy import accuracy_record
+from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.judges import appeal_score
 from emu.pipeline import load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
 from emu.evaluation.plot import plot_metrics
@@ -63,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint to resume from, or 'auto' for OUT/ckpt.pt")
     p.add_argument("--text-cache", default=None, help="caption embeddings from data/embed_captions.py, made with "
                    "the pretrained model's towers: the towers are not loaded")
+    p.add_argument("--accuracy", default=None, metavar="CLASSIFIER",
+                   help="toy world: the judges' attribute classifier (runs/judges/attributes.pt); each check then also logs "
+                        "the prompt accuracy of its samples of the held-out captions (emu/evaluation/accuracy.py)")
     add_training_flags(p)
     # paper: batch size 64. It gives no learning rate; in 150 iterations on the toy world, appeal wins
     # over the pretrained model were 67% at 1e-4, 78% at 2e-4 and 81% at 4e-4.
@@ -152,6 +157,8 @@ def main(args):
     if args.heldout_data and shard_paths(args.heldout_data):
         raise EmuError(f"--heldout-data {args.heldout_data}: must be a folder of image + caption pairs, not tar shards")
 
+    classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before training
+
     # the pretrained model and the frozen parts it was trained with
     pre = read_training_checkpoint(args.pretrained)
     arch, net = model_from_checkpoint(pre, args.pretrained, weights="ema")
@@ -161,6 +168,7 @@ def main(args):
     pre_args = pre["args"]
     for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
         setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
+    args.min_snr_gamma = pre_args.get("min_snr_gamma")  # the same loss; None in runs from before the flag
     args.prior = pre_args.get("prior")  # Kandinsky's decoder: the image prior its sample grids use
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
                                          args.prior)
@@ -221,12 +229,16 @@ def main(args):
             samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), arch, ema, ae, text_encoder,
                                   objective, args.image_size, check_captions)
             appeal = float(appeal_score(samples).mean())
+            accuracy = accuracy_record(classifier, samples, check_captions) if classifier is not None else None
             stop = early_stopping(stop, step, check)
             improved = stop["bad"] == 0
             print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}"
-                  f"{'  *best' if improved else ''}  appeal {appeal:.3f}  {seconds:.3f}s/iter")
+                  f"{'  *best' if improved else ''}  appeal {appeal:.3f}"
+                  + (f"  prompt accuracy {accuracy['all']:.2f}" if accuracy and accuracy["all"] is not None else "")
+                  + f"  {seconds:.3f}s/iter")
             append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],
-                                         "appeal": appeal, "sec_per_iter": seconds})
+                                         "appeal": appeal, "sec_per_iter": seconds,
+                                         **({"prompt_accuracy": accuracy} if accuracy else {})})
             plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "iter", ["loss", "heldout"],
                          "quality-tuning: training and held-out loss", log_y=True)
             if improved:

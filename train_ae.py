@@ -24,7 +24,7 @@ import time
 import torch
 
 from emu import EmuError
-from emu.models.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator
+from emu.models.autoencoder import PRESETS, AELoss, Autoencoder, PatchDiscriminator, init_patch_paths_from_pca
 from emu.models.first_stage import save_autoencoder
 from emu.checkpoint import (append_metrics, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint,
                             set_rng_state)
@@ -63,6 +63,9 @@ def build_parser():
                    help="local safetensors file of LPIPS/VGG16 weights (layout in emu/models/perceptual.py); no perceptual loss without it")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the perceptual loss")
     # optimisation
+    p.add_argument("--pca-start", action="store_true",
+                   help="start the autoencoder's linear patch paths at the PCA code of the training images' patches "
+                        "(emu.models.autoencoder.init_patch_paths_from_pca): a sharper autoencoder in the same steps")
     p.add_argument("--steps", type=int, default=600, help="training steps")
     p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (both networks)")
@@ -110,6 +113,9 @@ def main(args):
     if args.preset not in presets:
         raise EmuError(f"--preset {args.preset}: --arch {args.arch} has presets {', '.join(sorted(presets))}")
     overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
+    if args.pca_start and (vq or not PRESETS[args.preset].shortcuts):
+        raise EmuError(f"--pca-start needs an autoencoder with shortcut paths (the toy presets), not --arch {args.arch} "
+                       f"--preset {args.preset}")
     if vq and any(v is not None for v in overrides.values()):
         raise EmuError("--latent-channels, --fourier and --kl-weight are the autoencoder's; the VQ tokenizer has none of them")
     args.out = args.out or OUT_DIRS[args.arch]
@@ -165,6 +171,10 @@ def main(args):
         set_rng_state(ckpt["rng"])
         step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
+    elif args.pca_start:  # a fresh autoencoder starts as the PCA code of the training patches
+        pca_db = init_patch_paths_from_pca(ae, data.load_all(0, min(n_train, 1024)).to(device))
+        print(f"started from the PCA code of {ae.downsample_factor}x{ae.downsample_factor} patches: {pca_db:.2f} dB "
+              f"on {min(n_train, 1024)} training images")
     # The batch order depends only on (seed, step), so a resumed run reads what an unbroken run would.
     # The loader gets its own generator: by default it draws a seed from the global RNG when it
     # starts, which would put a resumed run's posterior noise out of step with an unbroken run's.

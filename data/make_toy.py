@@ -4,8 +4,9 @@
     python data/make_toy.py --n 20000 --size 64   # a bigger toy world
 
 The haystack is written as key.png + key.txt (the web caption) + key.json (hidden qualities and
-the accurate caption), the layout every script reads. The towers are random-initialised and
-frozen; their tokenizers are trained on the toy captions. Their files have the same names and
+the accurate caption), the layout every script reads. The towers' tokenizers are trained on the toy
+captions, and the towers are pretrained briefly as the real ones were (CLIP contrastively on the
+haystack's image-caption pairs, T5 by span corruption on its captions), then frozen. Their files have the same names and
 keys as the public CLIP ViT-L/14 and T5 v1.1 checkpoints, so the real ones load the same way.
 """
 import argparse
@@ -15,8 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from emu.datasets import toyworld  # noqa: E402
+from emu.evaluation.accuracy import clip_zero_shot  # noqa: E402
 from emu.evaluation.judges import appeal_score  # noqa: E402
 from emu.text.encoder import make_toy_towers  # noqa: E402
 
@@ -29,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
     p.add_argument("--towers", default="runs/towers", help="where to write the toy text towers")
+    p.add_argument("--tower-steps", type=int, default=200,
+                   help="pretraining steps of each toy tower (CLIP contrastive on the haystack, T5 span corruption on its "
+                        "captions); 0 leaves them random")
     p.add_argument("--ratings", type=int, default=1000,
                    help="images of the haystack given a simulated human aesthetic rating (ratings.csv), for the curation funnel")
     return p.parse_args(argv)
@@ -53,9 +59,19 @@ def main(args):
     if args.ratings:
         n = write_ratings(args.out, [image for image, _, _ in examples], args.ratings, args.seed)
         print(f"wrote simulated aesthetic ratings of {n} images to {args.out}/ratings.csv")
+    # CLIP learns from the images and their web captions, as the real one learned from alt-text; T5 reads
+    # the accurate captions too, so that the towers know every phrase a toy prompt can use
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
-    clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed)
+    images = torch.from_numpy(np.stack([image for image, _, _ in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed, images=images, steps=args.tower_steps,
+                                       log=print)
     print(f"wrote toy text towers to {clip_dir} and {t5_dir}")
+    if args.tower_steps:  # on images CLIP never saw: a new world seed
+        held_out = toyworld.make_haystack(500, seed=args.seed + 1, size=args.size, needle_fraction=args.needles)
+        accuracy = clip_zero_shot(clip_dir, np.stack([image for image, _, _ in held_out]),
+                                  [m["attributes"] for _, _, m in held_out])
+        print("the toy CLIP's zero-shot accuracy on 500 new images: "
+              + ", ".join(f"{a} {100 * v:.0f}%" for a, v in accuracy.items()))
 
 
 if __name__ == "__main__":

@@ -74,10 +74,11 @@ def dynamic_threshold(x0, percentile=0.995):
 class GaussianDiffusion:
     """Holds the schedule and does the maths: q_sample, the loss, and the sampling steps."""
 
-    def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps"):
+    def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps", min_snr_gamma=0.0):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction type {prediction!r} (choose eps, v or x0)")
         self.schedule, self.num_timesteps, self.prediction = schedule, num_timesteps, prediction
+        self.min_snr_gamma = min_snr_gamma
         self.betas = make_betas(schedule, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, decreasing
 
@@ -117,7 +118,21 @@ class GaussianDiffusion:
         if t is None:
             t, noise = self.training_noise(x0, noise_offset, generator).values()
         out = model(self.q_sample(x0, t, noise), t, text)
-        return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        if not self.min_snr_gamma:
+            return F.mse_loss(out.float(), self.target(x0, t, noise).float())
+        per_sample = (out.float() - self.target(x0, t, noise).float()).square().flatten(1).mean(dim=1)
+        return (per_sample * self.loss_weight(t)).mean()
+
+    def loss_weight(self, t):
+        """Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+        Strategy"): each timestep's loss, seen as an error of the clean sample, is weighted by
+        min(SNR(t), gamma) instead of what the prediction target implies (SNR for eps, SNR + 1 for v). The
+        nearly clean steps, which only polish detail, stop dominating the gradient, and the model learns
+        the content (what the caption decides) sooner. (B,) float32."""
+        ab = self.alphas_cumprod.to(t.device)[t].float()
+        snr = ab / (1 - ab)
+        implied = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        return snr.clamp(max=self.min_snr_gamma) / implied
 
     @torch.no_grad()
     def check_loss(self, model, x0, text, seed=1234):

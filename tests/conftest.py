@@ -73,7 +73,7 @@ def assert_unchanged(folder, made):
 
 def _build_world(w):
     from emu.evaluation.faithfulness import save_classifier, train_attribute_classifier
-    run("data/make_toy.py", "--n", "96", "--out", f"{w}/haystack", "--towers", f"{w}/towers")
+    run("data/make_toy.py", "--n", "96", "--out", f"{w}/haystack", "--towers", f"{w}/towers", "--tower-steps", "3")
     run("train_ae.py", "--data", f"{w}/haystack", "--out", f"{w}/ae", "--steps", "2", "--bs", "8", "--holdout", "8")
     frozen = ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]
     run("pretrain.py", "--data", f"{w}/haystack", "--out", f"{w}/pre", "--steps", "6", "--bs", "8", *frozen)

@@ -62,8 +62,9 @@ def build(name, seed=0):
 
 def training_args(name, **overrides):
     arch, preset = arch_and_preset(name)
-    schedule, prediction = ARCHS[arch].diffusion_defaults(preset)
+    schedule, prediction, gamma = ARCHS[arch].diffusion_defaults(preset)
     return argparse.Namespace(**{"arch": arch, "schedule": schedule, "timesteps": 1000, "prediction": prediction,
+                                 "min_snr_gamma": gamma,
                                  "caption_dropout": 0.1, "noise_offset": 0.02, "precision": "fp32", "grad_clip": 1.0,
                                  "lr": 1e-3, "weight_decay": 0.0, "grad_accum": 1, **overrides})
 
@@ -212,14 +213,17 @@ def test_pixels_need_no_first_stage():
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "pixel", "--ae", "runs/ae"], "--ae runs/ae: --arch pixel works on pixels and has no autoencoder"),
     (["--arch", "ldm", "--preset", "imagen"], "--preset imagen: --arch ldm has presets emu, toy"),
-    (["--arch", "muse", "--prediction", "v"], "--schedule and --prediction are for diffusion models, not --arch muse"),
+    (["--arch", "muse", "--prediction", "v"],
+     "--schedule, --prediction and --min-snr-gamma are for diffusion models, not --arch muse"),
+    (["--arch", "muse", "--min-snr-gamma", "5"],
+     "--schedule, --prediction and --min-snr-gamma are for diffusion models, not --arch muse"),
     (["--arch", "ldm", "--prior", "p.pt"], "--prior is for Kandinsky's decoder (--arch kandinsky), not --arch ldm"),
     (["--arch", "kandinsky", "--preset", "emu"],
      "--preset emu: --arch kandinsky has presets kandinsky, kandinsky-inpaint, toy, toy-inpaint"),
 ])
 def test_flags_that_do_not_apply_to_an_architecture_are_refused(argv, message):
     p = argparse.ArgumentParser()
-    for flag in ("--arch", "--ae", "--schedule", "--prediction", "--prior"):
+    for flag in ("--arch", "--ae", "--schedule", "--prediction", "--prior", "--min-snr-gamma"):
         p.add_argument(flag, default=None)
     p.add_argument("--preset", default="toy")
     with pytest.raises(EmuError) as e:
@@ -228,9 +232,12 @@ def test_flags_that_do_not_apply_to_an_architecture_are_refused(argv, message):
 
 
 def test_each_architecture_fills_in_its_own_defaults():
-    for arch, expected in [("ldm", ("runs/ae", "scaled_linear", "eps")), ("pixel", (None, "cosine", "v")),
-                           ("muse", ("runs/vq", None, None)), ("kandinsky", ("runs/movq", "scaled_linear", "eps"))]:
-        args = argparse.Namespace(arch=arch, preset="toy", ae=None, schedule=None, prediction=None, prior=None)
+    for arch, preset, expected in [("ldm", "toy", ("runs/ae", "scaled_linear", "v", 5.0)),
+                                   ("ldm", "emu", ("runs/ae", "scaled_linear", "eps", 0.0)),
+                                   ("pixel", "toy", (None, "cosine", "v", 0.0)), ("muse", "toy", ("runs/vq", None, None, None)),
+                                   ("kandinsky", "toy", ("runs/movq", "scaled_linear", "eps", 0.0))]:
+        args = argparse.Namespace(arch=arch, preset=preset, ae=None, schedule=None, prediction=None, prior=None,
+                                  min_snr_gamma=None)
         resolve_arch_flags(args)
-        assert (args.ae, args.schedule, args.prediction) == expected
+        assert (args.ae, args.schedule, args.prediction, args.min_snr_gamma) == expected
         assert args.prior == ("runs/prior/prior.pt" if arch == "kandinsky" else None)

@@ -364,3 +364,33 @@ def test_train_ae_without_data_says_how_to_make_it(tmp_path):
     result = script("train_ae.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "ae"), timeout=120)
     assert result.returncode != 0
     assert "run python data/make_toy.py first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pca_start_makes_the_untrained_autoencoder_the_whitened_pca_code():
+    from emu.models.autoencoder import init_patch_paths_from_pca
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(64, 3, 8, 8, generator=g), size=32, mode="bilinear") * 2 - 1
+    for fourier in (True, False):
+        ae = Autoencoder(small_config(fourier=fourier)).eval()
+        db = init_patch_paths_from_pca(ae, smooth)
+        mean, logvar = ae.posterior(smooth)
+        recon = ae.decoder(mean)
+        assert psnr(recon, smooth).mean().item() == pytest.approx(db, abs=1.0)  # per-image mean vs pooled
+        mse = (recon - smooth).square().mean().item()
+        assert 10 * math.log10(4.0 / mse) == pytest.approx(db, abs=1e-3)
+        # whitened: each latent channel has unit variance over the patches; and a narrow posterior
+        assert mean.transpose(0, 1).flatten(1).var(dim=1).tolist() == pytest.approx([1.0] * 16, rel=0.02)
+        assert torch.allclose(logvar, torch.full_like(logvar, -4.0))
+        # a code of 16 of 48 dimensions of smooth images loses little; a random start reconstructs nothing
+        assert db > 30
+        assert psnr(Autoencoder(small_config(fourier=fourier)).decoder(mean), smooth).mean().item() < 15
+
+
+def test_train_ae_pca_start_prints_the_pca_code_and_is_refused_for_vq_tokenizers(toy_folder, tmp_path, capsys):
+    run_train_ae(toy_folder, tmp_path / "ae", "--steps", "1", "--pca-start")
+    assert "started from the PCA code of 4x4 patches:" in capsys.readouterr().out
+    result = script("train_ae.py", "--arch", "muse", "--pca-start", "--data", str(toy_folder), "--out", str(tmp_path / "vq"),
+                    timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: --pca-start needs an autoencoder with shortcut paths (the toy presets), "
+                                     "not --arch muse --preset toy")

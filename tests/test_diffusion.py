@@ -188,3 +188,30 @@ def test_classifier_free_guidance_passes_model_kwargs_to_both_halves():
     assert torch.equal(seen[0], torch.cat([cond, cond]))
     assert torch.allclose(out, cond + 1.0 + 4.0 * (3.0 - 1.0))
     assert torch.allclose(classifier_free_guidance(model, x, t, _text(2, 3.0), None, 1.0, {"cond": cond}), cond + 3.0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighting_caps_each_steps_clean_sample_weight_at_gamma(prediction):
+    """Converted to an error of the clean sample, every prediction's weighted loss at step t weighs
+    min(SNR(t), gamma): the eps loss is x0's times SNR, v's is x0's times SNR + 1."""
+    d = GaussianDiffusion("scaled_linear", 1000, prediction, min_snr_gamma=5.0)
+    t = torch.arange(0, 1000, 37)
+    ab = d.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    implied = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+    torch.testing.assert_close((d.loss_weight(t) * implied).double(), snr.clamp(max=5.0), rtol=1e-4, atol=1e-8)
+    if prediction != "x0":  # the nearly clean steps lose almost all their weight
+        assert (d.loss_weight(t)[snr > 5] < 1).all() and d.loss_weight(torch.tensor([0]))[0] < 0.01
+
+
+def test_weighted_loss_is_the_per_sample_mse_times_the_weight_and_gamma_zero_is_plain_mse():
+    x0 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, noise = torch.tensor([0, 10, 200, 500, 800, 999]), torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = lambda x, t, text: 0.5 * x
+    plain = GaussianDiffusion("scaled_linear", 1000, "v")
+    weighted = GaussianDiffusion("scaled_linear", 1000, "v", min_snr_gamma=5.0)
+    per_sample = (model(plain.q_sample(x0, t, noise), t, None) - plain.target(x0, t, noise)).square().mean(dim=(1, 2, 3))
+    assert plain.training_loss(model, x0, None, t=t, noise=noise).item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    expected = (per_sample * weighted.loss_weight(t)).mean().item()
+    assert weighted.training_loss(model, x0, None, t=t, noise=noise).item() == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(per_sample.mean().item(), rel=1e-2)

@@ -30,8 +30,14 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
     because its --judge file is missing."""
     w, _ = world
     out = run("qtune.py", "--pretrained", f"{w}/pre/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{tmp_path}/qt",
-              "--curate-top", "24", "--holdout", "8", "--bs", "8", "--iters", "4", "--eval-every", "2")
-    assert "curated 24 of 96 images" in out
+              "--curate-top", "24", "--holdout", "8", "--bs", "8", "--iters", "4", "--eval-every", "2",
+              "--accuracy", f"{w}/judge.pt")
+    assert "curated 24 of 96 images" in out and "prompt accuracy" in out
+    checks = [r for r in read_metrics(f"{tmp_path}/qt/metrics.jsonl") if "heldout" in r and r["iter"] > 0]
+    assert [r["iter"] for r in checks] == [2, 4]
+    for r in checks:  # the check's 8 samples of the held-out captions, read by the judge's classifier
+        assert set(r["prompt_accuracy"]) == {"shape", "color", "count", "position", "background", "all"}
+        assert all(v is None or 0 <= v <= 1 for v in r["prompt_accuracy"].values())
     curated = json.load(open(f"{tmp_path}/qt/curated.json"))
     assert len(curated["images"]) == 24 and curated["images"][0]["score"] >= curated["images"][-1]["score"]
     assert os.path.exists(f"{tmp_path}/qt/best.pt") and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 4
@@ -86,6 +92,18 @@ def test_pretrain_resume_is_bitwise_identical(world, tmp_path):
     # the metrics log kept both runs, each marked, in order
     log = read_metrics(f"{tmp_path}/split/metrics.jsonl")
     assert [(r.get("event"), r["step"]) for r in log] == [("start", 0), (None, 2), ("resume", 2), (None, 4)]
+
+
+def test_pretrain_logs_the_prompt_accuracy_of_its_sample_grids(world, tmp_path):
+    w, frozen = world
+    out = run("pretrain.py", "--data", f"{w}/haystack", "--bs", "8", *frozen, "--out", f"{tmp_path}/pre", "--steps", "4",
+              "--sample-every", "2", "--sample-n", "3", "--accuracy", f"{w}/judge.pt")
+    assert "step 4: prompt accuracy of the sample grid shape" in out
+    logged = [r for r in read_metrics(f"{tmp_path}/pre/metrics.jsonl") if "prompt_accuracy" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    # the grids' first three toy prompts state all five attributes: every entry is a share of 3 images
+    assert all(v in (0, 1 / 3, 2 / 3, 1) or v == pytest.approx(1 / 3, abs=1e-4) or v == pytest.approx(2 / 3, abs=1e-4)
+               for r in logged for v in r["prompt_accuracy"].values())
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

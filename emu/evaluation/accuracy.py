@@ -10,10 +10,15 @@ stated attribute right. Brackets are percentile bootstrap intervals over prompts
 The ceiling is the same measure on real toy images of the same prompts, rendered by the toy world
 (reference_images): what a model that draws every prompt perfectly would score with this classifier.
 """
+import itertools
+
 import numpy as np
+import torch
 
 from emu.datasets import toyworld
 from emu.evaluation.faithfulness import CLASSES
+from emu.text.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
+from emu.text.hf import tokenize
 
 COLUMNS = (*toyworld.ATTRIBUTES, "all")
 
@@ -36,6 +41,13 @@ def prompt_hits(classifier, images, prompts):
         if stated:
             hits["all"][i] = float(all(hits[a][i] == 1.0 for a in stated))
     return hits
+
+
+def accuracy_record(classifier, images, prompts):
+    """{attribute or "all": share of the images that show it, or None where no prompt states it}: the
+    plain numbers, for a training log (pretrain.py's sample grids, qtune.py's checks)."""
+    hits = prompt_hits(classifier, images, prompts)
+    return {c: (None if np.isnan(h).all() else round(float(np.nanmean(h)), 4)) for c, h in hits.items()}
 
 
 def accuracy_table(hits, n_boot=2000, seed=0, level=0.95):
@@ -76,3 +88,46 @@ def accuracy_markdown(rows):
                  for t in (table[c] for c in COLUMNS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy CLIP's zero-shot accuracy
+
+
+def every_caption():
+    """Every scene the toy world can draw, as (accurate caption, attributes): 1800 of them."""
+    scenes = itertools.product(toyworld.SHAPES, toyworld.COLORS, (1, 2, 3), toyworld.POSITIONS, toyworld.BACKGROUNDS)
+    out = []
+    for shape, color, count, position, background in scenes:
+        scene = toyworld.Scene(shape, color, count, position, background)
+        out.append((toyworld.caption(scene), {"shape": shape, "color": color, "count": count, "position": position,
+                                              "background": background}))
+    return out
+
+
+@torch.no_grad()
+def clip_zero_shot(clip_dir, images, attributes, temperature=0.01):
+    """CLIP's zero-shot accuracy on each toy attribute, as CLIP is evaluated on ImageNet: no training on
+    the labels, only captions. Each image is compared with every toy caption (every_caption); a softmax
+    over the cosine similarities (at CLIP's trained temperature, 1/100) gives each caption's probability,
+    summing them over the captions that share an attribute value gives that value's, and the most
+    probable value is CLIP's answer.
+
+    :param images: (N, H, W, 3) uint8; attributes: N dicts of the images' true attributes.
+    :return: {attribute: accuracy in [0, 1]}.
+    """
+    text, tokenizer = load_clip_text(clip_dir, dtype=torch.float32)
+    vision = load_clip_vision(clip_dir, dtype=torch.float32)
+    captions = every_caption()
+    ids, _ = tokenize(tokenizer, [c for c, _ in captions], clean=clip_clean)
+    text_embeds = torch.nn.functional.normalize(text(ids)[1], dim=-1)
+    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    image_embeds = torch.nn.functional.normalize(vision(clip_preprocess(pixels, vision.config.image_size))[1], dim=-1)
+    probs = (image_embeds @ text_embeds.T / temperature).softmax(dim=-1)  # (N, captions)
+    accuracy = {}
+    for attribute, values in CLASSES.items():
+        value_of = torch.tensor([values.index(a[attribute]) for _, a in captions])
+        per_value = torch.zeros(len(images), len(values)).index_add_(1, value_of, probs)  # (N, values)
+        truth = torch.tensor([values.index(a[attribute]) for a in attributes])
+        accuracy[attribute] = float((per_value.argmax(dim=1) == truth).float().mean())
+    return accuracy

@@ -253,6 +253,40 @@ class Autoencoder(nn.Module):
         return self.decoder(z / self.scale_factor)
 
 
+@torch.no_grad()
+def init_patch_paths_from_pca(ae, images, logvar=-4.0):
+    """Start a shortcut autoencoder (cfg.shortcuts) as the best linear code of f x f patches: PCA.
+
+    The encoder's linear patch path is set to project each patch's pixels on the top `latent_channels`
+    principal components of the patches of `images` (N, 3, H, W), whitened (each component divided by
+    its standard deviation); the decoder's maps them back. Both deep paths' output layers start at zero,
+    so the untrained autoencoder is exactly that PCA code (about 31 dB on toy images), with posterior std
+    exp(logvar / 2); training then only has to learn what a linear code misses (edges and corners: the
+    shapes). Where the input is lifted by Fourier features, the code reads the raw RGB channels, which
+    come first. (train_ae.py --pca-start; README, "The toy world", has what it does to the toy world.)
+    :return: the PSNR in dB of the PCA code on `images`.
+    """
+    f, C = ae.downsample_factor, ae.cfg.latent_channels
+    patches = F.pixel_unshuffle(images.float(), f).permute(0, 2, 3, 1).flatten(0, 2)  # (patches, 3 f^2)
+    mean = patches.mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((patches - mean).T))  # ascending
+    top, std = eigenvectors[:, -C:].flip(1), eigenvalues[-C:].flip(0).clamp(min=1e-8).sqrt()  # (3 f^2, C), (C,)
+    enc, dec = ae.encoder.patch, ae.decoder.patch
+    enc.weight.zero_()
+    enc.weight[:C, :3 * f * f, 0, 0] = (top / std).T
+    enc.bias.zero_()
+    enc.bias[:C] = -(mean @ top) / std
+    enc.bias[C:] = logvar
+    dec.weight.copy_((top * std).unsqueeze(-1).unsqueeze(-1))  # (3 f^2, C, 1, 1)
+    dec.bias.copy_(mean)
+    for conv in (ae.encoder.conv_out, ae.decoder.conv_out):
+        conv.weight.zero_()
+        conv.bias.zero_()
+    code = (patches - mean) @ top
+    error = ((patches - mean - code @ top.T) ** 2).mean()
+    return float(10 * torch.log10(4.0 / error))  # images in [-1, 1]: peak-to-peak 2
+
+
 # -----------------------------------------------------------------------------
 # discriminator and losses
 

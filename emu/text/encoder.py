@@ -3,7 +3,8 @@
 Emu feeds the U-Net two sequences of text features (CLIP ViT-L's and T5-XXL's last hidden states,
 cross-attended with their padding masks) plus CLIP's pooled, projected caption vector. Neither tower
 is trained. The towers live in emu/text/clip.py and emu/text/t5.py and are read from Hugging Face directories
-(emu/text/hf.py); make_toy_towers writes small random ones in that same layout for the toy world and tests.
+(emu/text/hf.py); make_toy_towers writes small ones in that same layout, pretrained for the toy world
+(emu/text/pretraining.py) or random for tests.
 """
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.nn as nn
 from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
                            clip_clean, load_clip_text, save_clip)
 from emu.text.hf import tokenize
+from emu.text.pretraining import train_clip, train_t5
 from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
 
 # The dtypes the towers may run in; not float16, which T5's activations overflow.
@@ -136,9 +138,13 @@ class TextEncoder(nn.Module):
 # Toy towers
 
 
-def make_toy_towers(captions, out_dir, seed=0):
-    """Train toy tokenizers on `captions`, build seeded random toy towers, save them in the HF layout.
+def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, log=None):
+    """Train toy tokenizers on `captions`, build seeded toy towers, save them in the HF layout.
 
+    With `steps` > 0 the towers are pretrained first, as the real ones were (emu/text/pretraining.py):
+    CLIP's text and vision towers contrastively on `images` ((N, 3, H, W) in [-1, 1]) paired with the
+    first N captions, T5 by span corruption on all the captions, `steps` steps of `batch_size` each.
+    With `steps` 0 they stay random.
     The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
     :return: (out_dir/"clip", out_dir/"t5") as Paths, ready for TextEncoder.load.
     """
@@ -151,6 +157,11 @@ def make_toy_towers(captions, out_dir, seed=0):
         torch.manual_seed(seed)
         clip, t5 = CLIPTextModel(clip_config), T5Encoder(t5_config)
         vision = CLIPVisionModel(CLIP_VISION_PRESETS["toy"])
+        if steps:
+            if images is None:
+                raise ValueError("make_toy_towers: pretraining the towers (steps > 0) needs the captions' images")
+            train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, seed=seed, log=log)
+            train_t5(t5, t5_tokenizer, captions, steps, batch_size, seed=seed, log=log)
     clip_dir, t5_dir = Path(out_dir) / "clip", Path(out_dir) / "t5"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)

@@ -21,6 +21,9 @@ from emu.text.hf import (config_from_dict, empty_model, load_hf_weights, load_to
 
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 T5_LENGTH = 77  # we pad T5 to CLIP's length by default; the paper does not give T5's
+# Span corruption's sentinels (emu/text/pretraining.py): T5 has 100, at the end of its vocabulary; the toy one has 8.
+T5_SENTINEL = "<extra_id_{}>"
+TOY_SENTINELS = 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,15 +169,24 @@ def build_toy_t5_tokenizer(captions, vocab_size=T5_PRESETS["toy"].vocab_size, ma
                     counts[word[start:end]] += 1
     chars = sorted(p for p in counts if len(p) == 1)
     longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))  # ties: a-z
-    pieces = chars + longer[:max(vocab_size - 3 - len(chars), 0)]
+    pieces = chars + longer[:max(vocab_size - 3 - TOY_SENTINELS - len(chars), 0)]
     total = sum(counts.values())
     vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0)] + [(p, math.log(counts[p] / total)) for p in pieces]
     tokenizer = Tokenizer(tokenizer_models.Unigram(vocab, unk_id=2))
     tokenizer.add_special_tokens([T5_PAD, T5_EOS, T5_UNK])
+    tokenizer.add_special_tokens([T5_SENTINEL.format(i) for i in range(TOY_SENTINELS)])  # after the pieces, as in T5
     tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.Metaspace()
     tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS}", special_tokens=[(T5_EOS, 1)])
     set_fixed_length(tokenizer, max_length, T5_PAD)
     return tokenizer
+
+
+def sentinel_ids(tokenizer):
+    """The ids of <extra_id_0>, <extra_id_1>, ... that `tokenizer` has, in that order."""
+    ids = []
+    while (i := tokenizer.token_to_id(T5_SENTINEL.format(len(ids)))) is not None:
+        ids.append(i)
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------

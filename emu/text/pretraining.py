@@ -1,0 +1,176 @@
+"""Pretraining the toy towers the way the real ones were pretrained.
+
+Emu's text towers come frozen and already trained: CLIP ViT-L/14 contrastively on 400M image-alt-text
+pairs (Radford et al. 2021), T5 on web text by span corruption (Raffel et al. 2020). What the U-Net
+gets from them is a space where captions that mean different things lie apart, and where an
+attribute ("red", "on the left") is carried by the features in a form a small network can read. A
+randomly initialised tower gives neither, so the toy world trains its own towers briefly, with the
+same two objectives, before they are frozen:
+
+  * CLIP: the symmetric InfoNCE loss over a batch of (image, caption) pairs. The text tower and the
+    vision tower each embed their side, both are L2-normalised, and the batch's cosine-similarity
+    matrix, scaled by a learned temperature, is classified along its rows (which caption is this
+    image's?) and its columns (which image is this caption's?).
+  * T5: span corruption. A random 15% of a caption's tokens, in spans of mean length 3, are cut
+    out, each span replaced by one sentinel token (<extra_id_0>, <extra_id_1>, ...); a decoder reads
+    the encoder's output and writes the cut spans after their sentinels. Only the encoder is kept:
+    Emu, like Imagen, uses T5's encoder alone, so the small decoder here exists for training only.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from emu.text.clip import clip_clean, clip_preprocess
+from emu.text.hf import tokenize
+from emu.text.t5 import T5_EOS, T5_PAD, sentinel_ids
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP: contrastive image-text pretraining
+
+
+def trimmed_ids(tokenizer, captions, clean=None):
+    """Token ids and mask (B, L) cut to the longest caption: the towers are trained on short batches,
+    and frozen towers then read the same captions padded to their fixed length (padding a causal CLIP
+    changes nothing before the end token; T5 masks its padding)."""
+    ids, mask = tokenize(tokenizer, captions, clean=clean)
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def contrastive_loss(image_embeds, text_embeds, logit_scale):
+    """CLIP's loss: cross-entropy of the scaled cosine similarities, image->text and text->image."""
+    image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, B), pairs on the diagonal
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def train_clip(text, vision, tokenizer, images, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
+    """Train both CLIP towers in place on (image, caption) pairs with the contrastive loss.
+
+    :param images: (N, 3, H, W) float in [-1, 1]; captions: N strings, the i-th describing image i.
+    :return: the training losses, one per step.
+    """
+    ids, _ = trimmed_ids(tokenizer, captions, clean=clip_clean)
+    pixels = clip_preprocess(images, size=vision.config.image_size)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, 0.07
+    params = [*text.parameters(), *vision.parameters(), logit_scale]
+    losses = _train(params, steps, lr, len(ids), batch_size, seed, log, "CLIP contrastive",
+                    lambda idx: contrastive_loss(vision(pixels[idx])[1], text(ids[idx])[1], logit_scale))
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# T5: span corruption
+
+
+def span_corruption(tokens, sentinels, rng, density=0.15, mean_span=3.0):
+    """T5's denoising objective on one sequence of token ids (without its end token).
+
+    :return: (input ids, target ids): the input with each cut span replaced by the next sentinel; the
+             target is each sentinel followed by the span it replaced. Both end with </s> (added later).
+    """
+    n = len(tokens)
+    noise = min(max(1, round(n * density)), n - 1)
+    spans = min(max(1, round(noise / mean_span)), noise, len(sentinels))
+    # random compositions: `noise` cut tokens into `spans` non-empty runs, the kept ones into the gaps between
+    lengths = np.diff([0, *sorted(rng.choice(np.arange(1, noise), spans - 1, replace=False)), noise])
+    kept = n - noise
+    gaps = np.diff([0, *sorted(rng.integers(0, kept + 1, spans)), kept])  # spans + 1 gaps, any may be empty
+    inputs, targets, at = [], [], 0
+    for i in range(spans):
+        inputs += tokens[at:at + gaps[i]]
+        at += gaps[i]
+        inputs.append(sentinels[i])
+        targets += [sentinels[i], *tokens[at:at + lengths[i]]]
+        at += lengths[i]
+    inputs += tokens[at:]
+    return inputs, targets
+
+
+class SpanDecoder(nn.Module):
+    """A small transformer decoder for span corruption: causal self-attention over the target written
+    so far, cross-attention to the encoder's states, tied input and output embeddings. Thrown away after
+    training (T5's decoder is not part of what Emu loads)."""
+
+    def __init__(self, embedding, num_layers=2, num_heads=4):
+        super().__init__()
+        D = embedding.embedding_dim
+        self.embedding = embedding
+        layer = nn.TransformerDecoderLayer(D, num_heads, 4 * D, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(D))
+
+    def forward(self, target_in, memory, memory_mask):
+        L = target_in.shape[1]
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=target_in.device), 1)
+        x = self.layers(self.embedding(target_in), memory, tgt_mask=causal, memory_key_padding_mask=~memory_mask)
+        return x @ self.embedding.weight.T * x.shape[-1] ** -0.5  # (B, L, vocab) logits, scaled as T5 does a tied head
+
+
+def pad_sequences(sequences, pad_id):
+    """(B, L) ids padded with `pad_id` to the longest sequence, and the (B, L) mask of real ids."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+    return ids, ids != pad_id
+
+
+def span_corruption_batch(token_lists, sentinels, pad, eos, rng):
+    """Encoder input, decoder input (the target shifted right behind </pad>, T5's start token) and
+    decoder target for a batch of captions' token ids."""
+    pairs = [span_corruption(tokens, sentinels, rng) for tokens in token_lists]
+    enc, enc_mask = pad_sequences([p[0] + [eos] for p in pairs], pad)
+    target, target_mask = pad_sequences([p[1] + [eos] for p in pairs], pad)
+    target_in = torch.cat([torch.full((len(pairs), 1), pad), target[:, :-1]], dim=1)
+    return enc, enc_mask, target_in, target.masked_fill(~target_mask, -100)
+
+
+def train_t5(t5, tokenizer, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
+    """Train a T5Encoder in place by span corruption on `captions`; its tokenizer must have sentinels.
+
+    :return: the training losses, one per step.
+    """
+    pad, eos, sentinels = tokenizer.token_to_id(T5_PAD), tokenizer.token_to_id(T5_EOS), sentinel_ids(tokenizer)
+    ids, mask = tokenize(tokenizer, captions)
+    token_lists = [row[m].tolist()[:-1] for row, m in zip(ids, mask)]  # drop the appended </s>
+    token_lists = [t for t in token_lists if len(t) >= 2]  # a span and something left to read
+    decoder = SpanDecoder(t5.token_embedding, num_heads=t5.config.num_heads)
+    rng = np.random.default_rng([seed, 5])
+
+    def loss(idx):
+        enc, enc_mask, target_in, target = span_corruption_batch([token_lists[i] for i in idx], sentinels, pad, eos, rng)
+        logits = decoder(target_in, t5(enc, enc_mask), enc_mask)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    params = list({id(p): p for p in [*t5.parameters(), *decoder.parameters()]}.values())  # the tied embedding once
+    return _train(params, steps, lr, len(token_lists), batch_size, seed, log, "T5 span corruption", loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _train(params, steps, lr, n, batch_size, seed, log, name, loss_fn):
+    """AdamW with a linear warm-up over the first tenth and a cosine decay; a random batch each step."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(steps):
+        idx = torch.randperm(n, generator=gen)[:batch_size]
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, steps // 4) == 0:
+            log(f"{name} step {step + 1}/{steps}: loss {np.mean(losses[-20:]):.3f}")
+    return losses

@@ -1,0 +1,84 @@
+"""The toy towers are pretrained as the real ones were: CLIP contrastively on image-caption pairs, T5 by
+span corruption (emu/text/pretraining.py). A pretrained toy CLIP reads the toy world; a random one does not."""
+import numpy as np
+import pytest
+import torch
+
+from emu.datasets import toyworld
+from emu.evaluation.accuracy import clip_zero_shot, every_caption
+from emu.text.encoder import make_toy_towers
+from emu.text.pretraining import contrastive_loss, span_corruption, train_t5
+from emu.text.t5 import T5_PRESETS, TOY_SENTINELS, T5Encoder, build_toy_t5_tokenizer, sentinel_ids
+
+
+def restore(inputs, targets, sentinels):
+    """Put each cut span back where its sentinel stands in the input."""
+    spans, current = {}, None
+    for token in targets:
+        if token in sentinels:
+            current = token
+            spans[current] = []
+        else:
+            spans[current].append(token)
+    return [t for token in inputs for t in (spans[token] if token in sentinels else [token])]
+
+
+@pytest.mark.parametrize("n", [2, 5, 12, 40])
+def test_span_corruption_cuts_about_fifteen_percent_in_spans_that_restore_the_caption(n):
+    sentinels = list(range(1000, 1008))
+    rng = np.random.default_rng(n)
+    for _ in range(50):
+        tokens = rng.integers(10, 500, n).tolist()
+        inputs, targets = span_corruption(tokens, sentinels, rng)
+        assert restore(inputs, targets, sentinels) == tokens
+        used = [t for t in targets if t in sentinels]
+        assert used == sentinels[:len(used)] and targets[0] == sentinels[0]
+        assert len(targets) - len(used) == min(max(1, round(0.15 * n)), n - 1)  # the cut tokens
+        assert [t for t in inputs if t in sentinels] == used
+
+
+def test_contrastive_loss_is_near_zero_for_matched_pairs_and_log_batch_for_unrelated_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    scale = torch.tensor(np.log(100.0))
+    assert contrastive_loss(x, x, scale).item() < 0.01
+    unrelated = contrastive_loss(x, torch.randn(64, 32, generator=g), torch.tensor(0.0)).item()
+    assert unrelated == pytest.approx(np.log(64), rel=0.05)
+
+
+def test_toy_t5_tokenizer_ends_its_vocabulary_with_sentinels():
+    tokenizer = build_toy_t5_tokenizer(["two red circles on the left"])
+    ids = sentinel_ids(tokenizer)
+    assert len(ids) == TOY_SENTINELS
+    assert ids == list(range(tokenizer.get_vocab_size() - TOY_SENTINELS, tokenizer.get_vocab_size()))
+    assert tokenizer.id_to_token(ids[0]) == "<extra_id_0>"
+
+
+def test_span_corruption_training_learns_to_fill_the_cut_words():
+    captions = [toyworld.caption(toyworld.sample_scene(np.random.default_rng(i), False)) for i in range(400)]
+    tokenizer = build_toy_t5_tokenizer(captions)
+    torch.manual_seed(0)
+    t5 = T5Encoder(T5_PRESETS["toy"].__class__(**{**T5_PRESETS["toy"].__dict__, "vocab_size": tokenizer.get_vocab_size()}))
+    losses = train_t5(t5, tokenizer, captions, steps=120, batch_size=64)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+
+
+@pytest.mark.slow
+def test_pretrained_toy_clip_reads_backgrounds_zero_shot_and_a_random_one_does_not(tmp_path):
+    examples = toyworld.make_haystack(800, seed=0)
+    captions = [text for _, text, _ in examples]
+    images = torch.from_numpy(np.stack([im for im, _, _ in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    held_out = toyworld.make_haystack(200, seed=1)
+    new_images, truth = np.stack([im for im, _, _ in held_out]), [m["attributes"] for _, _, m in held_out]
+    trained, _ = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=128)
+    random, _ = make_toy_towers(captions, tmp_path / "random")
+    trained_accuracy, random_accuracy = clip_zero_shot(trained, new_images, truth), clip_zero_shot(random, new_images, truth)
+    assert trained_accuracy["background"] >= 0.7, trained_accuracy  # 0.82 measured; chance is 0.2
+    assert random_accuracy["background"] <= 0.5, random_accuracy
+
+
+def test_every_caption_covers_each_scene_once():
+    captions = every_caption()
+    assert len(captions) == 4 * 6 * 3 * 5 * 5 == len({c for c, _ in captions})
+    for caption, attributes in captions[::97]:
+        assert toyworld.parse_caption(caption) == attributes
