@@ -67,10 +67,10 @@ def main(args):
                                        log=print)
     print(f"wrote toy text towers to {clip_dir} and {t5_dir}")
     if args.tower_steps:  # on images CLIP never saw: a new world seed
-        held_out = toyworld.make_haystack(500, seed=args.seed + 1, size=args.size, needle_fraction=args.needles)
+        held_out = toyworld.make_haystack(min(500, args.n), seed=args.seed + 1, size=args.size, needle_fraction=args.needles)
         accuracy = clip_zero_shot(clip_dir, np.stack([image for image, _, _ in held_out]),
                                   [m["attributes"] for _, _, m in held_out])
-        print("the toy CLIP's zero-shot accuracy on 500 new images: "
+        print(f"the toy CLIP's zero-shot accuracy on {len(held_out)} new images: "
               + ", ".join(f"{a} {100 * v:.0f}%" for a, v in accuracy.items()))
 
 
