@@ -70,10 +70,10 @@ def test_pretrained_toy_clip_reads_backgrounds_zero_shot_and_a_random_one_does_n
     images = torch.from_numpy(np.stack([im for im, _, _ in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     held_out = toyworld.make_haystack(200, seed=1)
     new_images, truth = np.stack([im for im, _, _ in held_out]), [m["attributes"] for _, _, m in held_out]
-    trained, _ = make_toy_towers(captions, tmp_path / "trained", images=images, steps=150, batch_size=64)
+    trained, _ = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=64, lr=3e-3)
     random, _ = make_toy_towers(captions, tmp_path / "random")
     trained_accuracy, random_accuracy = clip_zero_shot(trained, new_images, truth), clip_zero_shot(random, new_images, truth)
-    assert trained_accuracy["background"] >= 0.7, trained_accuracy  # 0.81 measured; chance is 0.2
+    assert trained_accuracy["background"] >= 0.7, trained_accuracy  # 0.83 measured; chance is 0.2
     assert random_accuracy["background"] <= 0.5, random_accuracy
 
 

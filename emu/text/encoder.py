@@ -138,12 +138,13 @@ class TextEncoder(nn.Module):
 # Toy towers
 
 
-def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, log=None):
+def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None):
     """Train toy tokenizers on `captions`, build seeded toy towers, save them in the HF layout.
 
     With `steps` > 0 the towers are pretrained first, as the real ones were (emu/text/pretraining.py):
     CLIP's text and vision towers contrastively on `images` ((N, 3, H, W) in [-1, 1]) paired with the
-    first N captions, T5 by span corruption on all the captions, `steps` steps of `batch_size` each.
+    first N captions, T5 by span corruption on all the captions, `steps` steps of `batch_size` each at
+    peak learning rate `lr`.
     With `steps` 0 they stay random.
     The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
     :return: (out_dir/"clip", out_dir/"t5") as Paths, ready for TextEncoder.load.
@@ -160,8 +161,8 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
         if steps:
             if images is None:
                 raise ValueError("make_toy_towers: pretraining the towers (steps > 0) needs the captions' images")
-            train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, seed=seed, log=log)
-            train_t5(t5, t5_tokenizer, captions, steps, batch_size, seed=seed, log=log)
+            train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, lr, seed, log)
+            train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
     clip_dir, t5_dir = Path(out_dir) / "clip", Path(out_dir) / "t5"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)
