@@ -56,6 +56,8 @@ def build_parser():
     p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
                    help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
     # losses
+    p.add_argument("--fourier-scale", type=float, default=None,
+                   help="standard deviation of the Fourier features' random frequencies (default: the preset's, 1.0)")
     p.add_argument("--kl-weight", type=float, default=None, help="weight of the KL term per latent element (default: the preset's)")
     p.add_argument("--disc-start", type=int, default=400, help="step at which the adversarial loss and the discriminator start")
     p.add_argument("--disc-weight", type=float, default=0.5, help="scale of the adaptive adversarial weight")
@@ -112,12 +114,14 @@ def main(args):
     args.preset = args.preset or ("toy-movq" if args.arch == "kandinsky" else "toy")
     if args.preset not in presets:
         raise EmuError(f"--preset {args.preset}: --arch {args.arch} has presets {', '.join(sorted(presets))}")
-    overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "kl_weight": args.kl_weight}
+    overrides = {"latent_channels": args.latent_channels, "fourier": args.fourier, "fourier_scale": args.fourier_scale,
+                 "kl_weight": args.kl_weight}
     if args.pca_start and (vq or not PRESETS[args.preset].shortcuts):
         raise EmuError(f"--pca-start needs an autoencoder with shortcut paths (the toy presets), not --arch {args.arch} "
                        f"--preset {args.preset}")
     if vq and any(v is not None for v in overrides.values()):
-        raise EmuError("--latent-channels, --fourier and --kl-weight are the autoencoder's; the VQ tokenizer has none of them")
+        raise EmuError("--latent-channels, --fourier, --fourier-scale and --kl-weight are the autoencoder's; the VQ tokenizer "
+                       "has none of them")
     args.out = args.out or OUT_DIRS[args.arch]
     torch.manual_seed(args.seed)
     device = torch.device(args.device)

@@ -360,6 +360,14 @@ def test_train_ae_flags_pick_the_table_1_variant(toy_folder, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["latent_channels"] == 4
 
 
+def test_train_ae_fourier_scale_flag_sets_the_saved_frequencies(toy_folder, tmp_path):
+    run_train_ae(toy_folder, tmp_path, "--steps", "1", "--fourier-scale", "0.3")
+    ae = load_autoencoder(tmp_path)
+    assert ae.cfg.fourier_scale == 0.3 and PRESETS["toy"].fourier_scale == 0.1
+    expected = FourierFeatures(ae.cfg.fourier_features, 0.3, ae.cfg.fourier_seed).freqs
+    assert torch.equal(ae.fourier.freqs, expected)
+
+
 def test_train_ae_without_data_says_how_to_make_it(tmp_path):
     result = script("train_ae.py", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "ae"), timeout=120)
     assert result.returncode != 0

@@ -59,9 +59,13 @@ PRESETS = {
     # what a linear code of 4x4 patches already gets (see Encoder). A KL weight of 1e-2 keeps some
     # posterior noise in training, so the decoder forgives the small latent errors of a briefly
     # trained U-Net (latent noise of std 0.2 costs 31 dB instead of 27 dB at 1e-6).
+    # Fourier frequencies of std 0.1 rather than 1: at 1 the sinusoids wind several times across the colour
+    # range, and in 600 steps the toy autoencoder lost colour (real toy images of the 100 toy prompts, passed
+    # through it, were read with the right colour 77% of the time at 1.0, 89% at 0.1, 98% without the
+    # features; on real photographs, 0.1 also gave the best PSNR of 1.0, 0.3, 0.1 and 0.01).
     "toy": AutoencoderConfig(latent_channels=16, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                             fourier=True, fourier_features=8, kl_weight=1e-2, disc_channels=32, disc_layers=2,
-                             shortcuts=True),
+                             fourier=True, fourier_features=8, fourier_scale=0.1, kl_weight=1e-2, disc_channels=32,
+                             disc_layers=2, shortcuts=True),
     # The paper's shape: three 2x2 downsamplings (factor 8, "compresses the image resolution by 64x"),
     # 16 latent channels, Fourier features on. The widths are Stable Diffusion's; the paper does not
     # publish its own, nor the number of Fourier frequencies.
