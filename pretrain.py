@@ -94,7 +94,8 @@ def parse_args(argv=None):
     add_training_flags(p)
     # The toy world's: 1400 steps of 64 take about four minutes on two CPU cores. A batch of 64 trains
     # 1.75x the images per second of a batch of 16 there, and at 2e-3 the samples followed their prompts
-    # sooner than at 1e-3 (README, "The toy world"). The paper gives neither number for pretraining.
+    # sooner than at 1e-3 (README, "What made the toy model follow its prompts"). The paper gives neither
+    # number for pretraining.
     p.set_defaults(bs=64, lr=2e-3, warmup=50)
     return p.parse_args(argv)
 

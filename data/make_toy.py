@@ -6,8 +6,9 @@
 The haystack is written as key.png + key.txt (the web caption) + key.json (hidden qualities and
 the accurate caption), the layout every script reads. The towers' tokenizers are trained on the toy
 captions, and the towers are pretrained briefly as the real ones were (CLIP contrastively on the
-haystack's image-caption pairs, T5 by span corruption on its captions), then frozen. Their files have the same names and
-keys as the public CLIP ViT-L/14 and T5 v1.1 checkpoints, so the real ones load the same way.
+haystack's image-caption pairs, T5 by span corruption on its captions), then frozen. Their files have
+the same names and keys as the public CLIP ViT-L/14 and T5 v1.1 checkpoints, so the real ones load the
+same way.
 """
 import argparse
 import os
@@ -16,9 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from emu.datasets import toyworld  # noqa: E402
+from emu.datasets.folders import from_uint8  # noqa: E402
 from emu.evaluation.accuracy import clip_zero_shot  # noqa: E402
 from emu.evaluation.judges import appeal_score  # noqa: E402
 from emu.text.encoder import make_toy_towers  # noqa: E402
@@ -62,7 +63,7 @@ def main(args):
     # CLIP learns from the images and their web captions, as the real one learned from alt-text; T5 reads
     # the accurate captions too, so that the towers know every phrase a toy prompt can use
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
-    images = torch.from_numpy(np.stack([image for image, _, _ in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = from_uint8([image for image, _, _ in examples])
     clip_dir, t5_dir = make_toy_towers(captions, args.towers, seed=args.seed, images=images, steps=args.tower_steps,
                                        log=print)
     print(f"wrote toy text towers to {clip_dir} and {t5_dir}")

@@ -63,8 +63,9 @@ class LatentDiffusion:
         """The noise schedule, prediction and min-SNR weighting: Stable Diffusion's (scaled_linear,
         predicting the noise, unweighted) for Emu, whose paper does not give them. The toy preset
         predicts v with min-SNR-5 weighting instead: with eps on its 8x8 latents the clean-sample
-        estimate at the noisy steps, where a caption decides the picture, is ten times the network's error,
-        and the samples come out as the same texture whatever the prompt (README, "The toy world")."""
+        estimate at the noisy steps, where a caption decides the picture, is 5 to 11 times the network's
+        error, and the samples came out as the same texture whatever the prompt (README, "What made the
+        toy model follow its prompts")."""
         return ("scaled_linear", "v", 5.0) if preset == "toy" else ("scaled_linear", "eps", 0.0)
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
@@ -191,6 +192,6 @@ def resolve_arch_flags(args):
 
 def diffusion_from_args(args):
     """The GaussianDiffusion described by a script's flags (or a checkpoint's saved args dict)."""
-    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k)
-    gamma = args.get("min_snr_gamma") if isinstance(args, dict) else getattr(args, "min_snr_gamma", None)
-    return GaussianDiffusion(get("schedule"), get("timesteps"), get("prediction"), gamma or 0.0)  # older runs: unweighted
+    values = args if isinstance(args, dict) else vars(args)
+    return GaussianDiffusion(values["schedule"], values["timesteps"], values["prediction"],
+                             values.get("min_snr_gamma") or 0.0)  # runs from before the weighting: unweighted

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 from emu.models.first_stage import load_autoencoder  # noqa: E402
 from emu.checkpoint import read_metrics  # noqa: E402
-from emu.datasets.folders import IMAGE_EXTENSIONS, open_rgb, to_uint8  # noqa: E402
+from emu.datasets.folders import IMAGE_EXTENSIONS, from_uint8, open_rgb, to_uint8  # noqa: E402
 from emu.evaluation.metrics import psnr, ssim  # noqa: E402
 from emu.evaluation.plot import metric_series, plot_curves  # noqa: E402
 from common import run  # noqa: E402  (experiments/common.py)
@@ -152,10 +152,6 @@ def save_pair(folder, key, image):
         f.write("a photograph\n")
 
 
-def to_tensor(arrays):
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) floats in [-1, 1]."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
 
 @torch.no_grad()
 def reconstruct(ae, x, bs=64):
@@ -176,7 +172,7 @@ def side_by_side(path, held_photos, models, size, crop=128, zoom=2):
         h, w = photo.shape[:2]
         c = min(crop, h, w) // 8 * 8
         top, left = (h - c) // 2, (w - c) // 2
-        x = to_tensor([photo[top:top + c, left:left + c]])
+        x = from_uint8([photo[top:top + c, left:left + c]])
         cells = [photo[top:top + c, left:left + c]] + [to_uint8(reconstruct(ae, x))[0] for ae in models.values()]
         rows.append(np.concatenate([np.pad(cell, ((0, 4), (0, 4), (0, 0)), constant_values=255) for cell in cells], axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * zoom, len(rows) * rows[0].shape[0] * zoom),
@@ -211,7 +207,7 @@ def main(args):
         ae = models[name] = load_autoencoder(out)
         per_photo = {}
         for photo, image in held_photos.items():
-            x = to_tensor(tiles(image, args.size))
+            x = from_uint8(tiles(image, args.size))
             r = reconstruct(ae, x)
             per_photo[photo] = (psnr(r, x), ssim(r, x))
         all_psnr = torch.cat([p for p, _ in per_photo.values()])

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
 import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
+from emu.datasets.folders import from_uint8  # noqa: E402
 from emu.evaluation.pairwise import summarize_outcomes  # noqa: E402
 from emu.datasets.toyworld import parse_caption  # noqa: E402
 from launch import run, script  # noqa: E402
@@ -78,7 +79,7 @@ def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
     ae = load_autoencoder(str(out / "AE-4"))
     tiles = table1_autoencoder.tiles(np.asarray(Image.open(tmp_path / "photos" / "held.png").resize((64, 48), Image.BICUBIC)), 16)
     assert np.array_equal(tiles[0], photo)
-    x = table1_autoencoder.to_tensor(tiles)
+    x = from_uint8(tiles)
     with torch.no_grad():
         r = table1_autoencoder.reconstruct(ae, x)
     expected = f"| AE-4 | 4 | no | {ssim(r, x).mean().item():.3f} ± "

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from emu.datasets import toyworld
+from emu.datasets.folders import from_uint8
 from emu.evaluation.accuracy import clip_zero_shot, every_caption
 from emu.text.encoder import make_toy_towers
 from emu.text.pretraining import contrastive_loss, span_corruption, train_t5
@@ -67,7 +68,7 @@ def test_span_corruption_training_learns_to_fill_the_cut_words():
 def test_pretrained_toy_clip_reads_backgrounds_zero_shot_and_a_random_one_does_not(tmp_path):
     examples = toyworld.make_haystack(800, seed=0)
     captions = [text for _, text, _ in examples]
-    images = torch.from_numpy(np.stack([im for im, _, _ in examples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = from_uint8([im for im, _, _ in examples])
     held_out = toyworld.make_haystack(200, seed=1)
     new_images, truth = np.stack([im for im, _, _ in held_out]), [m["attributes"] for _, _, m in held_out]
     trained, _ = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=64, lr=3e-3)

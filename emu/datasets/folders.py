@@ -148,6 +148,12 @@ def from_pil(im):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
 
 
+def from_uint8(images):
+    """(N, H, W, 3) uint8 images (an array, or a sequence of them) -> (N, 3, H, W) floats in [-1, 1]; the
+    inverse of to_uint8."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def to_uint8(images):
     """(B, 3, H, W) floats in [-1, 1] -> (B, H, W, 3) uint8 numpy array."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

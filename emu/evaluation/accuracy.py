@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from emu.datasets import toyworld
+from emu.datasets.folders import from_uint8
 from emu.evaluation.faithfulness import CLASSES
 from emu.text.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
 from emu.text.hf import tokenize
@@ -97,12 +98,7 @@ def accuracy_markdown(rows):
 def every_caption():
     """Every scene the toy world can draw, as (accurate caption, attributes): 1800 of them."""
     scenes = itertools.product(toyworld.SHAPES, toyworld.COLORS, (1, 2, 3), toyworld.POSITIONS, toyworld.BACKGROUNDS)
-    out = []
-    for shape, color, count, position, background in scenes:
-        scene = toyworld.Scene(shape, color, count, position, background)
-        out.append((toyworld.caption(scene), {"shape": shape, "color": color, "count": count, "position": position,
-                                              "background": background}))
-    return out
+    return [(toyworld.caption(toyworld.Scene(*values)), dict(zip(toyworld.ATTRIBUTES, values))) for values in scenes]
 
 
 @torch.no_grad()
@@ -121,8 +117,8 @@ def clip_zero_shot(clip_dir, images, attributes, temperature=0.01):
     captions = every_caption()
     ids, _ = tokenize(tokenizer, [c for c, _ in captions], clean=clip_clean)
     text_embeds = torch.nn.functional.normalize(text(ids)[1], dim=-1)
-    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    image_embeds = torch.nn.functional.normalize(vision(clip_preprocess(pixels, vision.config.image_size))[1], dim=-1)
+    pixels = clip_preprocess(from_uint8(images), vision.config.image_size)
+    image_embeds = torch.nn.functional.normalize(vision(pixels)[1], dim=-1)
     probs = (image_embeds @ text_embeds.T / temperature).softmax(dim=-1)  # (N, captions)
     accuracy = {}
     for attribute, values in CLASSES.items():

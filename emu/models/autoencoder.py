@@ -267,7 +267,8 @@ def init_patch_paths_from_pca(ae, images, logvar=-4.0):
     so the untrained autoencoder is exactly that PCA code (about 31 dB on toy images), with posterior std
     exp(logvar / 2); training then only has to learn what a linear code misses (edges and corners: the
     shapes). Where the input is lifted by Fourier features, the code reads the raw RGB channels, which
-    come first. (train_ae.py --pca-start; README, "The toy world", has what it does to the toy world.)
+    come first. (train_ae.py --pca-start; README, "What made the toy model follow its prompts", has what it does to
+    the toy world.)
     :return: the PSNR in dB of the PCA code on `images`.
     """
     f, C = ae.downsample_factor, ae.cfg.latent_channels

@@ -31,15 +31,6 @@ from emu.text.t5 import T5_EOS, T5_PAD, sentinel_ids
 # CLIP: contrastive image-text pretraining
 
 
-def trimmed_ids(tokenizer, captions, clean=None):
-    """Token ids and mask (B, L) cut to the longest caption: the towers are trained on short batches,
-    and frozen towers then read the same captions padded to their fixed length (padding a causal CLIP
-    changes nothing before the end token; T5 masks its padding)."""
-    ids, mask = tokenize(tokenizer, captions, clean=clean)
-    length = int(mask.sum(1).max())
-    return ids[:, :length], mask[:, :length]
-
-
 def contrastive_loss(image_embeds, text_embeds, logit_scale):
     """CLIP's loss: cross-entropy of the scaled cosine similarities, image->text and text->image."""
     image_embeds, text_embeds = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
@@ -54,13 +45,15 @@ def train_clip(text, vision, tokenizer, images, captions, steps=400, batch_size=
     :param images: (N, 3, H, W) float in [-1, 1]; captions: N strings, the i-th describing image i.
     :return: the training losses, one per step.
     """
-    ids, _ = trimmed_ids(tokenizer, captions, clean=clip_clean)
+    ids, mask = tokenize(tokenizer, captions, clean=clip_clean)
+    # trained on ids cut to the longest caption; frozen, the tower reads them padded to 77, which a causal
+    # CLIP does not see before its end token
+    ids = ids[:, :int(mask.sum(1).max())]
     pixels = clip_preprocess(images, size=vision.config.image_size)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, 0.07
     params = [*text.parameters(), *vision.parameters(), logit_scale]
-    losses = _train(params, steps, lr, len(ids), batch_size, seed, log, "CLIP contrastive",
-                    lambda idx: contrastive_loss(vision(pixels[idx])[1], text(ids[idx])[1], logit_scale))
-    return losses
+    return _train(params, steps, lr, len(ids), batch_size, seed, log, "CLIP contrastive",
+                  lambda idx: contrastive_loss(vision(pixels[idx])[1], text(ids[idx])[1], logit_scale))
 
 
 # ----------------------------------------------------------------------------------------------------
