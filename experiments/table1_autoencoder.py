@@ -201,7 +201,8 @@ def main(args):
             continue
         out = os.path.join(args.out, name)
         log = run("train_ae.py", "--data", data, "--out", out, "--image-size", str(args.size), "--holdout", str(n_held),
-                  "--steps", str(args.steps), "--bs", str(args.bs), "--disc-start", str(args.disc_start),
+                  "--steps", str(args.steps), "--bs", str(args.bs), "--adversarial", "--disc-start", str(args.disc_start),
+                  "--cooldown", "0",
                   "--eval-every", str(max(1, args.steps // 6)), "--seed", str(args.seed), *flags)
         print("   " + log.strip().splitlines()[-2], flush=True)
         ae = models[name] = load_autoencoder(out)

@@ -235,7 +235,9 @@ def test_each_architecture_fills_in_its_own_defaults():
     for arch, preset, expected in [("ldm", "toy", ("runs/ae", "scaled_linear", "v", 5.0)),
                                    ("ldm", "emu", ("runs/ae", "scaled_linear", "eps", 0.0)),
                                    ("pixel", "toy", (None, "cosine", "v", 0.0)), ("muse", "toy", ("runs/vq", None, None, None)),
-                                   ("kandinsky", "toy", ("runs/movq", "scaled_linear", "eps", 0.0))]:
+                                   ("kandinsky", "toy", ("runs/movq", "scaled_linear", "v", 5.0)),
+                                   ("kandinsky", "toy-inpaint", ("runs/movq", "scaled_linear", "v", 5.0)),
+                                   ("kandinsky", "kandinsky", ("runs/movq", "scaled_linear", "eps", 0.0))]:
         args = argparse.Namespace(arch=arch, preset=preset, ae=None, schedule=None, prediction=None, prior=None,
                                   min_snr_gamma=None)
         resolve_arch_flags(args)

@@ -325,7 +325,7 @@ def toy_folder(tmp_path_factory):
 def run_train_ae(data, out, *flags):
     import train_ae
     args = train_ae.build_parser().parse_args(["--data", str(data), "--out", str(out), "--bs", "8", "--holdout", "8",
-                                               "--disc-start", "2", "--warmup", "2", "--log-every", "1",
+                                               "--adversarial", "--disc-start", "2", "--warmup", "2", "--log-every", "1",
                                                "--eval-every", "2", "--save-every", "2", "--device", "cpu", *flags])
     train_ae.main(args)
 
@@ -351,6 +351,31 @@ def test_train_ae_writes_model_and_metrics_then_resumes_bitwise(toy_folder, tmp_
     for key in ("model", "disc"):
         for name, value in unbroken[key].items():
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_toy_autoencoder_trains_without_the_adversarial_loss_unless_asked(toy_folder, tmp_path):
+    import train_ae
+    args = train_ae.build_parser().parse_args(["--data", str(toy_folder), "--out", str(tmp_path / "plain"), "--bs", "8",
+                                               "--holdout", "8", "--disc-start", "0", "--steps", "2", "--device", "cpu"])
+    train_ae.main(args)
+    assert args.adversarial is False and args.cooldown == 0  # a third of 2 steps
+    logs = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert [d["adv_weight"] for d in logs if "adv_weight" in d] == [0.0] and all(d.get("disc", 0.0) == 0.0 for d in logs)
+    run_train_ae(toy_folder, tmp_path / "adv", "--steps", "4")  # --adversarial from step 2
+    logs = [json.loads(line) for line in open(tmp_path / "adv" / "metrics.jsonl") if "adv_weight" in line]
+    assert [d["adv_weight"] for d in logs[:2]] == [0.0, 0.0] and all(d["adv_weight"] > 0 for d in logs[2:])
+
+
+def test_train_ae_learning_rate_warms_up_holds_and_cools_down():
+    import train_ae
+    args = train_ae.build_parser().parse_args(["--lr", "1e-3", "--warmup", "10", "--steps", "100", "--cooldown", "40"])
+    lrs = [train_ae.learning_rate(step, args) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10:61] == [pytest.approx(1e-3)] * 51  # stable until 40 steps are left
+    assert lrs[80] == pytest.approx(1e-3 * 20 / 40) and lrs[99] == pytest.approx(1e-3 / 40)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    args.cooldown = 0  # the default: constant after the warm-up
+    assert train_ae.learning_rate(99, args) == pytest.approx(1e-3)
 
 
 def test_train_ae_flags_pick_the_table_1_variant(toy_folder, tmp_path):

@@ -284,3 +284,42 @@ def test_kandinsky_priors_compares_both_priors_and_the_variations(tuning_world, 
     assert variations["sources"] == 3 and -1 <= variations["own"] <= 1 and 0 <= variations["own nearest"] <= 1
     assert 0 <= variations["others farther"] <= 1
     assert f"to their own source {variations['own']:.3f}" in table
+
+
+def test_inpainting_hole_stands_around_the_prompts_objects():
+    import inpainting
+    assert inpainting.hole_box("two red circles on the left on a teal background", 0.5) == pytest.approx((0.05, 0.25, 0.55, 0.75))
+    assert inpainting.hole_box("a blue square at the bottom on a white background", 0.5) == pytest.approx((0.25, 0.45, 0.75, 0.95))
+    assert inpainting.hole_box("a blue square on a white background", 0.8) == pytest.approx((0.1, 0.1, 0.9, 0.9))  # centred, inside
+
+
+@pytest.mark.slow
+def test_inpainting_experiment_fills_holes_and_keeps_the_rest(tuning_world, tmp_path):
+    w, _ = tuning_world
+    run("train_ae.py", "--arch", "kandinsky", "--data", f"{w}/haystack48", "--out", f"{tmp_path}/movq", "--steps", "2",
+        "--bs", "8", "--holdout", "8")
+    run("pretrain.py", "--arch", "kandinsky", "--preset", "toy-inpaint", "--data", f"{w}/haystack48", "--out",
+        f"{tmp_path}/inpaint", "--steps", "2", "--bs", "4", "--ae", f"{tmp_path}/movq", "--clip", f"{w}/towers/clip",
+        "--t5", f"{w}/towers/t5", "--sample-every", "0")
+    run("train_prior.py", "--kind", "linear", "--data", f"{w}/haystack48", "--clip", f"{w}/towers/clip", "--holdout", "8",
+        "--out", f"{tmp_path}/prior")
+    prompts = tmp_path / "prompts.tsv"
+    common.write_prompts(prompts, [("two red circles on the left on a teal background", "Counting"),
+                                   ("a blue square at the top on a white background", "Basic"),
+                                   ("three green diamonds in the center on a black background", "Counting")])
+    out = tmp_path / "exp"
+    run("experiments/inpainting.py", "--ckpt", f"{tmp_path}/inpaint/ckpt.pt", "--prior", f"{tmp_path}/prior/prior.pt",
+        "--prompts", prompts, "--judge", f"{w}/judge.pt",
+        "--show", "2", "--out", out)
+    results = json.load(open(out / "results.json"))
+    assert results["prompts"] == 3 and results["changed_outside"] < 1e-5  # only the hole is painted
+    assert list(results["rows"]) == ["the real images (ceiling)", "the prompt", "no prompt (the rest of the image guides it)",
+                                     "another scene's prompt", "the background colour (floor)",
+                                     "another scene's prompt, read against that prompt"]
+    table = (out / "results.md").read_text()
+    for name, row in results["rows"].items():
+        assert row["all"]["n"] == 3 and f"| {name} |" in table
+    assert Image.open(out / "inpainting.png").size == (2 * 32 * 3, 6 * 32 * 3)  # 2 prompts; image, hole and 4 fills
+    result = script("experiments/inpainting.py", "--ckpt", f"{w}/pre48/ckpt.pt", "--prompts", prompts, "--judge",
+                    f"{w}/judge.pt", "--out", tmp_path / "exp2", timeout=120)
+    assert result.returncode != 0 and "not an inpainting decoder" in result.stderr
