@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--judge", default="runs/judges/attributes.pt", help="the attribute classifier (eval_pairs.py's judge)")
     p.add_argument("--hole", type=float, default=0.5, help="side of the hole, as a fraction of the image's")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=25, help="DDIM sampling steps")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of every fill")
     p.add_argument("--show", type=int, default=8, help="prompts shown in the figure")
     p.add_argument("--out", default="runs/exp-inpainting", help="everything goes here")
@@ -72,11 +73,11 @@ def main(args):
     swapped = prompts[1:] + prompts[:1]
 
     fills = {}
-    fills["the prompt"] = model.generate(prompts, seeds, args.cfg, inpaint=(images, masks))
+    fills["the prompt"] = model.generate(prompts, seeds, args.cfg, args.steps, inpaint=(images, masks))
     unprompted = encoder.embed_images(images * (1 - masks))  # sample.py's fill without a prompt
-    fills["no prompt (the rest of the image guides it)"] = model.generate([""] * len(prompts), seeds, args.cfg,
+    fills["no prompt (the rest of the image guides it)"] = model.generate([""] * len(prompts), seeds, args.cfg, args.steps,
                                                                           image_embeds=unprompted, inpaint=(images, masks))
-    fills["another scene's prompt"] = model.generate(swapped, seeds, args.cfg, inpaint=(images, masks))
+    fills["another scene's prompt"] = model.generate(swapped, seeds, args.cfg, args.steps, inpaint=(images, masks))
     background = torch.tensor([BACKGROUNDS[parse_caption(p)["background"]] for p in prompts]) * 2 - 1  # (N, 3) in [-1, 1]
     fills["the background colour (floor)"] = images * (1 - masks) + background[:, :, None, None] * masks
 
@@ -89,7 +90,8 @@ def main(args):
         prompt_hits(classifier, rows["another scene's prompt"], swapped), seed=args.seed)
 
     lines = [f"# Inpainting a hole of {args.hole:g} x {args.hole:g} around the objects", "",
-             f"decoder {args.ckpt}; {len(prompts)} prompts, seed {args.seed}, guidance {args.cfg:g}; read by {args.judge}", "",
+             f"decoder {args.ckpt}; {len(prompts)} prompts, seed {args.seed}, {args.steps} DDIM steps, guidance {args.cfg:g}; "
+             f"read by {args.judge}", "",
              "What the attribute classifier reads against the image's own prompt (accuracy %, 95% interval):", "",
              accuracy_markdown(tables), "",
              f"largest change of a pixel outside the hole, in [-1, 1] units: {changed:.2e}"]

@@ -12,7 +12,7 @@ offset drifts towards mid-grey means. Steps, each through the project's own scri
   3. the mean brightness (luma) and contrast (standard deviation of luma) of every generated image
      against the training images
 
-    python experiments/noise_offset.py     # about 8 minutes on 2 CPU cores, after `bash toy.sh`
+    python experiments/noise_offset.py     # about 5 minutes on 2 CPU cores, after `bash toy.sh`
 Writes OUT/results.md and OUT/brightness.png, OUT/contrast.png (histograms).
 """
 import argparse

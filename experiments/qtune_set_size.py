@@ -16,7 +16,7 @@ For each seed, through the project's own scripts:
   3. eval_pairs.py: each quality-tuned model, and the pretrained model itself ("none"), against
      the baseline on held-out prompts (scenes no pretraining image shows)
 
-    python experiments/qtune_set_size.py     # about 13 minutes on 2 CPU cores, after `bash toy.sh`
+    python experiments/qtune_set_size.py     # about 10 minutes on 2 CPU cores, after `bash toy.sh`
 Writes OUT/results.md and OUT/win_rate_by_size.png.
 """
 import argparse

@@ -14,7 +14,7 @@ then the win / tie / lose rates per seed and pooled over the seeds, with 95% boo
 over prompts (a prompt's outcomes under every seed are resampled together). The pretrained model is
 the same for every seed: the seeds vary the split, the quality-tuning and the evaluation.
 
-    python experiments/qtune_vs_pretrained.py     # about 5 minutes on 2 CPU cores, after `bash toy.sh`
+    python experiments/qtune_vs_pretrained.py     # about 3 minutes on 2 CPU cores, after `bash toy.sh`
 Writes OUT/results.md and OUT/win_rates.png.
 """
 import argparse

@@ -310,7 +310,7 @@ def test_inpainting_experiment_fills_holes_and_keeps_the_rest(tuning_world, tmp_
     out = tmp_path / "exp"
     run("experiments/inpainting.py", "--ckpt", f"{tmp_path}/inpaint/ckpt.pt", "--prior", f"{tmp_path}/prior/prior.pt",
         "--prompts", prompts, "--judge", f"{w}/judge.pt",
-        "--show", "2", "--out", out)
+        "--show", "2", "--steps", "2", "--out", out)
     results = json.load(open(out / "results.json"))
     assert results["prompts"] == 3 and results["changed_outside"] < 1e-5  # only the hole is painted
     assert list(results["rows"]) == ["the real images (ceiling)", "the prompt", "no prompt (the rest of the image guides it)",
