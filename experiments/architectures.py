@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--towers", default="runs/towers", help="the toy text towers (clip/ and t5/), from data/make_toy.py")
     p.add_argument("--pretrain-steps", type=int, default=1600, help="pretraining steps of the pixel and Muse-like models "
                                                                     "(pretrain.py's toy default, as the latent model had)")
-    p.add_argument("--vq-steps", type=int, default=600, help="VQ tokenizer training steps (train_ae.py's toy default)")
+    p.add_argument("--vq-steps", type=int, default=600, help="VQ tokenizer training steps (the README's run)")
     p.add_argument("--pretrain-flags", default="", help="extra flags for pretrain.py (tests: a tiny world)")
     p.add_argument("--vq-flags", default="", help="extra flags for train_ae.py --arch muse (tests: a tiny world)")
     return p.parse_args(argv)
