@@ -147,10 +147,10 @@ class KandinskyDecoder(LatentDiffusion):
         """Kandinsky 2.2's decoder predicts the noise on a schedule linear in beta from 0.00085 to
         0.012 (its released scheduler config, as we recall it); Stable Diffusion's scaled_linear has
         the same end points and is the nearest of ours. (DDPM's linear schedule, 1e-4 to 0.02, ends
-        so near pure noise that 25 DDIM steps of a noise-predicting toy decoder blow up.) The toy decoders
-        predict v with min-SNR-5 weighting, as Emu's toy U-Net does and for the same reason: on 8x8 latents
-        a noise-predicting model does not learn to read its conditioning (LatentDiffusion.diffusion_defaults)."""
-        return ("scaled_linear", "v", 5.0) if preset.startswith("toy") else ("scaled_linear", "eps", 0.0)
+        so near pure noise that 25 DDIM steps of a noise-predicting toy decoder blow up.) The toy decoders,
+        inpainting or not, predict v with min-SNR-5 weighting, as Emu's toy U-Net does and for the same
+        reason: on 8x8 latents a noise-predicting model does not learn to read its conditioning."""
+        return super().diffusion_defaults(preset.removesuffix(INPAINT))
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None):
         size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else (image_size, image_size)

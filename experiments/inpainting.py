@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from emu.datasets.folders import from_uint8, read_prompts, to_uint8
+from emu.datasets.folders import from_uint8, make_grid, read_prompts, to_uint8
 from emu.datasets.toyworld import BACKGROUNDS, POSITIONS, parse_caption
-from emu.evaluation.accuracy import COLUMNS, accuracy_markdown, accuracy_table, prompt_hits, reference_images
+from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits, reference_images
 from emu.evaluation.faithfulness import load_classifier
 from emu.pipeline import TextToImage
-from emu.variants.inpaint import box_mask
+from emu.variants.inpaint import box_mask, paste_known
 
 
 def parse_args(argv=None):
@@ -79,7 +79,7 @@ def main(args):
                                                                           image_embeds=unprompted, inpaint=(images, masks))
     fills["another scene's prompt"] = model.generate(swapped, seeds, args.cfg, args.steps, inpaint=(images, masks))
     background = torch.tensor([BACKGROUNDS[parse_caption(p)["background"]] for p in prompts]) * 2 - 1  # (N, 3) in [-1, 1]
-    fills["the background colour (floor)"] = images * (1 - masks) + background[:, :, None, None] * masks
+    fills["the background colour (floor)"] = paste_known(background[:, :, None, None].expand_as(images), images, masks)
 
     outside = 1 - masks
     changed = max(float(((fill - images) * outside).abs().max()) for fill in fills.values())
@@ -100,9 +100,9 @@ def main(args):
         json.dump({"rows": tables, "changed_outside": changed, "prompts": len(prompts)}, f, indent=2)
 
     k = min(args.show, len(prompts))
-    holes = to_uint8(images * (1 - masks) + masks * 1.0)  # the hole drawn white
+    holes = to_uint8(paste_known(torch.ones_like(images), images, masks))  # the hole drawn white
     strips = [real[:k], holes[:k]] + [rows[name][:k] for name in fills]
-    grid = np.concatenate([np.concatenate(list(strip), axis=1) for strip in strips], axis=0)
+    grid = make_grid(np.concatenate(strips), ncol=k)  # one row per strip
     Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(os.path.join(args.out, "inpainting.png"))
     print(f"wrote {os.path.join(args.out, 'inpainting.png')}: rows the image, the hole, then " + ", ".join(fills)
           + "; columns the first prompts:\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts[:k])))
