@@ -1,12 +1,13 @@
 """What the experiment scripts share: running the project's own scripts as a user would, the
 held-out prompts, quality-tuning and pairwise evaluation with one set of flags, and the tables."""
+import io
 import json
 import os
 import random
+import runpy
 import shutil
-import subprocess
 import sys
-from contextlib import closing
+from contextlib import closing, redirect_stderr, redirect_stdout
 
 import numpy as np
 
@@ -22,14 +23,25 @@ PAPER_QT_VS_PRETRAINED = {"visual appeal": (82.9, 15.4), "text faithfulness": (3
 
 
 def run(*argv):
-    """Run a script of the repository (`run("qtune.py", "--iters", "10")`), print its command line,
-    return its standard output; stop the experiment with the script's last output if it fails."""
+    """Run a script of the repository (`run("qtune.py", "--iters", "10")`) as `python qtune.py --iters 10`
+    would, print its command line, return its standard output; stop the experiment with the script's last
+    output if it fails. The script runs in this process, so torch is imported once for the whole
+    experiment instead of once a step (seconds each); each script seeds and builds everything it uses."""
     argv = [str(a) for a in argv]
     print("$ python " + " ".join(argv), flush=True)
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return proc.stdout
+    out, err, saved = io.StringIO(), io.StringIO(), (sys.argv, os.getcwd())
+    try:
+        sys.argv = argv
+        os.chdir(ROOT)
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise SystemExit(f"{argv[0]} failed:\n{out.getvalue()[-2000:]}\n{err.getvalue()[-2000:]}\n{e.code}")
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+    return out.getvalue()
 
 
 def write_results(out, lines):
