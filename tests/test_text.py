@@ -246,17 +246,22 @@ def test_clip_config_is_a_clip_model_config_with_text_config(towers):
     assert config["text_config"]["hidden_size"] == 64 and config["projection_dim"] == 64
 
 
+def shard(directory):
+    """Rewrite model.safetensors as two shards and an index, as large checkpoints are published."""
+    state = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, str(directory / name))
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def test_sharded_layout_loads_same_as_single_file(towers, tmp_path):
     for source, outputs in [(towers[0], clip_outputs), (towers[1], t5_outputs)]:
         directory = copy_tower(source, tmp_path, source.name)
-        state = load_file(directory / "model.safetensors")
-        (directory / "model.safetensors").unlink()
-        keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        for name, shard_keys in shards.items():
-            save_file({k: state[k] for k in shard_keys}, str(directory / name))
-        weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        shard(directory)
         for a, b in zip(outputs(source), outputs(directory)):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -282,14 +287,8 @@ def test_clip_vision_keys_are_skipped(towers, tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("edit, words", [
-    ("drop encoder.final_layer_norm.weight", ["missing", "encoder.final_layer_norm.weight"]),
-    ("drop shared.weight", ["missing", "shared.weight"]),
-    ("add encoder.block.0.layer.0.SelfAttention.extra.weight", ["unexpected", "SelfAttention.extra.weight"]),
-    ("reshape encoder.block.1.layer.1.DenseReluDense.wo.weight", ["shape", "DenseReluDense.wo.weight"]),
-])
-def test_bad_t5_checkpoint_names_file_and_key(towers, tmp_path, edit, words):
-    directory = copy_tower(towers[1], tmp_path, "t5")
+def edit_weights(directory, edit):
+    """Damage `directory`/model.safetensors: "drop KEY", "add KEY" (a stray tensor) or "reshape KEY" (transposed)."""
     state = load_file(directory / "model.safetensors")
     action, key = edit.split()
     if action == "drop":
@@ -299,6 +298,17 @@ def test_bad_t5_checkpoint_names_file_and_key(towers, tmp_path, edit, words):
     else:
         state[key] = state[key].T.contiguous()
     save_file(state, str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("drop encoder.final_layer_norm.weight", ["missing", "encoder.final_layer_norm.weight"]),
+    ("drop shared.weight", ["missing", "shared.weight"]),
+    ("add encoder.block.0.layer.0.SelfAttention.extra.weight", ["unexpected", "SelfAttention.extra.weight"]),
+    ("reshape encoder.block.1.layer.1.DenseReluDense.wo.weight", ["shape", "DenseReluDense.wo.weight"]),
+])
+def test_bad_t5_checkpoint_names_file_and_key(towers, tmp_path, edit, words):
+    directory = copy_tower(towers[1], tmp_path, "t5")
+    edit_weights(directory, edit)
     with pytest.raises(EmuError) as error:
         load_t5_encoder(directory, dtype=torch.float32)
     message = str(error.value)

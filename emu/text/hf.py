@@ -12,12 +12,15 @@ broken (truncated, malformed, a wrong shape or dtype, a missing key) is a one-li
 file and the key. Pickled checkpoints (pytorch_model.bin) are refused: unpickling can run code.
 """
 import json
+import math
+from collections import Counter
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import models as tokenizer_models
 
 from emu import EmuError
 from emu.checkpoint import SafetensorsFile
@@ -168,6 +171,38 @@ def load_tokenizer(path, special_tokens, vocab_size):
         raise EmuError(f"{file}: tokenizer lacks the special tokens {unknown}")
     if tokenizer.get_vocab_size() > vocab_size:
         raise EmuError(f"{file}: {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size {vocab_size}")
+    return tokenizer
+
+
+def build_toy_unigram(captions, head, tail, vocab_size, unk_token):
+    """A small Unigram tokenizer laid out as a SentencePiece vocabulary is published: the special
+    tokens `head` first, then the pieces, then the special tokens `tail`, `vocab_size` ids in all.
+    The caller adds the post-processor (which tokens go around a caption) and the fixed length.
+
+    The real vocabularies (T5's, XLM-R's) were fitted with EM. Here the pieces are every character
+    seen plus the substrings covering the most text (count x length), scored by log frequency. That
+    favours short pieces more than EM would, but it is reproducible, where the library's
+    UnigramTrainer picks different pieces run to run. Segmentation is the same Viterbi search over
+    piece scores as SentencePiece's.
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                       normalizers.Strip()])
+    pre_tokenizer = pre_tokenizers.Metaspace()  # words become "▁word", as in SentencePiece
+    counts = Counter()
+    for caption in captions:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)):
+            for start in range(len(word)):
+                for end in range(start + 1, min(len(word), start + 16) + 1):  # SentencePiece caps pieces at 16
+                    counts[word[start:end]] += 1
+    chars = sorted(p for p in counts if len(p) == 1)
+    longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))  # ties: a-z
+    pieces = chars + longer[:max(vocab_size - len(head) - len(tail) - len(chars), 0)]
+    total = sum(counts.values())
+    vocab = [(token, 0.0) for token in head] + [(p, math.log(counts[p] / total)) for p in pieces]
+    tokenizer = Tokenizer(tokenizer_models.Unigram(vocab, unk_id=head.index(unk_token)))
+    tokenizer.add_special_tokens(head)
+    tokenizer.add_special_tokens(tail)  # not in the Unigram vocabulary: their ids follow the pieces
+    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.Metaspace()
     return tokenizer
 
 

@@ -5,19 +5,17 @@ all layers, and attention without the 1/sqrt(d) scale. Loaded frozen, encoder on
 T5EncoderModel or a full T5ForConditionalGeneration checkpoint (single file or shards).
 """
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers import models as tokenizer_models
+from tokenizers import processors
 
 from emu import EmuError
 from emu.models.nn import MultiHeadAttention
-from emu.text.hf import (config_from_dict, empty_model, load_hf_weights, load_tokenizer, read_config, save_pretrained,
-                         set_fixed_length)
+from emu.text.hf import (build_toy_unigram, config_from_dict, empty_model, load_hf_weights, load_tokenizer, read_config,
+                         save_pretrained, set_fixed_length)
 
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 T5_LENGTH = 77  # we pad T5 to CLIP's length by default; the paper does not give T5's
@@ -151,31 +149,10 @@ class T5Encoder(nn.Module):
 
 
 def build_toy_t5_tokenizer(captions, vocab_size=T5_PRESETS["toy"].vocab_size, max_length=T5_LENGTH):
-    """Build a small Unigram tokenizer shaped like T5's: <pad>=0, </s>=1, <unk>=2, `</s>` appended.
-
-    T5's SentencePiece vocabulary was fitted with EM. Here the pieces are every character seen plus
-    the substrings covering the most text (count x length), scored by log frequency. That favours
-    short pieces more than EM would, but it is reproducible, where the library's UnigramTrainer picks
-    different pieces run to run. Segmentation is the same Viterbi search over piece scores as T5's.
-    """
-    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                       normalizers.Strip()])
-    pre_tokenizer = pre_tokenizers.Metaspace()  # words become "▁word", as in SentencePiece
-    counts = Counter()
-    for caption in captions:
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)):
-            for start in range(len(word)):
-                for end in range(start + 1, min(len(word), start + 16) + 1):  # SentencePiece caps pieces at 16
-                    counts[word[start:end]] += 1
-    chars = sorted(p for p in counts if len(p) == 1)
-    longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))  # ties: a-z
-    pieces = chars + longer[:max(vocab_size - 3 - TOY_SENTINELS - len(chars), 0)]
-    total = sum(counts.values())
-    vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0)] + [(p, math.log(counts[p] / total)) for p in pieces]
-    tokenizer = Tokenizer(tokenizer_models.Unigram(vocab, unk_id=2))
-    tokenizer.add_special_tokens([T5_PAD, T5_EOS, T5_UNK])
-    tokenizer.add_special_tokens([T5_SENTINEL.format(i) for i in range(TOY_SENTINELS)])  # after the pieces, as in T5
-    tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.decoder = normalizer, pre_tokenizer, decoders.Metaspace()
+    """Build a small Unigram tokenizer shaped like T5's (emu.text.hf.build_toy_unigram):
+    <pad>=0, </s>=1, <unk>=2, the pieces, then the sentinels; `</s>` appended to every caption."""
+    sentinels = [T5_SENTINEL.format(i) for i in range(TOY_SENTINELS)]  # after the pieces, as in T5
+    tokenizer = build_toy_unigram(captions, [T5_PAD, T5_EOS, T5_UNK], sentinels, vocab_size, T5_UNK)
     tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {T5_EOS}", special_tokens=[(T5_EOS, 1)])
     set_fixed_length(tokenizer, max_length, T5_PAD)
     return tokenizer
