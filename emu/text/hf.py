@@ -6,7 +6,7 @@ any of our models through an explicit key map: published name -> our parameter n
 
 The safetensors reader is our own (emu/checkpoint.py), a few dozen lines over the documented format, for two reasons.
 It reads one tensor at a time with plain file reads instead of a memory map, so loading T5-XXL's
-encoder in bfloat16 peaks at the bf16 weights plus one tensor in the file's dtype (bench/load_t5.py
+encoder in bfloat16 peaks at the bf16 weights plus one tensor in the file's dtype (bench/load_tower.py
 measures it). And it checks the whole header before reading anything, so every way a file can be
 broken (truncated, malformed, a wrong shape or dtype, a missing key) is a one-line EmuError naming the
 file and the key. Pickled checkpoints (pytorch_model.bin) are refused: unpickling can run code.

@@ -1,13 +1,15 @@
-"""Peak memory while loading T5-XXL's encoder in bfloat16, against the size of its bf16 weights.
+"""Peak memory while loading a large text tower in bfloat16, against the size of its bf16 weights:
+T5-XXL's encoder (Emu's second tower) or XLM-R-large with M-CLIP's head (Kandinsky 2.1's).
 
-    python bench/load_t5.py --dir /tmp/t5-xxl-synthetic      # writes ~19 GB once, then measures
-    python bench/load_t5.py --dir /tmp/t5-toy --preset toy   # the same at toy scale, in seconds
+    python bench/load_tower.py --dir /tmp/t5-xxl-synthetic               # writes ~19 GB once, then measures
+    python bench/load_tower.py --dir /tmp/xlmr-synthetic --tower xlmr    # ~2.1 GB
+    python bench/load_tower.py --dir /tmp/t5-toy --preset toy            # the same at toy scale, in seconds
 
-The checkpoint is synthetic but has the real shapes and layout: google/t5-v1_1-xxl's encoder keys,
-float32 as published, in shards of --shard-gb with a model.safetensors.index.json. It is written
-lazily, one shard in memory at a time. Each load then runs in a fresh process, which reports its
-peak resident memory (VmHWM):
-  ours       emu.text.t5.load_t5_encoder: empty bf16 model, then one tensor at a time with plain reads
+The checkpoint is synthetic but has the real shapes and layout (google/t5-v1_1-xxl's encoder keys, or
+kandinsky-2-1's text_encoder/ keys), float32 as published, in shards of --shard-gb with a
+model.safetensors.index.json. It is written lazily, one shard in memory at a time. Each load then runs
+in a fresh process, which reports its peak resident memory (VmHWM):
+  ours       emu's loader (load_t5_encoder, load_xlmr): empty bf16 model, then one tensor at a time with plain reads
   reference  the same empty bf16 model filled through the safetensors library's memory-mapped
              safe_open, shard by shard (what a straightforward loader does)
 The ratio to report is ours / bf16 weight bytes; the reference shows what the plain reads save.
@@ -17,7 +19,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,31 +29,58 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from emu.text.hf import empty_model  # noqa: E402
 from emu.text.t5 import T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, t5_key_map  # noqa: E402
+from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, load_xlmr, xlmr_key_map  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Tower:
+    """What the benchmark needs of a tower: its presets, model class, key map, loader, a tokenizer
+    builder and the config.json entries that name its architecture."""
+    presets: dict
+    model: type
+    key_map: object
+    load: object
+    tokenizer: object
+    architecture: dict
+    default: str
+
+
+TOWERS = {
+    "t5": Tower(T5_PRESETS, T5Encoder, t5_key_map, load_t5_encoder, build_toy_t5_tokenizer,
+                {"architectures": ["T5EncoderModel"], "model_type": "t5"}, "t5-v1_1-xxl"),
+    "xlmr": Tower(XLMR_PRESETS, XLMRTextModel, xlmr_key_map, load_xlmr, build_toy_xlmr_tokenizer,
+                  {"architectures": ["MultilingualCLIP"], "model_type": "xlm-roberta"}, "xlm-roberta-large-vit-l-14"),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="where the synthetic checkpoint is (or will be) written")
-    p.add_argument("--preset", default="t5-v1_1-xxl", choices=sorted(T5_PRESETS), help="encoder shapes")
+    p.add_argument("--tower", default="t5", choices=sorted(TOWERS), help="which tower")
+    p.add_argument("--preset", default=None, help="its shapes: toy, or (the default) the published model's")
     p.add_argument("--shard-gb", type=float, default=5.0, help="shard size of the synthetic checkpoint")
     p.add_argument("--child", choices=["ours", "reference", "baseline"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.preset = args.preset or TOWERS[args.tower].default
+    if args.preset not in TOWERS[args.tower].presets:
+        p.error(f"--preset {args.preset}: the {args.tower} tower has {', '.join(sorted(TOWERS[args.tower].presets))}")
+    return args
 
 
-def write_synthetic_checkpoint(directory, preset, shard_bytes):
-    """config.json, tokenizer.json and float32 shards with the encoder's real keys and shapes."""
+def write_synthetic_checkpoint(directory, tower, preset, shard_bytes):
+    """config.json, tokenizer.json and float32 shards with the tower's real keys and shapes."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = T5_PRESETS[preset]
+    config = tower.presets[preset]
     with torch.device("meta"):
-        model = T5Encoder(config)
-    tokenizer = build_toy_t5_tokenizer(["a photo of a cat on a sofa", "two dogs in the snow"] * 8, vocab_size=64)
-    config_dict = {"architectures": ["T5EncoderModel"], "model_type": "t5", "torch_dtype": "float32", **asdict(config)}
+        model = tower.model(config)
+    tokenizer = tower.tokenizer(["a photo of a cat on a sofa", "two dogs in the snow"] * 8, vocab_size=64)
+    config_dict = {**tower.architecture, "torch_dtype": "float32", **asdict(config)}
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     tokenizer.save(str(directory / "tokenizer.json"))
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     keys, written = [], set()
-    for theirs, ours in t5_key_map(config).items():
-        if ours not in written:  # the tied embedding once, under "shared.weight"
+    for theirs, ours in tower.key_map(config).items():
+        if ours not in written:  # a tied weight once, under its first name (T5's "shared.weight")
             keys.append((theirs, shapes[ours]))
             written.add(ours)
     shards, current, size = [], {}, 0
@@ -79,12 +108,10 @@ def write_synthetic_checkpoint(directory, preset, shard_bytes):
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def load_reference(directory):
-    """An empty bf16 encoder filled through safetensors' memory-mapped reader, shard by shard."""
-    config = json.loads((directory / "config.json").read_text())
-    preset = next(name for name, c in T5_PRESETS.items() if c.d_model == config["d_model"] and c.num_layers == config["num_layers"])
-    model = empty_model(T5Encoder, T5_PRESETS[preset], torch.bfloat16, "cpu")
-    key_map, params = t5_key_map(model.config), dict(model.named_parameters())
+def load_reference(directory, tower, preset):
+    """An empty bf16 tower filled through safetensors' memory-mapped reader, shard by shard."""
+    model = empty_model(tower.model, tower.presets[preset], torch.bfloat16, "cpu")
+    key_map, params = tower.key_map(model.config), dict(model.named_parameters())
     weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
     with torch.no_grad():
         for shard in sorted(set(weight_map.values())):
@@ -108,10 +135,11 @@ def child(args):
     if args.child == "baseline":
         print(json.dumps({"peak": peak_rss()}))
         return
+    tower = TOWERS[args.tower]
     if args.child == "ours":
-        model, _ = load_t5_encoder(args.dir, dtype=torch.bfloat16)
+        model, _ = tower.load(args.dir, dtype=torch.bfloat16)
     else:
-        model = load_reference(Path(args.dir))
+        model = load_reference(Path(args.dir), tower, args.preset)
     seconds = time.time() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_rss()
@@ -119,7 +147,8 @@ def child(args):
 
 
 def measure(args, which):
-    out = subprocess.run([sys.executable, __file__, "--dir", args.dir, "--child", which],
+    out = subprocess.run([sys.executable, __file__, "--dir", args.dir, "--tower", args.tower, "--preset", args.preset,
+                          "--child", which],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -135,7 +164,7 @@ def main(args):
     directory = Path(args.dir)
     if not (directory / "model.safetensors.index.json").is_file():
         t0 = time.time()
-        write_synthetic_checkpoint(directory, args.preset, int(args.shard_gb * 2**30))
+        write_synthetic_checkpoint(directory, TOWERS[args.tower], args.preset, int(args.shard_gb * 2**30))
         size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
         print(f"wrote {size / 2**30:.2f} GiB of float32 shards to {directory} in {time.time() - t0:.0f} s")
     base = baseline_rss()
