@@ -31,7 +31,8 @@ def folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
-    return TextEncoder.load(*make_toy_towers([c for _, c, _ in WORLD], tmp_path_factory.mktemp("towers"), seed=0))
+    clip_dir, t5_dir, _ = make_toy_towers([c for _, c, _ in WORLD], tmp_path_factory.mktemp("towers"), seed=0)
+    return TextEncoder.load(clip_dir, t5_dir)
 
 
 def assert_one_line_error(make, path, reason):

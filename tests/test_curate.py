@@ -23,7 +23,7 @@ CAPTIONS = ["a red ball on a green lawn", "a quiet lake at dawn", "nsfw picture 
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
-    clip_dir, _ = make_toy_towers(CAPTIONS * 3, tmp_path_factory.mktemp("towers"), seed=0)
+    clip_dir, _, _ = make_toy_towers(CAPTIONS * 3, tmp_path_factory.mktemp("towers"), seed=0)
     return str(clip_dir)
 
 
@@ -197,7 +197,7 @@ def test_a_changed_image_or_another_clip_is_measured_again(haystack, tmp_path, t
         register_images(conn, str(haystack))
         _, embedded = run_automatic(conn, cfg, towers)
         assert embedded == 1
-        other, _ = make_toy_towers(CAPTIONS * 3, tmp_path_factory.mktemp("other-towers"), seed=1)
+        other, _, _ = make_toy_towers(CAPTIONS * 3, tmp_path_factory.mktemp("other-towers"), seed=1)
         _, embedded = run_automatic(conn, cfg, str(other))
         assert embedded == 14  # every usable image past the blocklist, with the new tower
         names = {n for (n,) in conn.execute("SELECT DISTINCT name FROM scores")}

@@ -231,7 +231,8 @@ def check_caption(caption):
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
-    return TextEncoder.load(*make_toy_towers(TEXTS, tmp_path_factory.mktemp("towers"), seed=0))
+    clip_dir, t5_dir, _ = make_toy_towers(TEXTS, tmp_path_factory.mktemp("towers"), seed=0)
+    return TextEncoder.load(clip_dir, t5_dir)
 
 
 def read_case(stem):

@@ -31,7 +31,8 @@ CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
-    return make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0)
+    clip_dir, t5_dir, _ = make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0)
+    return clip_dir, t5_dir
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +416,7 @@ def test_make_toy_towers_is_deterministic_and_leaves_global_rng_alone(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     b = make_toy_towers(CAPTIONS, tmp_path / "b", seed=0)
     c = make_toy_towers(CAPTIONS, tmp_path / "c", seed=1)
-    for i in range(2):
+    for i in range(3):  # CLIP, T5 and XLM-R
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
             assert (a[i] / name).read_bytes() == (b[i] / name).read_bytes()
         assert (a[i] / "model.safetensors").read_bytes() != (c[i] / "model.safetensors").read_bytes()

@@ -37,7 +37,7 @@ embed_captions = load_script("data/embed_captions.py")
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
-    clip_dir, t5_dir = make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0)
+    clip_dir, t5_dir, _ = make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0)
     return clip_dir, t5_dir, TextEncoder.load(clip_dir, t5_dir)
 
 
@@ -109,7 +109,7 @@ def test_interrupted_cache_resumes_and_computes_each_caption_once(towers, tmp_pa
 
 def test_other_towers_and_missing_captions_are_one_line_errors(towers, tmp_path):
     clip_dir, t5_dir, _ = towers
-    other_clip, other_t5 = make_toy_towers(CAPTIONS, tmp_path / "other", seed=1)
+    other_clip, other_t5, _ = make_toy_towers(CAPTIONS, tmp_path / "other", seed=1)
     write_text_cache(tmp_path / "cache", CAPTIONS[:2], clip_dir, t5_dir)
     for make in (lambda: write_text_cache(tmp_path / "cache", CAPTIONS, other_clip, other_t5),
                  lambda: write_text_cache(tmp_path / "cache", CAPTIONS, clip_dir, t5_dir, dtype=torch.float32),

@@ -1,15 +1,20 @@
 """The toy towers are pretrained as the real ones were: CLIP contrastively on image-caption pairs, T5 by
-span corruption (emu/text/pretraining.py). A pretrained toy CLIP reads the toy world; a random one does not."""
+span corruption, the multilingual XLM-R by M-CLIP's distillation from CLIP (emu/text/pretraining.py). A
+pretrained toy CLIP reads the toy world; a random one does not. A distilled XLM-R puts a Russian caption
+where CLIP puts the English one; a random one does not."""
 import numpy as np
 import pytest
 import torch
 
 from emu.datasets import toyworld
 from emu.datasets.folders import from_uint8
-from emu.evaluation.accuracy import clip_zero_shot, every_caption
+from emu.evaluation.accuracy import clip_zero_shot, every_caption, mclip_retrieval
+from emu.text.clip import clip_clean, load_clip_text
 from emu.text.encoder import make_toy_towers
-from emu.text.pretraining import contrastive_loss, span_corruption, train_t5
+from emu.text.hf import tokenize
+from emu.text.pretraining import contrastive_loss, span_corruption, train_mclip, train_t5
 from emu.text.t5 import T5_PRESETS, TOY_SENTINELS, T5Encoder, build_toy_t5_tokenizer, sentinel_ids
+from emu.text.xlmr import XLMR_UNK, load_xlmr, save_xlmr
 
 
 def restore(inputs, targets, sentinels):
@@ -71,11 +76,17 @@ def test_pretrained_toy_clip_reads_backgrounds_zero_shot_and_a_random_one_does_n
     images = from_uint8([im for im, _, _ in examples])
     held_out = toyworld.make_haystack(200, seed=1)
     new_images, truth = np.stack([im for im, _, _ in held_out]), [m["attributes"] for _, _, m in held_out]
-    trained, _ = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=64, lr=3e-3)
-    random, _ = make_toy_towers(captions, tmp_path / "random")
+    translated = list(zip([c for c, _ in every_caption("en")], [c for c, _ in every_caption("ru")]))
+    trained, _, trained_xlmr = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=64,
+                                               lr=3e-3, translated=translated)
+    random, _, random_xlmr = make_toy_towers(captions, tmp_path / "random", translated=translated)
     trained_accuracy, random_accuracy = clip_zero_shot(trained, new_images, truth), clip_zero_shot(random, new_images, truth)
     assert trained_accuracy["background"] >= 0.7, trained_accuracy  # 0.83 measured; chance is 0.2
     assert random_accuracy["background"] <= 0.5, random_accuracy
+    # what the toy CLIP knows, its backgrounds, the XLM-R distilled from it knows in Russian too
+    distilled, undistilled = mclip_retrieval(trained_xlmr, trained), mclip_retrieval(random_xlmr, trained)
+    assert distilled["ru"]["background"] >= 0.9, distilled  # 1.0 measured; chance is 0.2
+    assert undistilled["ru"]["background"] <= 0.5, undistilled
 
 
 def test_every_caption_covers_each_scene_once():
@@ -83,3 +94,48 @@ def test_every_caption_covers_each_scene_once():
     assert len(captions) == 4 * 6 * 3 * 5 * 5 == len({c for c, _ in captions})
     for caption, attributes in captions[::97]:
         assert toyworld.parse_caption(caption) == attributes
+
+
+# ----------------------------------------------------------------------------------------------------
+# M-CLIP: the multilingual XLM-R distilled from CLIP
+
+
+def test_toy_xlmr_tokenizer_knows_russian_and_the_tower_lands_in_clips_space(tmp_path):
+    translated = list(zip([c for c, _ in every_caption("en")], [c for c, _ in every_caption("ru")]))
+    clip_dir, _, xlmr_dir = make_toy_towers(["two red circles on the left"], tmp_path, translated=translated)
+    xlmr, tokenizer = load_xlmr(xlmr_dir, dtype=torch.float32)
+    ids, mask = tokenize(tokenizer, [c for c, _ in every_caption("ru")])
+    assert not (ids == tokenizer.token_to_id(XLMR_UNK)).any()
+    clip, _ = load_clip_text(clip_dir, dtype=torch.float32)
+    assert xlmr(ids[:4], mask[:4])[0].shape == (4, clip.config.projection_dim)
+
+
+def test_mclip_distillation_carries_clips_space_to_russian_captions_of_unseen_scenes(tmp_path):
+    """M-CLIP's recipe on four fifths of the scenes: the student reads their English and Russian captions
+    and learns to put both where the frozen CLIP puts the English. Asked about the other fifth, its
+    vectors land nearest the scene's own English caption far more often than chance (1 in 1800) or than
+    the random tower it started from, and nearest a caption with the same attributes more often too.
+    A random toy CLIP is teacher enough: its space is arbitrary, so only a student that reads the words
+    of a caption it never saw can land in it."""
+    english, russian = [c for c, _ in every_caption("en")], [c for c, _ in every_caption("ru")]
+    clip_dir, _, random_dir = make_toy_towers(english, tmp_path / "towers", seed=0, translated=list(zip(english, russian)))
+    order = torch.randperm(len(english), generator=torch.Generator().manual_seed(0))
+    unseen, seen = order[:360], order[360:].tolist()
+    clip, clip_tokenizer = load_clip_text(clip_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ids, mask = tokenize(clip_tokenizer, [english[i] for i in seen], clean=clip_clean)
+        teacher = clip(ids[:, :int(mask.sum(1).max())])[1]  # cut to the longest caption: the same vectors, sooner
+    student, tokenizer = load_xlmr(random_dir, dtype=torch.float32)
+    losses = train_mclip(student.requires_grad_(True), tokenizer, torch.cat([teacher, teacher]),
+                         [english[i] for i in seen] + [russian[i] for i in seen], steps=200, batch_size=32, lr=3e-3)
+    assert np.mean(losses[-10:]) < 0.1 * np.mean(losses[:10])
+    save_xlmr(student, tokenizer, tmp_path / "distilled")
+    distilled = mclip_retrieval(tmp_path / "distilled", clip_dir, queries=unseen)
+    random = mclip_retrieval(random_dir, clip_dir, queries=unseen)
+    # measured: 3 (en) and 20 (ru) of the 360 unseen scenes right, the random tower 0 and 1; 11 to 45 with
+    # other seeds. An attribute is right 0.23 to 0.40 more often than with the random tower.
+    for language in ("en", "ru"):
+        assert distilled[language]["scene"] >= 10 / 1800, distilled  # ten times chance
+        assert distilled[language]["scene"] > random[language]["scene"], (distilled, random)
+        gain = np.mean([distilled[language][a] - random[language][a] for a in toyworld.ATTRIBUTES])
+        assert gain >= 0.1, (language, distilled, random)

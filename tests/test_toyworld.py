@@ -1,6 +1,8 @@
+import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from emu.datasets import toyworld
 
@@ -20,6 +22,53 @@ def test_canonical_captions_parse_back_to_their_scene():
         scene = toyworld.sample_scene(rng, photogenic=False)
         parsed = toyworld.parse_caption(toyworld.caption(scene))
         assert parsed == {a: getattr(scene, a) for a in toyworld.ATTRIBUTES}
+
+
+def test_english_captions_and_their_parses_are_pinned_for_every_scene():
+    """The whole pipeline's data is made from the English captions, so digests pin them: the caption of
+    every scene, and what parse_caption reads from those and from 2000 web captions."""
+    english = [toyworld.caption(scene) for scene in toyworld.every_scene()]
+    assert english[0] == "a red circle on the left on a white background"
+    assert toyworld.caption(toyworld.Scene("diamond", "blue", 3, "center", "teal")) == \
+        "three blue diamonds in the center on a teal background"
+    digest = hashlib.sha256("\n".join(english).encode()).hexdigest()
+    assert digest == "9539b610789a8a9acd2f4226c06bf21a942e35baea01403a6c7e7bc653f7546e"
+    rng = np.random.default_rng(0)
+    web = [toyworld.web_caption(toyworld.sample_scene(rng, False), rng) for _ in range(2000)]
+    parsed = json.dumps([toyworld.parse_caption(text) for text in english + web])
+    assert hashlib.sha256(parsed.encode()).hexdigest() == "0ce7436d6b5e3314a7861fe02a1f7a8b2db0bd2c7863429792359a099c567ebc"
+
+
+@pytest.mark.parametrize("scene, text", [
+    (("circle", "red", 1, "left", "teal"), "красный круг слева на бирюзовом фоне"),
+    (("circle", "red", 2, "left", "teal"), "два красных круга слева на бирюзовом фоне"),
+    (("diamond", "blue", 3, "center", "white"), "три синих ромба в центре на белом фоне"),
+    (("triangle", "yellow", 2, "top", "black"), "два жёлтых треугольника сверху на чёрном фоне"),
+    (("square", "green", 1, "bottom", "pink"), "зелёный квадрат снизу на розовом фоне"),
+    (("square", "purple", 3, "right", "gray"), "три фиолетовых квадрата справа на сером фоне"),
+    (("triangle", "orange", 1, "center", "gray"), "оранжевый треугольник в центре на сером фоне"),
+])
+def test_russian_captions_agree_in_case_and_number(scene, text):
+    """One object: nominative singular, no numeral; two or three: genitive plural adjective, genitive
+    singular noun."""
+    assert toyworld.caption(toyworld.Scene(*scene), "ru") == text
+
+
+def test_parse_caption_reads_every_scene_in_both_languages():
+    for scene in toyworld.every_scene():
+        attributes = {a: getattr(scene, a) for a in toyworld.ATTRIBUTES}
+        russian = toyworld.caption(scene, "ru")
+        assert toyworld.parse_caption(toyworld.caption(scene, "en")) == attributes
+        assert toyworld.parse_caption(russian) == attributes
+        assert toyworld.parse_caption(russian.replace("ё", "е").capitalize()) == attributes  # as Russian is often typed
+
+
+def test_every_scene_is_drawn_once_and_an_unknown_language_is_an_error():
+    scenes = toyworld.every_scene()
+    assert len(scenes) == 1800 == len({tuple(getattr(s, a) for a in toyworld.ATTRIBUTES) for s in scenes})
+    assert len({toyworld.caption(s, "ru") for s in scenes}) == 1800
+    with pytest.raises(ValueError, match="language"):
+        toyworld.caption(scenes[0], "de")
 
 
 def test_web_captions_are_noisy_but_never_empty():

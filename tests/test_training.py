@@ -18,7 +18,8 @@ CAPTIONS = ["a red circle", "two blue squares on the left", "a green triangle at
 def frozen(tmp_path_factory):
     torch.manual_seed(0)
     ae = Autoencoder(PRESETS["toy"]).eval().requires_grad_(False)
-    text_encoder = TextEncoder.load(*make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0))
+    clip_dir, t5_dir, _ = make_toy_towers(CAPTIONS, tmp_path_factory.mktemp("towers"), seed=0)
+    text_encoder = TextEncoder.load(clip_dir, t5_dir)
     return ae, text_encoder
 
 

@@ -2,8 +2,10 @@
 
 Each scene is `count` objects of one `shape` and `color`, grouped at a `position`, on a
 `background` colour. The caption says exactly that ("two red circles on the left on a teal
-background"). On top of the content, every image has hidden photographic qualities named after the
-paper's curation guidelines (emu_paper.txt, section 3.3), each in [0, 1] with 1 the best:
+background"), in English or, for Kandinsky's multilingual tower, in Russian ("два красных круга
+слева на бирюзовом фоне"). On top of the content, every image has hidden photographic qualities
+named after the paper's curation guidelines (emu_paper.txt, section 3.3), each in [0, 1] with 1 the
+best:
 
     composition  subject placed well and whole; low values push it off-centre, shrink it, cut it
     exposure     balanced light; low values under- or over-expose the whole frame
@@ -16,6 +18,7 @@ A "haystack" is what the web gives: mostly mediocre images with noisy alt-text c
 few photogenic "needles" whose qualities are all high. The hidden qualities are written to each
 image's metadata for analysis only: no model, filter or judge reads them.
 """
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -49,6 +52,31 @@ POSITIONS = {  # anchor of the subject group, as fractions of (x, y)
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
                     "bottom": "at the bottom", "center": "in the center"}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+
+# The same words in Russian, Kandinsky's own language. All four shapes are masculine nouns, so each
+# colour needs two forms only. One object is named in the nominative singular, with no numeral
+# ("красный круг", a red circle: Russian has no article); after два and три (2, 3) Russian puts the
+# adjective in the genitive plural and the noun in the genitive singular ("два красных круга").
+SHAPES_RU = {  # nominative singular, genitive singular
+    "circle": ("круг", "круга"),
+    "square": ("квадрат", "квадрата"),
+    "triangle": ("треугольник", "треугольника"),
+    "diamond": ("ромб", "ромба"),
+}
+COLORS_RU = {  # nominative singular masculine, genitive plural
+    "red": ("красный", "красных"),
+    "orange": ("оранжевый", "оранжевых"),
+    "yellow": ("жёлтый", "жёлтых"),
+    "green": ("зелёный", "зелёных"),
+    "blue": ("синий", "синих"),
+    "purple": ("фиолетовый", "фиолетовых"),
+}
+COUNT_WORDS_RU = {2: "два", 3: "три"}
+POSITION_PHRASES_RU = {"left": "слева", "right": "справа", "top": "сверху", "bottom": "снизу",
+                       "center": "в центре"}
+BACKGROUND_PHRASES_RU = {"white": "на белом фоне", "black": "на чёрном фоне", "gray": "на сером фоне",
+                         "teal": "на бирюзовом фоне", "pink": "на розовом фоне"}
+LANGUAGES = ("en", "ru")
 QUALITIES = ("composition", "exposure", "contrast", "sharpness", "noise", "clutter")
 ATTRIBUTES = ("shape", "color", "count", "position", "background")
 
@@ -71,11 +99,24 @@ class Scene:
 # -----------------------------------------------------------------------------
 # captions
 
-def caption(scene):
-    """The canonical, accurate caption of a scene (what a careful human would write)."""
-    noun = scene.shape + ("s" if scene.count > 1 else "")
-    return (f"{COUNT_WORDS[scene.count]} {scene.color} {noun} {POSITION_PHRASES[scene.position]}"
-            f" on a {scene.background} background")
+def caption(scene, language="en"):
+    """The canonical, accurate caption of a scene (what a careful human would write), in English
+    ("en") or Russian ("ru").
+
+    >>> caption(Scene("circle", "red", 2, "left", "teal"), "ru")
+    'два красных круга слева на бирюзовом фоне'
+    """
+    if language == "en":
+        noun = scene.shape + ("s" if scene.count > 1 else "")
+        return (f"{COUNT_WORDS[scene.count]} {scene.color} {noun} {POSITION_PHRASES[scene.position]}"
+                f" on a {scene.background} background")
+    if language == "ru":
+        case = 0 if scene.count == 1 else 1  # nominative singular alone, genitive after два and три
+        subject = f"{COLORS_RU[scene.color][case]} {SHAPES_RU[scene.shape][case]}"
+        if scene.count > 1:
+            subject = f"{COUNT_WORDS_RU[scene.count]} {subject}"
+        return f"{subject} {POSITION_PHRASES_RU[scene.position]} {BACKGROUND_PHRASES_RU[scene.background]}"
+    raise ValueError(f"caption: language {language!r} is not one of {LANGUAGES}")
 
 
 WEB_PREFIXES = ("", "", "", "photo of ", "stock image: ", "img ", "picture of ", "cheap ")
@@ -101,13 +142,31 @@ def web_caption(scene, rng):
     return text
 
 
+def yo_as_ye(text):
+    """Russian text with ё written as е, as most Russian print writes it: "жёлтый" and "желтый" are one word."""
+    return text.replace("ё", "е")
+
+
+# What parse_caption looks up in Russian: each word form -> (attribute, value), ё written as е. A colour
+# in the nominative singular also says the count: one, where English says "a".
+RUSSIAN_WORDS = {
+    **{yo_as_ye(form): ("shape", shape) for shape, forms in SHAPES_RU.items() for form in forms},
+    **{yo_as_ye(form): ("color", color) for color, forms in COLORS_RU.items() for form in forms},
+    **{word: ("count", count) for count, word in COUNT_WORDS_RU.items()},
+}
+RUSSIAN_SINGULAR = {yo_as_ye(nominative) for nominative, _ in COLORS_RU.values()}
+
+
 def parse_caption(text):
-    """Read the attributes a caption states; attributes it does not mention are None.
+    """Read the attributes a caption states, in English or Russian; attributes it does not mention
+    are None.
 
     >>> parse_caption("two red circles on the left on a teal background")["count"]
     2
+    >>> parse_caption("красный круг в центре на сером фоне")["count"]
+    1
     """
-    words = text.lower().replace(",", " ").split()
+    words = yo_as_ye(text.lower()).replace(",", " ").split()
     found = dict.fromkeys(ATTRIBUTES)
     for i, w in enumerate(words):
         if w.rstrip("s") in SHAPES:
@@ -122,9 +181,18 @@ def parse_caption(text):
             found["count"] = 2
         elif w == "three":
             found["count"] = 3
-    for pos, phrase in POSITION_PHRASES.items():
-        if phrase in " ".join(words):
-            found["position"] = pos
+        elif w in RUSSIAN_WORDS:  # Cyrillic: no English word reaches this branch
+            attribute, value = RUSSIAN_WORDS[w]
+            if attribute != "color" or found["color"] is None:  # the first colour named, as in English
+                found[attribute] = value
+            if w in RUSSIAN_SINGULAR and found["count"] is None:
+                found["count"] = 1
+    joined = " ".join(words)
+    for attribute, phrases in (("position", POSITION_PHRASES), ("position", POSITION_PHRASES_RU),
+                               ("background", BACKGROUND_PHRASES_RU)):
+        for value, phrase in phrases.items():
+            if yo_as_ye(phrase) in joined:
+                found[attribute] = value
     return found
 
 
@@ -267,6 +335,13 @@ def random_prompts(n, seed):
         category = "Counting" if scene.count > 1 else "Basic"
         prompts.append((caption(scene), category))
     return prompts
+
+
+def every_scene():
+    """Every scene the toy world can draw, once each (4 shapes x 6 colours x 3 counts x 5 positions x
+    5 backgrounds = 1800), photogenic; in a fixed order."""
+    values = itertools.product(SHAPES, COLORS, (1, 2, 3), POSITIONS, BACKGROUNDS)
+    return [Scene(*v, qualities=dict.fromkeys(QUALITIES, 1.0)) for v in values]
 
 
 def scene_from_attributes(attributes, qualities=None):

@@ -10,8 +10,6 @@ stated attribute right. Brackets are percentile bootstrap intervals over prompts
 The ceiling is the same measure on real toy images of the same prompts, rendered by the toy world
 (reference_images): what a model that draws every prompt perfectly would score with this classifier.
 """
-import itertools
-
 import numpy as np
 import torch
 
@@ -20,6 +18,7 @@ from emu.datasets.folders import from_uint8
 from emu.evaluation.faithfulness import CLASSES
 from emu.text.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
 from emu.text.hf import tokenize
+from emu.text.xlmr import load_xlmr
 
 COLUMNS = (*toyworld.ATTRIBUTES, "all")
 
@@ -95,10 +94,11 @@ def accuracy_markdown(rows):
 # The toy CLIP's zero-shot accuracy
 
 
-def every_caption():
-    """Every scene the toy world can draw, as (accurate caption, attributes): 1800 of them."""
-    scenes = itertools.product(toyworld.SHAPES, toyworld.COLORS, (1, 2, 3), toyworld.POSITIONS, toyworld.BACKGROUNDS)
-    return [(toyworld.caption(toyworld.Scene(*values)), dict(zip(toyworld.ATTRIBUTES, values))) for values in scenes]
+def every_caption(language="en"):
+    """Every scene the toy world can draw (toyworld.every_scene), as (accurate caption in `language`,
+    attributes): 1800 of them, the same scenes in the same order in every language."""
+    return [(toyworld.caption(scene, language), {a: getattr(scene, a) for a in toyworld.ATTRIBUTES})
+            for scene in toyworld.every_scene()]
 
 
 @torch.no_grad()
@@ -127,3 +127,42 @@ def clip_zero_shot(clip_dir, images, attributes, temperature=0.01):
         truth = torch.tensor([values.index(a[attribute]) for a in attributes])
         accuracy[attribute] = float((per_value.argmax(dim=1) == truth).float().mean())
     return accuracy
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy XLM-R's distillation into CLIP's text space
+
+
+@torch.no_grad()
+def mclip_retrieval(xlmr_dir, clip_dir, queries=None, languages=toyworld.LANGUAGES):
+    """How closely a multilingual tower distilled as M-CLIP was lands where its CLIP teacher puts the
+    English. Each query scene's caption, in each language, is embedded by the tower (its projected
+    vector) and compared by cosine with the CLIP text embedding of every scene's English caption
+    (every_caption); the nearest of the 1800 is the tower's answer. The scene is right when the answer
+    is the query's own English caption (chance: 1/1800), an attribute when the answer's scene has the
+    query's value (chance: about one over the attribute's number of values).
+
+    :param queries: indices into every_caption() of the scenes to ask about, default all of them (a
+        tower distilled on some scenes is asked about the others to see whether it composes).
+    :return: {language: {"scene" or attribute: share of the queries answered right, in [0, 1]}}.
+    """
+    text, clip_tokenizer = load_clip_text(clip_dir, dtype=torch.float32)
+    xlmr, xlmr_tokenizer = load_xlmr(xlmr_dir, dtype=torch.float32)
+    english = every_caption()
+    queries = torch.arange(len(english)) if queries is None else torch.as_tensor(queries)
+    # Both towers read ids cut to the longest caption, not padded to 77: CLIP is causal and the XLM-R masks
+    # its padding, so the vectors are the same, at a fraction of the cost.
+    ids, mask = tokenize(clip_tokenizer, [c for c, _ in english], clean=clip_clean)
+    teacher = torch.nn.functional.normalize(text(ids[:, :int(mask.sum(1).max())])[1], dim=-1)  # (1800, P)
+    value_of = {a: torch.tensor([CLASSES[a].index(attrs[a]) for _, attrs in english]) for a in toyworld.ATTRIBUTES}
+    rates = {}
+    for language in languages:
+        captions = every_caption(language)
+        ids, mask = tokenize(xlmr_tokenizer, [captions[i][0] for i in queries])
+        length = int(mask.sum(1).max())
+        student = torch.nn.functional.normalize(xlmr(ids[:, :length], mask[:, :length])[0], dim=-1)  # (Q, P)
+        answer = (student @ teacher.T).argmax(dim=1)  # (Q,) index of the nearest English caption
+        rates[language] = {"scene": float((answer == queries).float().mean())}
+        for a, values in value_of.items():
+            rates[language][a] = float((values[answer] == values[queries]).float().mean())
+    return rates

@@ -4,7 +4,8 @@ Emu feeds the U-Net two sequences of text features (CLIP ViT-L's and T5-XXL's la
 cross-attended with their padding masks) plus CLIP's pooled, projected caption vector. Neither tower
 is trained. The towers live in emu/text/clip.py and emu/text/t5.py and are read from Hugging Face directories
 (emu/text/hf.py); make_toy_towers writes small ones in that same layout, pretrained for the toy world
-(emu/text/pretraining.py) or random for tests.
+(emu/text/pretraining.py) or random for tests, and beside them a toy XLM-R, Kandinsky 2.1's multilingual
+tower (emu/text/xlmr.py), distilled from the toy CLIP.
 """
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch.nn as nn
 from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
                            clip_clean, load_clip_text, save_clip)
 from emu.text.hf import tokenize
-from emu.text.pretraining import train_clip, train_t5
+from emu.text.pretraining import train_clip, train_mclip, train_t5
 from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
+from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, save_xlmr
 
 # The dtypes the towers may run in; not float16, which T5's activations overflow.
 TEXT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -138,22 +140,33 @@ class TextEncoder(nn.Module):
 # Toy towers
 
 
-def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None):
+def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None, translated=()):
     """Train toy tokenizers on `captions`, build seeded toy towers, save them in the HF layout.
 
+    Beside Emu's two towers, a toy XLM-R (Kandinsky 2.1's multilingual tower, emu/text/xlmr.py) whose
+    tokenizer is trained on `captions` plus both sides of `translated`, (English caption, the same in
+    another language) pairs: data/make_toy.py gives every toy scene's caption in English and Russian.
     With `steps` > 0 the towers are pretrained first, as the real ones were (emu/text/pretraining.py):
     CLIP's text and vision towers contrastively on `images` ((N, 3, H, W) in [-1, 1]) paired with the
     first N captions, T5 by span corruption on all the captions, `steps` steps of `batch_size` each at
-    peak learning rate `lr`.
+    peak learning rate `lr`. Then the XLM-R is distilled from the trained CLIP text tower as M-CLIP was,
+    on both sides of `translated` (or, without it, on `captions`): 2 * `steps` steps of `batch_size` // 8 captions,
+    since steps on text alone are cheap, and many small ones fit the teacher better than a few large
+    ones of the same cost.
     With `steps` 0 they stay random.
     The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
-    :return: (out_dir/"clip", out_dir/"t5") as Paths, ready for TextEncoder.load.
+    :return: (out_dir/"clip", out_dir/"t5", out_dir/"xlmr") as Paths; the first two are what
+             TextEncoder.load reads, the third is what load_xlmr reads.
     """
     captions = list(captions)
+    english, other = ([e for e, _ in translated], [o for _, o in translated]) if translated else (captions, [])
     clip_tokenizer = build_toy_clip_tokenizer(captions)
     t5_tokenizer = build_toy_t5_tokenizer(captions)
+    xlmr_tokenizer = build_toy_xlmr_tokenizer(captions + [c for pair in translated for c in pair])
     clip_config = replace(CLIP_PRESETS["toy"], vocab_size=clip_tokenizer.get_vocab_size())
     t5_config = replace(T5_PRESETS["toy"], vocab_size=t5_tokenizer.get_vocab_size())
+    xlmr_config = replace(XLMR_PRESETS["toy"], vocab_size=xlmr_tokenizer.get_vocab_size(),
+                          numDims=clip_config.projection_dim)  # it lands in CLIP's text space
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         clip, t5 = CLIPTextModel(clip_config), T5Encoder(t5_config)
@@ -163,7 +176,16 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
                 raise ValueError("make_toy_towers: pretraining the towers (steps > 0) needs the captions' images")
             train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, lr, seed, log)
             train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
-    clip_dir, t5_dir = Path(out_dir) / "clip", Path(out_dir) / "t5"
+        xlmr = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
+        if steps:
+            with torch.no_grad():  # the frozen teacher's targets, once: an English caption's CLIP embedding
+                ids, mask = tokenize(clip_tokenizer, english, clean=clip_clean)
+                teacher = clip(ids[:, :int(mask.sum(1).max())])[1]  # (1800, P); a causal CLIP ignores padding
+            # both languages of a caption have the same target, the English caption's
+            train_mclip(xlmr, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 2 * steps,
+                        max(1, batch_size // 8), lr, seed, log)
+    clip_dir, t5_dir, xlmr_dir = Path(out_dir) / "clip", Path(out_dir) / "t5", Path(out_dir) / "xlmr"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)
-    return clip_dir, t5_dir
+    save_xlmr(xlmr, xlmr_tokenizer, xlmr_dir)
+    return clip_dir, t5_dir, xlmr_dir

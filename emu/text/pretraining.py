@@ -15,6 +15,13 @@ same two objectives, before they are frozen:
     out, each span replaced by one sentinel token (<extra_id_0>, <extra_id_1>, ...); a decoder reads
     the encoder's output and writes the cut spans after their sentinels. Only the encoder is kept:
     Emu, like Imagen, uses T5's encoder alone, so the small decoder here exists for training only.
+
+Kandinsky 2.1's multilingual tower was made differently, by distillation (M-CLIP, Carlsson et al. 2022):
+
+  * M-CLIP: CLIP stays frozen as the teacher. XLM-RoBERTa with a linear head, the student, reads a
+    caption in any language (machine-translated from English) and is trained by mean squared error
+    to put its projected vector where CLIP's text tower puts the English original. No images are
+    needed: the student inherits CLIP's image-text alignment through the teacher's text space.
 """
 import math
 
@@ -142,6 +149,35 @@ def train_t5(t5, tokenizer, captions, steps=400, batch_size=256, lr=2e-3, seed=0
 
     params = list({id(p): p for p in [*t5.parameters(), *decoder.parameters()]}.values())  # the tied embedding once
     return _train(params, steps, lr, len(token_lists), batch_size, seed, log, "T5 span corruption", loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+# M-CLIP: distilling CLIP's text space into a multilingual tower
+
+
+def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
+    """Train an XLMRTextModel in place so that its projected vector of each caption matches the frozen
+    teacher's CLIP text embedding of that caption's English original, by mean squared error.
+
+    The teacher is frozen, so its embeddings are computed once by the caller, not in every step. An
+    English caption's target is its own embedding; a translation's target is its original's.
+    :param teacher_embeds: (N, P) the CLIP text tower's pooled, projected vector of each caption's
+        English original, P = the student's numDims.
+    :param captions: N strings, the i-th in any language, meaning what the i-th English original says.
+    :return: the training losses, one per step.
+    """
+    ids, mask = tokenize(tokenizer, captions)
+    # trained on ids cut to the longest caption: the padding is masked out of attention and of the mean
+    length = int(mask.sum(1).max())
+    ids, mask = ids[:, :length], mask[:, :length]
+    targets = teacher_embeds.detach().float()
+    with torch.no_grad():
+        # Not in M-CLIP: the head starts at the teacher's mean vector. A teacher's embeddings share a large
+        # common part and differ by little, and the differences are what tell captions apart; starting at
+        # the common part, training spends its steps on them.
+        student.projection.bias.copy_(targets.mean(dim=0))
+    return _train(list(student.parameters()), steps, lr, len(ids), batch_size, seed, log, "M-CLIP distillation",
+                  lambda idx: F.mse_loss(student(ids[idx], mask[idx])[0], targets[idx]))
 
 
 # ----------------------------------------------------------------------------------------------------
