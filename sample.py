@@ -32,6 +32,7 @@ from emu.arch import ARCHS
 from emu.datasets.folders import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
 from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
 from emu.evaluation.faithfulness import load_classifier
+from emu.evaluation.metrics import seed_variety
 from emu.pipeline import TextToImage
 from emu.variants.inpaint import box_mask, mask_from_image, outpaint_canvas
 from emu.variants.kandinsky import fuse_embeddings
@@ -95,6 +96,10 @@ def main(args):
         save_png(os.path.join(args.out, f"{k:04d}.png"), image, meta)
     save_png(os.path.join(args.out, "grid.png"), make_grid(images, ncol=args.n), {"prompts": " | ".join(prompts), "checkpoint": args.ckpt})
     print(f"wrote {len(images)} images and grid.png to {args.out}")
+    if args.n > 1:
+        variety = seed_variety(images, args.n)
+        print(f"variety over seeds: two images of one prompt differ by {variety['seeds']:.3f} RMS (pixels in [0, 1])"
+              + (f", the first images of two prompts by {variety['prompts']:.3f}" if variety["prompts"] is not None else ""))
     if classifier is not None:
         table = accuracy_table(prompt_hits(classifier, images, [p for p, _ in jobs]), seed=args.seed)
         print(f"prompt accuracy, read by {args.accuracy}:\n" + accuracy_markdown({args.ckpt: table}))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from emu.checkpoint import read_metrics
+from emu.evaluation.metrics import seed_variety
 from emu.pipeline import read_training_checkpoint
 from emu.datasets.shards import pack_folder
 from experiments.common import copy_examples
@@ -46,6 +47,8 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
               "--n", "2", "--steps", "3", "--out", f"{tmp_path}/samples", "--accuracy", f"{w}/judge.pt")
     assert f"prompt accuracy, read by {w}/judge.pt:\n| images | shape | color | count | position | background | all |" in out
     assert out.strip().splitlines()[-1].startswith(f"| {tmp_path}/qt/best.pt | ")
+    images = np.stack([np.array(Image.open(f"{tmp_path}/samples/{k:04d}.png")) for k in range(2)])
+    assert f"variety over seeds: two images of one prompt differ by {seed_variety(images, 2)['seeds']:.3f} RMS" in out
     png = Image.open(f"{tmp_path}/samples/0001.png")
     assert png.size == (32, 32)
     assert png.text["prompt"] == "a red circle in the center on a white background" and png.text["seed"] == "1"

@@ -1,8 +1,12 @@
-"""Reconstruction metrics of Table 1 (emu_paper.txt, section 3.1): PSNR and SSIM.
+"""Reconstruction metrics of Table 1 (emu_paper.txt, section 3.1): PSNR and SSIM; and how much a
+model's samples of one prompt vary from seed to seed.
 
-Both take images in [-1, 1], as the models produce them, and compute on [0, 1] (peak value 1).
+PSNR and SSIM take images in [-1, 1], as the models produce them, and compute on [0, 1] (peak value 1).
 Both return one number per image, so a caller can average over a held-out set or look at the worst.
 """
+import itertools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +56,26 @@ def _to_unit(images):
         images = images.float()
     return (images + 1.0) / 2.0
 
+
+
+def seed_variety(images, n):
+    """How different a model's images of one prompt are from seed to seed, against images of different
+    prompts: what prompt accuracy cannot see (a model that draws one image per prompt scores as well as
+    one that draws many). Pixel distances are crude for photographs, and fine for the toy world, where
+    "the same image" means the same objects in the same place.
+
+    :param images: (P * n, H, W, 3) uint8, each prompt's n images together (sample.py's order).
+    :return: {"seeds": mean RMS distance in [0, 1] between two images of the same prompt, over every
+              pair of each prompt's images; "prompts": the same between the first images of consecutive
+              prompts, the scale of a real difference}; "prompts" is None for a single prompt.
+    """
+    if n < 2 or len(images) % n:
+        raise ValueError(f"seed_variety needs n >= 2 images of each prompt, got {len(images)} images for n={n}")
+    x = np.asarray(images, dtype=np.float64).reshape(len(images) // n, n, -1) / 255.0  # (P, n, pixels)
+
+    def rms(a, b):
+        return np.sqrt(((a - b) ** 2).mean(axis=-1))
+
+    seeds = np.mean([rms(x[:, i], x[:, j]).mean() for i, j in itertools.combinations(range(n), 2)])
+    prompts = rms(x[:-1, 0], x[1:, 0]).mean() if len(x) > 1 else None
+    return {"seeds": float(seeds), "prompts": None if prompts is None else float(prompts)}
