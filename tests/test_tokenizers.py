@@ -293,22 +293,30 @@ def protobuf_fields(buffer):
         yield key >> 3, value
 
 
+def train_sentencepiece(captions, **special_ids):
+    """A unigram SentencePiece model with NFKC-based normalisation trained on `captions` (each three
+    times), its special tokens at `special_ids` (pad_id=..., eos_id=..., -1 for none): (processor,
+    [(piece, score)] in id order, the normaliser's precompiled character map), what transformers'
+    slow -> fast conversion reads. The map is ModelProto field 3, NormalizerSpec field 2, read without
+    protobuf, which is not installed."""
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions * 3), model_writer=model, model_type="unigram",
+                                   vocab_size=200, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
+                                   num_threads=1, minloglevel=2, **special_ids)
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    charsmap = dict(protobuf_fields(dict(protobuf_fields(model.getvalue()))[3]))[2]
+    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    return processor, pieces, charsmap
+
+
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     """(SentencePiece processor, our tokenizer as load_t5_encoder returns it)."""
-    spm = pytest.importorskip("sentencepiece")
     pytest.importorskip("transformers")
     from transformers import T5Tokenizer
-    model = io.BytesIO()
-    # T5's settings: unigram, NFKC-based normalisation, <pad>=0 </s>=1 <unk>=2 and no <s>.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 3), model_writer=model, model_type="unigram",
-                                   vocab_size=200, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    # The slow -> fast conversion reads the pieces and the normaliser's precompiled character map
-    # (ModelProto field 3, NormalizerSpec field 2) from the model; protobuf is not installed.
-    charsmap = dict(protobuf_fields(dict(protobuf_fields(model.getvalue()))[3]))[2]
-    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    # T5's settings: <pad>=0 </s>=1 <unk>=2 and no <s>.
+    processor, pieces, charsmap = train_sentencepiece(CAPTIONS, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
     converted = T5Tokenizer(vocab=pieces, _spm_precompiled_charsmap=charsmap).backend_tokenizer  # + 100 sentinels
     path = tmp_path_factory.mktemp("t5")
     config = T5Config(vocab_size=converted.get_vocab_size(), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)

@@ -5,7 +5,6 @@ numbers (on a tiny random model written in the published MultilingualCLIP layout
 for the token ids (a unigram model trained here, converted to tokenizer.json by transformers as
 XLM-R's published one is).
 """
-import io
 import json
 import shutil
 
@@ -145,21 +144,12 @@ def test_preset_matches_the_published_architecture_key_for_key():
 @pytest.fixture(scope="module")
 def spm_xlmr(tmp_path_factory):
     """(SentencePiece processor, our tokenizer as load_xlmr returns it) for one unigram model."""
-    spm = pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
     from transformers.convert_slow_tokenizer import XLMRobertaConverter
-    from test_tokenizers import protobuf_fields
-    model = io.BytesIO()
-    # XLM-R's sentencepiece.bpe.model: a unigram model (despite the name) with <unk>=0 <s>=1 </s>=2, no <pad>.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS * 3), model_writer=model, model_type="unigram",
-                                   vocab_size=200, hard_vocab_limit=False, normalization_rule_name="nmt_nfkc",
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    # As in test_tokenizers' T5 fixture: the pieces and the precompiled character map (ModelProto
-    # field 3, NormalizerSpec field 2) read without protobuf, then transformers' conversion, which
-    # lays the pieces out in fairseq's dictionary order.
-    charsmap = dict(protobuf_fields(dict(protobuf_fields(model.getvalue()))[3]))[2]
-    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    from test_tokenizers import train_sentencepiece
+    # XLM-R's sentencepiece.bpe.model: a unigram model (despite the name) with <unk>=0 <s>=1 </s>=2, no <pad>;
+    # transformers' conversion lays its pieces out in fairseq's dictionary order.
+    processor, pieces, charsmap = train_sentencepiece(CAPTIONS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     kwargs = XLMRobertaConverter.convert_from_spm(vocab=pieces)
     converted = transformers.XLMRobertaTokenizer(**kwargs, _spm_precompiled_charsmap=charsmap).backend_tokenizer
     config = XLMRConfig(vocab_size=converted.get_vocab_size(), hidden_size=8, num_hidden_layers=1,

@@ -18,6 +18,7 @@ from emu.datasets.folders import from_uint8
 from emu.evaluation.faithfulness import CLASSES
 from emu.text.clip import clip_clean, clip_preprocess, load_clip_text, load_clip_vision
 from emu.text.hf import tokenize
+from emu.text.pretraining import clip_text_embeddings
 from emu.text.xlmr import load_xlmr
 
 COLUMNS = (*toyworld.ATTRIBUTES, "all")
@@ -150,17 +151,13 @@ def mclip_retrieval(xlmr_dir, clip_dir, queries=None, languages=toyworld.LANGUAG
     xlmr, xlmr_tokenizer = load_xlmr(xlmr_dir, dtype=torch.float32)
     english = every_caption()
     queries = torch.arange(len(english)) if queries is None else torch.as_tensor(queries)
-    # Both towers read ids cut to the longest caption, not padded to 77: CLIP is causal and the XLM-R masks
-    # its padding, so the vectors are the same, at a fraction of the cost.
-    ids, mask = tokenize(clip_tokenizer, [c for c, _ in english], clean=clip_clean)
-    teacher = torch.nn.functional.normalize(text(ids[:, :int(mask.sum(1).max())])[1], dim=-1)  # (1800, P)
+    teacher = torch.nn.functional.normalize(clip_text_embeddings(text, clip_tokenizer, [c for c, _ in english]), dim=-1)
     value_of = {a: torch.tensor([CLASSES[a].index(attrs[a]) for _, attrs in english]) for a in toyworld.ATTRIBUTES}
     rates = {}
     for language in languages:
         captions = every_caption(language)
-        ids, mask = tokenize(xlmr_tokenizer, [captions[i][0] for i in queries])
-        length = int(mask.sum(1).max())
-        student = torch.nn.functional.normalize(xlmr(ids[:, :length], mask[:, :length])[0], dim=-1)  # (Q, P)
+        ids, mask = tokenize(xlmr_tokenizer, [captions[i][0] for i in queries], trim=True)
+        student = torch.nn.functional.normalize(xlmr(ids, mask)[0], dim=-1)  # (Q, P)
         answer = (student @ teacher.T).argmax(dim=1)  # (Q,) index of the nearest English caption
         rates[language] = {"scene": float((answer == queries).float().mean())}
         for a, values in value_of.items():

@@ -57,7 +57,6 @@ def _to_unit(images):
     return (images + 1.0) / 2.0
 
 
-
 def seed_variety(images, n):
     """How different a model's images of one prompt are from seed to seed, against images of different
     prompts: what prompt accuracy cannot see (a model that draws one image per prompt scores as well as

@@ -16,7 +16,7 @@ import torch.nn as nn
 from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
                            clip_clean, load_clip_text, save_clip)
 from emu.text.hf import tokenize
-from emu.text.pretraining import train_clip, train_mclip, train_t5
+from emu.text.pretraining import clip_text_embeddings, train_clip, train_mclip, train_t5
 from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
 from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, save_xlmr
 
@@ -178,9 +178,7 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
             train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
         xlmr = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
         if steps:
-            with torch.no_grad():  # the frozen teacher's targets, once: an English caption's CLIP embedding
-                ids, mask = tokenize(clip_tokenizer, english, clean=clip_clean)
-                teacher = clip(ids[:, :int(mask.sum(1).max())])[1]  # (1800, P); a causal CLIP ignores padding
+            teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
             # both languages of a caption have the same target, the English caption's
             train_mclip(xlmr, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 2 * steps,
                         max(1, batch_size // 8), lr, seed, log)

@@ -212,11 +212,14 @@ def set_fixed_length(tokenizer, length, pad_token):
     tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token)
 
 
-def tokenize(tokenizer, captions, device="cpu", clean=None):
+def tokenize(tokenizer, captions, device="cpu", clean=None, trim=False):
     """Encode a list of captions to fixed-length ids (B, L) long and a real-token mask (B, L) bool.
 
     :param clean: optional str -> str applied to each caption first: the part of a tokenizer's
         original text cleanup that its tokenizer.json cannot express (CLIP's is emu.text.clip.clip_clean).
+    :param trim: cut both to the longest caption's real tokens instead of the fixed length. A tower
+        gives the same vectors either way (T5 and XLM-R mask the padding, a causal CLIP never sees it
+        before its end token), at a fraction of the cost: for training and measuring on many captions.
     """
     if isinstance(captions, str) or len(captions) == 0:
         raise EmuError(f"captions must be a non-empty list of strings, got {captions!r:.80}")
@@ -224,4 +227,7 @@ def tokenize(tokenizer, captions, device="cpu", clean=None):
     encodings = tokenizer.encode_batch(captions)
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device)
     mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool, device=device)
+    if trim:
+        length = int(mask.sum(dim=1).max())
+        ids, mask = ids[:, :length], mask[:, :length]
     return ids, mask

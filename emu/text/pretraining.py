@@ -52,10 +52,9 @@ def train_clip(text, vision, tokenizer, images, captions, steps=400, batch_size=
     :param images: (N, 3, H, W) float in [-1, 1]; captions: N strings, the i-th describing image i.
     :return: the training losses, one per step.
     """
-    ids, mask = tokenize(tokenizer, captions, clean=clip_clean)
     # trained on ids cut to the longest caption; frozen, the tower reads them padded to 77, which a causal
     # CLIP does not see before its end token
-    ids = ids[:, :int(mask.sum(1).max())]
+    ids, _ = tokenize(tokenizer, captions, clean=clip_clean, trim=True)
     pixels = clip_preprocess(images, size=vision.config.image_size)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, 0.07
     params = [*text.parameters(), *vision.parameters(), logit_scale]
@@ -155,21 +154,26 @@ def train_t5(t5, tokenizer, captions, steps=400, batch_size=256, lr=2e-3, seed=0
 # M-CLIP: distilling CLIP's text space into a multilingual tower
 
 
+@torch.no_grad()
+def clip_text_embeddings(text, tokenizer, captions):
+    """The CLIP text tower's pooled, projected vector of each caption, (N, P): M-CLIP's targets."""
+    ids, _ = tokenize(tokenizer, captions, clean=clip_clean, trim=True)
+    return text(ids)[1]
+
+
 def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
     """Train an XLMRTextModel in place so that its projected vector of each caption matches the frozen
     teacher's CLIP text embedding of that caption's English original, by mean squared error.
 
-    The teacher is frozen, so its embeddings are computed once by the caller, not in every step. An
+    The teacher is frozen, so its embeddings are computed once by the caller (clip_text_embeddings), not in every step. An
     English caption's target is its own embedding; a translation's target is its original's.
     :param teacher_embeds: (N, P) the CLIP text tower's pooled, projected vector of each caption's
         English original, P = the student's numDims.
     :param captions: N strings, the i-th in any language, meaning what the i-th English original says.
     :return: the training losses, one per step.
     """
-    ids, mask = tokenize(tokenizer, captions)
     # trained on ids cut to the longest caption: the padding is masked out of attention and of the mean
-    length = int(mask.sum(1).max())
-    ids, mask = ids[:, :length], mask[:, :length]
+    ids, mask = tokenize(tokenizer, captions, trim=True)
     targets = teacher_embeds.detach().float()
     with torch.no_grad():
         # Not in M-CLIP: the head starts at the teacher's mean vector. A teacher's embeddings share a large
