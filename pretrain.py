@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         "(default runs/prior/prior.pt)")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
+    p.add_argument("--xlmr", default=None,
+                   help="--arch kandinsky: Kandinsky 2.1's multilingual tower (XLM-R with M-CLIP's head; the toy one is "
+                        "runs/towers/xlmr), read by the decoder in place of the CLIP and T5 tokens; the prior still reads CLIP")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
     p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse; "
                                                    "kandinsky: kandinsky, and toy-inpaint, kandinsky-inpaint)")
@@ -115,7 +118,7 @@ def main(args):
 
     # frozen parts and the model
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
-                                         args.prior if args.sample_every else None)
+                                         args.prior if args.sample_every else None, args.xlmr)
     net = arch.build(args.preset, ae, text_encoder).to(device)
     net.grad_checkpoint = args.grad_checkpoint
     model, ema = distribute(net, world, args)

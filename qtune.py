@@ -170,8 +170,9 @@ def main(args):
         setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
     args.min_snr_gamma = pre_args.get("min_snr_gamma")  # the same loss; None in runs from before the flag
     args.prior = pre_args.get("prior")  # Kandinsky's decoder: the image prior its sample grids use
+    args.xlmr = pre_args.get("xlmr")  # ... and its multilingual tower, if it reads one
     ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
-                                         args.prior)
+                                         args.prior, args.xlmr)
     net = net.to(device).requires_grad_(True)
     net.grad_checkpoint = args.grad_checkpoint
     objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens

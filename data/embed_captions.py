@@ -9,7 +9,7 @@
 It reads the captions training reads: every key.txt, the accurate captions quality-tuning trains on
 (the metadata field --caption-field, where present), and optionally prompt files; the empty caption
 is always added. Run it again after an interruption, or on more data: only the captions the cache
-lacks are computed. A cache belongs to one pair of towers and one dtype (emu/text/cache.py).
+lacks are computed. A cache belongs to one pair of towers (three with --xlmr) and one dtype (emu/text/cache.py).
 """
 import argparse
 import os
@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", nargs="*", default=[], help="prompt files to embed too (one per line, or a .tsv)")
     p.add_argument("--clip", default="runs/towers/clip", help="CLIP text tower directory, Hugging Face layout")
     p.add_argument("--t5", default="runs/towers/t5", help="T5 encoder directory, Hugging Face layout")
+    p.add_argument("--xlmr", default=None, help="Kandinsky 2.1's multilingual tower (XLM-R with M-CLIP's head), for a "
+                                                "decoder trained with pretrain.py --arch kandinsky --xlmr: cached too")
     p.add_argument("--out", default="runs/text-cache", help="cache directory (created, or added to)")
     p.add_argument("--bs", type=int, default=64, help="captions per forward pass of the towers")
     p.add_argument("--shard-size", type=int, default=1024, help="captions per shard file (the unit of resuming)")
@@ -62,7 +64,7 @@ def main(args):
     captions = read_captions(args.data, args.caption_field, args.prompts)
     print(f"{len(set(captions))} distinct captions in {', '.join(args.data + args.prompts)}")
     computed = write_text_cache(args.out, captions, args.clip, args.t5, dtype=TEXT_DTYPES[args.dtype], device=args.device,
-                                batch_size=args.bs, shard_size=args.shard_size)
+                                batch_size=args.bs, shard_size=args.shard_size, xlmr_dir=args.xlmr)
     cache = TextEmbeddingCache(args.out)
     print(f"computed {computed} embeddings; {args.out} holds {len(cache)} captions in {len(cache.shards)} shards "
           f"({cache.manifest['dtype']})")

@@ -170,7 +170,7 @@ def get_arch(name):
 
 def resolve_arch_flags(args):
     """Fill in the flags whose defaults depend on --arch and check the others apply to it: --preset,
-    --ae (the first stage: an autoencoder, none, or a VQ tokenizer), --schedule, --prediction and --prior."""
+    --ae (the first stage: an autoencoder, none, or a VQ tokenizer), --schedule, --prediction, --prior and --xlmr."""
     arch = get_arch(args.arch)
     if args.preset not in arch.presets:
         raise EmuError(f"--preset {args.preset}: --arch {arch.name} has presets {', '.join(arch.presets)}")
@@ -182,8 +182,9 @@ def resolve_arch_flags(args):
         raise EmuError("--grad-checkpoint is for the U-Nets (--arch ldm or pixel), not --arch muse")
     if arch.name == "kandinsky":
         args.prior = getattr(args, "prior", None) or "runs/prior/prior.pt"
-    elif getattr(args, "prior", None):
-        raise EmuError(f"--prior is for Kandinsky's decoder (--arch kandinsky), not --arch {arch.name}")
+    elif getattr(args, "prior", None) or getattr(args, "xlmr", None):
+        flag = "--prior" if getattr(args, "prior", None) else "--xlmr"
+        raise EmuError(f"{flag} is for Kandinsky's decoder (--arch kandinsky), not --arch {arch.name}")
     schedule, prediction, gamma = arch.diffusion_defaults(args.preset)
     if schedule is None and (args.schedule or args.prediction or args.min_snr_gamma is not None):
         raise EmuError(f"--schedule, --prediction and --min-snr-gamma are for diffusion models, not --arch {arch.name}")

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from emu.text.encoder import TextEmbedding
+from emu.text.encoder import Conditioning
 
 
 def make_betas(schedule, num_timesteps):
@@ -230,7 +230,7 @@ def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None
     if scale == 1.0:
         return model(x, t, text, **model_kwargs)
     both = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
-    out = model(torch.cat([x, x]), torch.cat([t, t]), TextEmbedding.cat([text, uncond]), **both)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([text, uncond]), **both)
     cond, unc = out.chunk(2)
     return unc + scale * (cond - unc)
 
@@ -246,7 +246,7 @@ def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_
     :param model_kwargs: other inputs of the model (classifier_free_guidance's).
     :return: (B, 3, H, W).
     """
-    f, device = first_stage.downsample_factor, text.clip.device
+    f, device = first_stage.downsample_factor, text.pooled.device
     shape = (model.cfg.in_channels, size[0] // f, size[1] // f)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     gen = torch.Generator(device).manual_seed(int(seeds[0]))

@@ -16,12 +16,13 @@ from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.datasets.folders import from_pil, make_grid, save_png, to_uint8
 from emu.models.first_stage import load_autoencoder
 from emu.text.cache import load_text_cache
-from emu.text.encoder import TEXT_DTYPES, TextEncoder
+from emu.text.encoder import TEXT_DTYPES, MultilingualTextEncoder, TextEncoder
 from emu.variants.kandinsky import load_kandinsky_parts
 from emu.variants.pixel import PixelSpace, size_multiple, upsample
 
 
-def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None, arch="ldm", prior=None):
+def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None, arch="ldm", prior=None,
+                      xlmr=None):
     """The frozen first stage and text encoder a model of architecture `arch` is trained against.
 
     The first stage is the autoencoder (or the VQ tokenizer) in `ae_dir`; None means the model works
@@ -33,15 +34,20 @@ def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", t
     Kandinsky's decoder (arch "kandinsky") uses its MoVQ for continuous latents, and its conditioning
     adds a CLIP image embedding: from CLIP's vision tower in clip_dir for the batch's images, or from
     the image prior at `prior` (train_prior.py's prior.pt) for a caption alone (emu/variants/kandinsky.py).
+    With `xlmr`, the directory of Kandinsky 2.1's multilingual tower, the decoder reads the captions
+    through it, and CLIP's and T5's text towers only feed the prior.
     """
     ae = load_autoencoder(ae_dir, device=device) if ae_dir else PixelSpace().to(device)
     dtype = TEXT_DTYPES[text_dtype]
     if text_cache:
-        text_encoder = load_text_cache(text_cache, clip_dir, t5_dir, dtype)
+        text_encoder = load_text_cache(text_cache, clip_dir, t5_dir, dtype, xlmr)
     else:
         text_encoder = TextEncoder.load(clip_dir, t5_dir, dtype=dtype, device=device)
     if arch == "kandinsky":
-        return load_kandinsky_parts(ae, text_encoder, clip_dir, prior, device, dtype)
+        multilingual = None
+        if xlmr:  # the cache's XLM-R embeddings, or the tower itself
+            multilingual = text_encoder.multilingual() if text_cache else MultilingualTextEncoder.load(xlmr, dtype, device)
+        return load_kandinsky_parts(ae, text_encoder, clip_dir, prior, device, dtype, multilingual)
     return ae, text_encoder
 
 
@@ -90,7 +96,7 @@ class TextToImage:
         args = ckpt["args"]
         # Checkpoints from before --text-dtype ran their towers in float32.
         ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"),
-                                             arch=arch.name, prior=prior or args.get("prior"))
+                                             arch=arch.name, prior=prior or args.get("prior"), xlmr=args.get("xlmr"))
         model = model.to(device)
         return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
 

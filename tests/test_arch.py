@@ -22,7 +22,7 @@ from emu.training.loop import make_optimizer, module_device, save_training_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TOWERS = SimpleNamespace(clip_dim=16, t5_dim=24, pooled_dim=16, image_dim=12)  # what arch.build reads of a text encoder
+TOWERS = SimpleNamespace(clip_dim=16, t5_dim=24, pooled_dim=16, image_dim=12, xlmr=None)  # what arch.build reads of a text encoder
 # every architecture at its toy preset, and Kandinsky's inpainting decoder
 MODELS = sorted(ARCHS) + ["kandinsky-inpaint"]
 

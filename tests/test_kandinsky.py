@@ -15,7 +15,9 @@ from emu.variants.kandinsky import (KANDINSKY_PRESETS, ImageTextEncoder, Inpaint
                                     decoder_config, decoder_generate, fuse_embeddings)
 from emu.models.vq import VQ_PRESETS, VQTokenizer
 from emu.variants.prior import LinearPrior
-from emu.text.encoder import TextEmbedding, TextImageEmbedding
+from emu.text.encoder import MultilingualImageEmbedding, MultilingualTextEncoder, TextEmbedding, TextImageEmbedding
+from emu.text.hf import tokenize
+from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer
 from emu.models.unet import UNet, count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -103,6 +105,73 @@ def test_the_decoder_unet_reads_the_image_embedding_and_the_inpainting_one_its_i
         arch.build("toy", VQTokenizer(VQ_PRESETS["toy"]), towers)
     # the paper's decoder: 1.22B parameters (ours 1.26B, see KANDINSKY_PRESETS)
     assert 1.2e9 < count_parameters(KANDINSKY_PRESETS["kandinsky"]) < 1.3e9
+
+
+class CountingTowers(FakeTowers):
+    """FakeTowers that count the captions they encode."""
+    encoded = 0
+
+    def encode(self, captions):
+        self.encoded += len(captions)
+        return super().encode(captions)
+
+
+def small_xlmr():
+    """A random XLM-R with M-CLIP's head, 16 wide, projecting to 10 (FakeTowers' pooled width), and its tokenizer."""
+    tokenizer = build_toy_xlmr_tokenizer(["a red circle on the left", "красный круг слева", "two blue squares", "два синих квадрата"],
+                                         vocab_size=60)
+    torch.manual_seed(2)
+    config = dataclasses.replace(XLMR_PRESETS["toy"], vocab_size=tokenizer.get_vocab_size(), hidden_size=16,
+                                 transformerDimensions=16, intermediate_size=32, numDims=10)
+    return MultilingualTextEncoder(XLMRTextModel(config).eval(), tokenizer)
+
+
+def test_the_multilingual_decoder_reads_xlmr_in_place_of_clip_and_t5_tokens():
+    towers, clip, xlmr = CountingTowers(), vision(), small_xlmr()
+    prior = LinearPrior(10, 6)
+    torch.nn.init.normal_(prior.proj.weight)
+    encoder = ImageTextEncoder(towers, clip, prior, xlmr=xlmr)
+    captions = ["красный круг слева", "two blue squares", ""]
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    # training: XLM-R's states and vector, CLIP's image embedding; CLIP's and T5's text towers are not run
+    cond = encoder.encode(captions, images=images)
+    assert isinstance(cond, MultilingualImageEmbedding) and towers.encoded == 0
+    ids, mask = tokenize(xlmr.tokenizer, captions)
+    with torch.no_grad():
+        vector, states = xlmr.model(ids, mask)
+        torch.testing.assert_close(cond.image, clip(clip_preprocess(images, 32))[1])
+    torch.testing.assert_close(cond.xlmr, states)
+    torch.testing.assert_close(cond.pooled, vector)
+    assert torch.equal(cond.xlmr_mask, mask)
+    # text alone: the prior still reads CLIP's text tower, and the empty caption gets a zero image embedding
+    alone = encoder.encode(captions)
+    torch.testing.assert_close(alone.image[:2], prior(towers.encode(captions[:2])))
+    assert torch.equal(alone.image[2], torch.zeros(6)) and torch.equal(alone.xlmr, cond.xlmr)
+    # caption dropout swaps in the empty caption's row, cut to the batch's length
+    dropped = cond.where(torch.tensor([True, False, True]), encoder.encode([""]))
+    assert torch.equal(dropped.xlmr[1], cond.xlmr[2]) and torch.equal(dropped.image[1], torch.zeros(6))
+    assert torch.equal(dropped.xlmr[0], cond.xlmr[0])
+
+    cfg = decoder_config("toy", 16, encoder)
+    assert (cfg.xlmr_dim, cfg.pooled_dim, cfg.image_embed_dim) == (16, 10, 6)
+    torch.manual_seed(3)
+    unet = UNet(cfg).eval()
+    assert unet.clip_proj is None and unet.t5_proj is None and unet.xlmr_proj.in_features == 16
+    for weight in unet.parameters():  # the zero-initialised output layers, so that every input reaches the output
+        if not weight.any():
+            torch.nn.init.normal_(weight, std=0.1)
+    x, t = torch.randn(3, 16, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        out = unet(x, t, cond)
+        # a caption's output does not depend on the longer captions padded beside it
+        torch.testing.assert_close(unet(x[:1], t[:1], encoder.encode(captions[:1], images=images[:1])), out[:1])
+        # and it reads the caption: the same image embedding with another caption gives another output
+        other = encoder.encode(["два синих квадрата"] * 3, image_embeds=cond.image)
+        assert (unet(x, t, other) - out).abs().max() > 1e-3
+        # through its tokens (the cross-attention context) as well as its vector
+        assert (unet(x, t, dataclasses.replace(cond, xlmr=cond.xlmr.flip(1))) - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="set one"):
+        UNet(dataclasses.replace(cfg, t5_only=True))
 
 
 def test_inpainting_trains_on_random_masks_with_the_hole_blanked_in_its_input():

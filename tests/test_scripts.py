@@ -12,7 +12,7 @@ from PIL import Image
 
 from emu.checkpoint import read_metrics
 from emu.evaluation.metrics import seed_variety
-from emu.pipeline import read_training_checkpoint
+from emu.pipeline import TextToImage, read_training_checkpoint
 from emu.datasets.shards import pack_folder
 from experiments.common import copy_examples
 from launch import run, script
@@ -403,6 +403,29 @@ def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tm
     run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{tmp_path}/qt",
         "--curate-top", "16", "--holdout", "4", "--bs", "8", "--iters", "2", "--eval-every", "2")
     run(*common, "--preset", "toy-inpaint", "--steps", "2", "--sample-every", "0", "--out", f"{tmp_path}/inpaint")
+    # Kandinsky 2.1's multilingual decoder reads XLM-R in place of CLIP's and T5's tokens; the checkpoints record it
+    run(*common, "--steps", "2", "--sample-every", "0", "--xlmr", f"{w}/towers/xlmr", "--out", f"{tmp_path}/multi")
+    run("qtune.py", "--pretrained", f"{tmp_path}/multi/ckpt.pt", "--data", f"{w}/haystack", "--out", f"{tmp_path}/multi-qt",
+        "--curate-top", "16", "--holdout", "4", "--bs", "8", "--iters", "2", "--eval-every", "2")
+    for path in ("multi/ckpt.pt", "multi-qt/best.pt"):
+        m = torch.load(f"{tmp_path}/{path}", weights_only=True)
+        assert m["args"]["xlmr"] == f"{w}/towers/xlmr" and m["model_config"]["xlmr_dim"] == 64, path
+        assert "xlmr_proj.weight" in m["ema"] and "clip_proj.weight" not in m["ema"] and "t5_proj.weight" not in m["ema"]
+    # from a text cache that holds XLM-R's embeddings: the same training
+    run("data/embed_captions.py", "--data", f"{w}/haystack", "--out", f"{tmp_path}/cache", "--xlmr", f"{w}/towers/xlmr",
+        "--device", "cpu", *frozen[2:])
+    run(*common, "--steps", "2", "--sample-every", "0", "--xlmr", f"{w}/towers/xlmr", "--out", f"{tmp_path}/multi-cache",
+        "--text-cache", f"{tmp_path}/cache")
+    a, b = (torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True) for name in ("multi", "multi-cache"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    multi = TextToImage.from_checkpoint(f"{tmp_path}/multi-qt/best.pt")
+    assert multi.text_encoder.xlmr is not None
+    run("sample.py", "--ckpt", f"{tmp_path}/multi-qt/best.pt", "--n", "1", "--steps", "3", "--out", f"{tmp_path}/multi-samples",
+        "--prompt", "a red circle in the center on a white background", "--prompt", "красный круг в центре на белом фоне")
+    assert Image.open(f"{tmp_path}/multi-samples/0001.png").size == (32, 32)
+    proc = script("pretrain.py", "--xlmr", f"{w}/towers/xlmr", "--steps", "1", "--out", f"{tmp_path}/no")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --xlmr is for Kandinsky's decoder (--arch kandinsky), not --arch ldm")
 
     decoder, inpaint, image = f"{tmp_path}/qt/best.pt", f"{tmp_path}/inpaint/ckpt.pt", f"{w}/haystack/000003.png"
     sample = lambda ckpt, name, *flags: run("sample.py", "--ckpt", ckpt, "--n", "2", "--steps", "3", "--out",

@@ -13,7 +13,7 @@ from emu.models.autoencoder import PRESETS as AE_PRESETS
 from emu.models.autoencoder import Autoencoder
 from emu.models.first_stage import save_autoencoder
 from emu.datasets.folders import read_prompts
-from emu.text.encoder import TextEmbedding, TextEncoder, make_toy_towers
+from emu.text.encoder import MultilingualTextEncoder, TextEmbedding, TextEncoder, make_toy_towers
 from emu.text.cache import TextEmbeddingCache, load_text_cache, write_text_cache
 from emu.models.unet import PRESETS, UNet
 from launch import script
@@ -73,6 +73,34 @@ def test_cache_returns_what_the_towers_computed(towers, tmp_path):
     x, t = torch.randn(len(mixed), 16, 8, 8), torch.tensor([10, 200, 400, 600, 990])
     with torch.no_grad():
         assert torch.equal(unet(x, t, cache.encode(mixed)), unet(x, t, expected))
+
+
+def test_a_cache_with_the_multilingual_tower_returns_what_it_computed(towers, tmp_path):
+    clip_dir, t5_dir, encoder = towers
+    xlmr_dir = clip_dir.parent / "xlmr"  # make_toy_towers writes Kandinsky's XLM-R beside the other two
+    captions = CAPTIONS + ["два красных круга слева на бирюзовом фоне"]
+    assert write_text_cache(tmp_path / "multi", captions, clip_dir, t5_dir, xlmr_dir=xlmr_dir) == len(captions) + 1
+    xlmr = MultilingualTextEncoder.load(xlmr_dir)
+    states, mask, vector = xlmr.encode(captions)  # the batch the cache computed
+    assert (states[~mask] != 0).any()  # the tower's padding outputs are not zero; the cache stores zeros there
+    cache = load_text_cache(tmp_path / "multi", clip_dir, t5_dir, torch.bfloat16, xlmr_dir)
+    got = cache.encode_multilingual(captions[::-1])
+    assert torch.equal(got[0], (states * mask[..., None]).flip(0)) and torch.equal(got[1], mask.flip(0))
+    assert torch.equal(got[2], vector.flip(0))
+    assert_equal(cache.encode(captions), t5_padding_zeroed(encoder.encode(captions)))  # CLIP's and T5's as before
+    view = cache.multilingual()
+    assert (view.dim, view.vector_dim) == (xlmr.dim, xlmr.vector_dim) and torch.equal(view.encode([""])[2], xlmr.encode([""])[2])
+    # asked for a tower it lacks, or checked against another XLM-R: one-line errors
+    write_text_cache(tmp_path / "plain", CAPTIONS[:2], clip_dir, t5_dir)
+    with pytest.raises(EmuError, match="holds no multilingual tower's embeddings; make the cache with data/embed_captions.py --xlmr"):
+        load_text_cache(tmp_path / "plain", clip_dir, t5_dir, torch.bfloat16, xlmr_dir)
+    with pytest.raises(EmuError, match="made without a multilingual tower"):
+        TextEmbeddingCache(tmp_path / "plain").encode_multilingual(CAPTIONS[:1])
+    _, _, other = make_toy_towers(CAPTIONS, tmp_path / "other", seed=1)
+    with pytest.raises(EmuError, match="made with other towers"):
+        load_text_cache(tmp_path / "multi", clip_dir, t5_dir, torch.bfloat16, other)
+    with pytest.raises(EmuError, match="made with other towers"):
+        write_text_cache(tmp_path / "multi", ["new"], clip_dir, t5_dir, xlmr_dir=other)
 
 
 class Interrupted(Exception):

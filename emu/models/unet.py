@@ -20,6 +20,11 @@ The same network, configured, is also an Imagen-like pixel diffusion model (emu/
     upsampled low-resolution image);
   * `aug_embedding`: the noise-augmentation level of that image, embedded like the timestep and added
     to the timestep embedding.
+
+And it is Kandinsky's decoder (emu/variants/kandinsky.py): `image_embed_dim` adds a CLIP image
+embedding to the timestep embedding and, as `image_tokens` tokens, to the context; `xlmr_dim` replaces
+both towers' tokens by XLM-R's (Kandinsky 2.1's multilingual tower), the pooled vector then being
+M-CLIP's projection of them.
 """
 from dataclasses import dataclass
 
@@ -51,6 +56,7 @@ class UNetConfig:
     aug_embedding: bool = False    # embed a noise-augmentation level next to the timestep (super-resolution)
     image_embed_dim: int = 0       # condition on a CLIP image embedding of this width too (Kandinsky's decoder)
     image_tokens: int = 4          # ... which becomes this many extra cross-attention tokens
+    xlmr_dim: int = 0              # cross-attend to XLM-R tokens of this width instead of CLIP's and T5's (Kandinsky 2.1)
 
 
 PRESETS = {
@@ -140,9 +146,12 @@ class UNet(nn.Module):
         embedding_mlp = lambda: nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.time_mlp = embedding_mlp()
         self.aug_mlp = embedding_mlp() if cfg.aug_embedding else None  # the augmentation level, embedded alike
+        if cfg.t5_only and cfg.xlmr_dim:
+            raise ValueError("t5_only and xlmr_dim each pick the one tower the context comes from; set one")
         self.pooled_proj = nn.Linear(cfg.t5_dim if cfg.t5_only else cfg.pooled_dim, emb_dim)
-        self.clip_proj = None if cfg.t5_only else nn.Linear(cfg.clip_dim, cfg.context_dim)
-        self.t5_proj = nn.Linear(cfg.t5_dim, cfg.context_dim)
+        self.clip_proj = None if cfg.t5_only or cfg.xlmr_dim else nn.Linear(cfg.clip_dim, cfg.context_dim)
+        self.t5_proj = None if cfg.xlmr_dim else nn.Linear(cfg.t5_dim, cfg.context_dim)
+        self.xlmr_proj = nn.Linear(cfg.xlmr_dim, cfg.context_dim) if cfg.xlmr_dim else None
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
         # Kandinsky's decoder (kandinsky_paper.txt, section 3): the CLIP image embedding is added to the
         # time embedding and, as a few tokens, joins the text in the cross-attention context.
@@ -183,9 +192,12 @@ class UNet(nn.Module):
     def text_conditioning(self, text):
         """The pooled vector for the timestep embedding and the cross-attention context with its mask.
 
-        :return: pooled (B, E), context (B, L, ctx), context_mask (B, L) with L = Lc + Lt, or Lt if t5_only.
+        :return: pooled (B, E), context (B, L, ctx), context_mask (B, L) with L = Lc + Lt, or Lt if t5_only,
+                 or XLM-R's length with xlmr_dim.
         """
         text = text.without_padding()
+        if self.cfg.xlmr_dim:  # text: an emu.text.encoder.MultilingualImageEmbedding
+            return self.pooled_proj(text.pooled), self.xlmr_proj(text.xlmr), text.xlmr_mask
         if self.cfg.t5_only:
             mask = text.t5_mask[:, :, None].to(text.t5.dtype)  # (B, Lt, 1)
             pooled = (text.t5 * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, Dt) mean of the real tokens

@@ -6,6 +6,11 @@ is trained. The towers live in emu/text/clip.py and emu/text/t5.py and are read 
 (emu/text/hf.py); make_toy_towers writes small ones in that same layout, pretrained for the toy world
 (emu/text/pretraining.py) or random for tests, and beside them a toy XLM-R, Kandinsky 2.1's multilingual
 tower (emu/text/xlmr.py), distilled from the toy CLIP.
+
+The batches of conditioning are dataclasses of tensors (Conditioning): TextEmbedding is Emu's,
+TextImageEmbedding adds the CLIP image embedding Kandinsky's decoder reads, and
+MultilingualImageEmbedding is that decoder's conditioning when it reads XLM-R (MultilingualTextEncoder)
+instead of CLIP's and T5's tokens.
 """
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,7 +23,7 @@ from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLI
 from emu.text.hf import tokenize
 from emu.text.pretraining import clip_text_embeddings, train_clip, train_mclip, train_t5
 from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
-from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, save_xlmr
+from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, load_xlmr, save_xlmr
 
 # The dtypes the towers may run in; not float16, which T5's activations overflow.
 TEXT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -27,16 +32,12 @@ TEXT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Conditioning: both towers behind one encode()
 
 
-@dataclass
-class TextEmbedding:
-    """A batch of text conditioning for the U-Net (float32; masks are True at real tokens)."""
-    clip: torch.Tensor  # (B, Lc, Dc) CLIP last hidden states
-    clip_mask: torch.Tensor  # (B, Lc) bool
-    t5: torch.Tensor  # (B, Lt, Dt) T5 last hidden states
-    t5_mask: torch.Tensor  # (B, Lt) bool
-    pooled: torch.Tensor  # (B, P) CLIP's projected end-of-text vector
+class Conditioning:
+    """What every batch of conditioning below can do. Each field is a float or bool tensor with the
+    batch first; a sequence field `x` has its mask (True at real tokens) in the field `x_mask`; the
+    fields named in VECTORS are one vector per row."""
 
-    VECTORS = ("pooled",)  # the fields that are one vector per row (the others are sequences)
+    VECTORS = ()
 
     def to(self, device):
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -48,7 +49,12 @@ class TextEmbedding:
         return type(self)(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def __len__(self):
-        return self.clip.shape[0]
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def sequences(self):
+        """The names of the sequence fields, those with a mask."""
+        names = [f.name for f in fields(self)]
+        return [name for name in names if name + "_mask" in names]
 
     def without_padding(self):
         """The same batch with trailing padding columns cut: each sequence ends at the last position
@@ -57,9 +63,12 @@ class TextEmbedding:
         def length(mask):
             used = mask.any(dim=0).nonzero()
             return int(used.max()) + 1 if len(used) else 1
-        lc, lt = length(self.clip_mask), length(self.t5_mask)
-        return replace(self, clip=self.clip[:, :lc], clip_mask=self.clip_mask[:, :lc], t5=self.t5[:, :lt],
-                       t5_mask=self.t5_mask[:, :lt])
+        cut = {}
+        for name in self.sequences():
+            mask = getattr(self, name + "_mask")
+            n = length(mask)
+            cut[name], cut[name + "_mask"] = getattr(self, name)[:, :n], mask[:, :n]
+        return replace(self, **cut)
 
     def where(self, keep, other):
         """Row i of this batch where keep[i] is True, else the single row of `other` (a batch of one,
@@ -74,9 +83,21 @@ class TextEmbedding:
 
     @staticmethod
     def cat(embeddings):
-        """Concatenate a list of TextEmbeddings (all of one class) along the batch."""
+        """Concatenate a list of conditioning batches (all of one class) along the batch."""
         cls = type(embeddings[0])
         return cls(**{f.name: torch.cat([getattr(e, f.name) for e in embeddings]) for f in fields(cls)})
+
+
+@dataclass
+class TextEmbedding(Conditioning):
+    """A batch of text conditioning for the U-Net (float32; masks are True at real tokens)."""
+    clip: torch.Tensor  # (B, Lc, Dc) CLIP last hidden states
+    clip_mask: torch.Tensor  # (B, Lc) bool
+    t5: torch.Tensor  # (B, Lt, Dt) T5 last hidden states
+    t5_mask: torch.Tensor  # (B, Lt) bool
+    pooled: torch.Tensor  # (B, P) CLIP's projected end-of-text vector
+
+    VECTORS = ("pooled",)
 
 
 @dataclass
@@ -86,6 +107,21 @@ class TextImageEmbedding(TextEmbedding):
     image variations), from the image prior (text to image), or is zeros for the empty caption
     (the unconditional input classifier-free guidance compares against)."""
     image: torch.Tensor = None  # (B, E) CLIP's projected image vector
+
+    VECTORS = ("pooled", "image")
+
+
+@dataclass
+class MultilingualImageEmbedding(Conditioning):
+    """What Kandinsky 2.1's decoder reads with its multilingual tower (kandinsky_paper.txt, section 3;
+    emu/variants/kandinsky.py with an XLM-R): XLM-R's last hidden states as the cross-attention
+    context, M-CLIP's projected vector of them as the pooled vector, and a CLIP image embedding. No
+    CLIP or T5 tokens: the caption reaches the decoder through XLM-R, and through CLIP's text tower
+    only by way of the image prior's embedding."""
+    xlmr: torch.Tensor  # (B, L, D) XLM-R's last hidden states
+    xlmr_mask: torch.Tensor  # (B, L) bool
+    pooled: torch.Tensor  # (B, P) M-CLIP's vector: the states' masked mean through its linear map
+    image: torch.Tensor  # (B, E) CLIP's projected image vector
 
     VECTORS = ("pooled", "image")
 
@@ -134,6 +170,34 @@ class TextEncoder(nn.Module):
         t5_hidden = self.t5(t5_ids, t5_mask)
         return TextEmbedding(clip=clip_hidden.float(), clip_mask=clip_mask, t5=t5_hidden.float(),
                              t5_mask=t5_mask, pooled=pooled.float())
+
+
+class MultilingualTextEncoder(nn.Module):
+    """Kandinsky 2.1's frozen multilingual tower (XLM-R with M-CLIP's head, emu/text/xlmr.py) and its
+    tokenizer. encode() gives the (states, mask, vector) that a MultilingualImageEmbedding holds."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def load(cls, path, dtype=torch.bfloat16, device="cpu"):
+        return cls(*load_xlmr(path, dtype=dtype, device=device))
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size
+
+    @property
+    def vector_dim(self):
+        return self.model.config.numDims
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """Captions ("" is the unconditional prompt) -> float32 states (B, L, D), mask (B, L), vector (B, P)."""
+        ids, mask = tokenize(self.tokenizer, captions, self.model.token_embedding.weight.device)
+        vector, states = self.model(ids, mask)
+        return states.float(), mask, vector.float()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from emu.checkpoint import (checkpoint_problem, load_checkpoint, load_state_dict
                             set_rng_state)
 from emu.datasets.folders import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.datasets.shards import ShardDataset, collate_stream
-from emu.text.encoder import TextEmbedding, drop_captions
+from emu.text.encoder import Conditioning, drop_captions
 
 
 def make_ema(model):
@@ -146,7 +146,7 @@ class LatentBatches:
                 self.skipped.note(batch.skipped)
                 if batch[1]:
                     chunks.append(self.encode(*batch))
-            self.cache = torch.cat([c[0] for c in chunks]), TextEmbedding.cat([c[1] for c in chunks]).without_padding()
+            self.cache = torch.cat([c[0] for c in chunks]), Conditioning.cat([c[1] for c in chunks]).without_padding()
         self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step,
                                     rank, world_size, repeat)
 
@@ -244,7 +244,7 @@ def module_device(module):
 
 
 def _nbytes(x):
-    tensors = [getattr(x, f.name) for f in fields(x)] if isinstance(x, TextEmbedding) else [x]
+    tensors = [getattr(x, f.name) for f in fields(x)] if isinstance(x, Conditioning) else [x]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -31,7 +31,7 @@ from emu import EmuError
 from emu.diffusion import guided_images
 from emu.models.unet import UNetConfig
 from emu.text.clip import clip_preprocess, load_clip_vision
-from emu.text.encoder import TextImageEmbedding
+from emu.text.encoder import MultilingualImageEmbedding, TextImageEmbedding
 from emu.variants.inpaint import inpaint_condition, latent_mask, paste_known, random_masks
 from emu.variants.prior import load_prior
 
@@ -52,12 +52,13 @@ INPAINT = "-inpaint"  # preset suffix: the U-Net also reads the masked image's l
 
 def decoder_config(preset, latent_channels, text_encoder):
     """The decoder U-Net's config for `preset` ("toy", "toy-inpaint", "kandinsky", ...), its widths set
-    by the first stage's latent channels and the towers (text_encoder: an ImageTextEncoder)."""
+    by the first stage's latent channels and the towers (text_encoder: an ImageTextEncoder). With a
+    multilingual tower, the decoder reads its tokens and vector in place of CLIP's and T5's."""
     base, inpaint = preset.removesuffix(INPAINT), preset.endswith(INPAINT)
-    return dataclasses.replace(KANDINSKY_PRESETS[base], in_channels=latent_channels, clip_dim=text_encoder.clip_dim,
-                               t5_dim=text_encoder.t5_dim, pooled_dim=text_encoder.pooled_dim,
-                               image_embed_dim=text_encoder.image_dim,
-                               cond_channels=latent_channels + 1 if inpaint else 0)
+    towers = (dict(xlmr_dim=text_encoder.xlmr.dim, pooled_dim=text_encoder.xlmr.vector_dim) if text_encoder.xlmr else
+              dict(clip_dim=text_encoder.clip_dim, t5_dim=text_encoder.t5_dim, pooled_dim=text_encoder.pooled_dim))
+    return dataclasses.replace(KANDINSKY_PRESETS[base], in_channels=latent_channels, image_embed_dim=text_encoder.image_dim,
+                               cond_channels=latent_channels + 1 if inpaint else 0, **towers)
 
 
 class MoVQLatents(nn.Module):
@@ -98,7 +99,10 @@ class MoVQLatents(nn.Module):
 
 class ImageTextEncoder(nn.Module):
     """The decoder's conditioning: the text towers' embeddings of the captions (emu.text.encoder.TextEncoder,
-    or a text cache) plus one CLIP image embedding per caption, as a TextImageEmbedding.
+    or a text cache) plus one CLIP image embedding per caption, as a TextImageEmbedding. With `xlmr`
+    (an emu.text.encoder.MultilingualTextEncoder), Kandinsky 2.1's multilingual tower, the captions
+    reach the decoder through it instead, as a MultilingualImageEmbedding, and the CLIP and T5 towers
+    only feed the image prior.
 
     The image embedding is, in order of precedence: the one given (fusion); CLIP's vision tower's
     embedding of the image given (training, variations); or, from a caption alone, the image prior's
@@ -109,9 +113,9 @@ class ImageTextEncoder(nn.Module):
     # The diffusion prior samples with `prior_steps` DDIM steps at guidance `prior_cfg` (4, the
     # released Kandinsky 2 pipelines' default), seeded by `seed` at every call.
 
-    def __init__(self, text_encoder, vision, prior=None, prior_steps=25, prior_cfg=4.0, seed=0):
+    def __init__(self, text_encoder, vision, prior=None, prior_steps=25, prior_cfg=4.0, seed=0, xlmr=None):
         super().__init__()
-        self.text_encoder, self.vision, self.prior = text_encoder, vision, prior
+        self.text_encoder, self.vision, self.prior, self.xlmr = text_encoder, vision, prior, xlmr
         self.prior_steps, self.prior_cfg, self.seed = prior_steps, prior_cfg, seed
         if prior is not None and (prior.cfg_dims() != (self.pooled_dim, self.image_dim)):
             raise EmuError(f"the image prior maps {prior.cfg_dims()[0]}-wide text embeddings to {prior.cfg_dims()[1]}-wide "
@@ -142,12 +146,15 @@ class ImageTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, captions, images=None, image_embeds=None):
-        """Captions (and their images, or image embeddings) -> a TextImageEmbedding."""
-        text = self.text_encoder.encode(captions)
-        device = text.pooled.device
+        """Captions (and their images, or image embeddings) -> a TextImageEmbedding, or with `xlmr` a
+        MultilingualImageEmbedding."""
+        text = None  # CLIP's and T5's embeddings, computed only where something reads them
+        if self.xlmr is None or (image_embeds is None and images is None):
+            text = self.text_encoder.encode(captions)
         if image_embeds is None and images is not None:
             image_embeds = self.embed_images(images)
         elif image_embeds is None:  # text alone: the prior's prediction, and zeros for the empty caption
+            device = text.pooled.device
             empty = torch.tensor([c == "" for c in captions], device=device)
             image_embeds = torch.zeros(len(captions), self.image_dim, device=device)
             if not empty.all():
@@ -157,16 +164,21 @@ class ImageTextEncoder(nn.Module):
                 gen = torch.Generator(device).manual_seed(self.seed)
                 predicted = self.prior.generate(text, uncond, steps=self.prior_steps, cfg_scale=self.prior_cfg, generator=gen)
                 image_embeds = torch.where(empty[:, None], image_embeds, predicted.float())
-        return TextImageEmbedding(**vars(text), image=image_embeds.float().to(device))
+        if self.xlmr is None:
+            return TextImageEmbedding(**vars(text), image=image_embeds.float().to(text.pooled.device))
+        states, mask, vector = self.xlmr.encode(captions)
+        return MultilingualImageEmbedding(xlmr=states, xlmr_mask=mask, pooled=vector,
+                                          image=image_embeds.float().to(vector.device))
 
 
-def load_kandinsky_parts(tokenizer, text_encoder, clip_dir, prior_path, device, dtype):
+def load_kandinsky_parts(tokenizer, text_encoder, clip_dir, prior_path, device, dtype, xlmr=None):
     """(MoVQLatents, ImageTextEncoder) around a loaded MoVQ tokenizer and text encoder: CLIP's vision
-    tower from `clip_dir` (the same CLIP directory the text tower comes from) and the image prior
-    at `prior_path` (train_prior.py's prior.pt), if given."""
+    tower from `clip_dir` (the same CLIP directory the text tower comes from), the image prior
+    at `prior_path` (train_prior.py's prior.pt), if given, and the multilingual tower `xlmr` (a loaded
+    emu.text.encoder.MultilingualTextEncoder, or a text cache's view of one), if given."""
     vision = load_clip_vision(clip_dir, dtype=dtype, device=device)
     prior = load_prior(prior_path, device) if prior_path else None
-    return MoVQLatents(tokenizer), ImageTextEncoder(text_encoder, vision, prior)
+    return MoVQLatents(tokenizer), ImageTextEncoder(text_encoder, vision, prior, xlmr=xlmr)
 
 
 class InpaintingDiffusion:
