@@ -35,7 +35,7 @@ def zero_module(module):
     return module
 
 
-def normalization(channels, max_groups=32, min_group_size=4):
+def normalization(channels, max_groups=32, min_group_size=4, eps=1e-6, groups=0):
     """GroupNorm with the most groups (at most `max_groups`, each of at least `min_group_size`
     channels) that divide `channels` evenly.
 
@@ -44,8 +44,8 @@ def normalization(channels, max_groups=32, min_group_size=4):
     bright or how contrasty its image is. Stable Diffusion's 128-channel layers have 32 groups of
     4; narrower layers keep groups of at least 4 rather than more groups.
     """
-    groups = math.gcd(channels, max(1, min(max_groups, channels // min_group_size)))
-    return nn.GroupNorm(groups, channels, eps=1e-6)
+    groups = groups or math.gcd(channels, max(1, min(max_groups, channels // min_group_size)))  # or as given
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 class SpatialNorm(nn.Module):
@@ -65,9 +65,9 @@ class SpatialNorm(nn.Module):
         return self.norm(x) * self.scale(zq) + self.shift(zq)
 
 
-def norm_layer(channels, code_channels=0):
+def norm_layer(channels, code_channels=0, eps=1e-6, groups=0):
     """GroupNorm, or a SpatialNorm conditioned on a code of `code_channels` channels."""
-    return SpatialNorm(channels, code_channels) if code_channels else normalization(channels)
+    return SpatialNorm(channels, code_channels) if code_channels else normalization(channels, eps=eps, groups=groups)
 
 
 def apply_norm(norm, x, zq=None):
@@ -79,25 +79,29 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-Conv twice, with a skip connection.
 
     With `emb_dim` set (the U-Net), a conditioning vector is projected to a per-channel scale and
-    shift applied after the second norm (FiLM, as in improved-diffusion's use_scale_shift_norm).
-    Without it (the autoencoder), the block is a plain residual block. With `code_channels` (a MoVQ
-    decoder) both norms are SpatialNorms, conditioned on the quantised code passed as `zq`.
+    shift applied after the second norm (FiLM, as in improved-diffusion's use_scale_shift_norm), or
+    with `emb_add` to a per-channel bias added before it (Stable Diffusion's ResBlocks). Without it
+    (the autoencoder), the block is a plain residual block. With `code_channels` (a MoVQ decoder)
+    both norms are SpatialNorms, conditioned on the quantised code passed as `zq`.
     """
 
-    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, code_channels=0):
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0, code_channels=0, emb_add=False, eps=1e-6, groups=0):
         super().__init__()
-        self.norm1 = norm_layer(in_ch, code_channels)
+        self.norm1 = norm_layer(in_ch, code_channels, eps, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
-        self.norm2 = norm_layer(out_ch, code_channels)
+        self.emb_add = emb_add
+        self.emb = nn.Linear(emb_dim, out_ch if emb_add else 2 * out_ch) if emb_dim else None
+        self.norm2 = norm_layer(out_ch, code_channels, eps, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)) if emb_dim else nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, emb=None, zq=None):
         h = self.conv1(F.silu(apply_norm(self.norm1, x, zq)))
+        if self.emb is not None and self.emb_add:
+            h = h + self.emb(F.silu(emb))[:, :, None, None]
         h = apply_norm(self.norm2, h, zq)
-        if self.emb is not None:
+        if self.emb is not None and not self.emb_add:
             scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
             h = h * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))

@@ -57,6 +57,13 @@ class UNetConfig:
     image_embed_dim: int = 0       # condition on a CLIP image embedding of this width too (Kandinsky's decoder)
     image_tokens: int = 4          # ... which becomes this many extra cross-attention tokens
     xlmr_dim: int = 0              # cross-attend to XLM-R tokens of this width instead of CLIP's and T5's (Kandinsky 2.1)
+    # Stable Diffusion's published U-Net (emu/variants/stable_diffusion.py) is this network with:
+    emb_add: bool = False          # the timestep embedding added to each ResBlock's features, not FiLM
+    norm_eps: float = 1e-6         # the ResBlocks' and the output's GroupNorm epsilon (SD: 1e-5)
+    norm_groups: int = 0           # every GroupNorm's groups (SD: 32); 0: set by the width (nn.normalization)
+    num_heads: int = 0             # every attention layer has this many heads (SD v1: 8), not width // head_dim
+    # and with t5_dim = 0 (CLIP's tokens alone), pooled_dim = 0 (no pooled vector) and context_dim = 0 (the
+    # tokens go to the cross-attention as they are, not projected to a common width)
 
 
 PRESETS = {
@@ -106,9 +113,9 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Flatten a feature map to tokens, run transformer blocks, and add the result back."""
 
-    def __init__(self, ch, heads, depth, context_dim):
+    def __init__(self, ch, heads, depth, context_dim, groups=0):
         super().__init__()
-        self.norm = normalization(ch)
+        self.norm = normalization(ch, groups=groups)
         self.proj_in = nn.Linear(ch, ch)
         self.blocks = nn.ModuleList(TransformerBlock(ch, heads, context_dim) for _ in range(depth))
         self.proj_out = zero_module(nn.Linear(ch, ch))  # the block starts as the identity
@@ -124,10 +131,11 @@ class SpatialTransformer(nn.Module):
 class Stage(nn.Module):
     """A ResBlock optionally followed by a SpatialTransformer: one step of the U-Net."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, cfg, attend):
+    def __init__(self, in_ch, out_ch, emb_dim, cfg, attend, context_dim):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout)
-        self.attn = SpatialTransformer(out_ch, out_ch // cfg.head_dim, cfg.transformer_depth, cfg.context_dim) if attend else None
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.dropout, emb_add=cfg.emb_add, eps=cfg.norm_eps, groups=cfg.norm_groups)
+        heads = cfg.num_heads or out_ch // cfg.head_dim
+        self.attn = SpatialTransformer(out_ch, heads, cfg.transformer_depth, context_dim, cfg.norm_groups) if attend else None
 
     def forward(self, x, emb, context, context_mask):
         x = self.res(x, emb)
@@ -148,37 +156,44 @@ class UNet(nn.Module):
         self.aug_mlp = embedding_mlp() if cfg.aug_embedding else None  # the augmentation level, embedded alike
         if cfg.t5_only and cfg.xlmr_dim:
             raise ValueError("t5_only and xlmr_dim each pick the one tower the context comes from; set one")
-        self.pooled_proj = nn.Linear(cfg.t5_dim if cfg.t5_only else cfg.pooled_dim, emb_dim)
-        self.clip_proj = None if cfg.t5_only or cfg.xlmr_dim else nn.Linear(cfg.clip_dim, cfg.context_dim)
-        self.t5_proj = None if cfg.xlmr_dim else nn.Linear(cfg.t5_dim, cfg.context_dim)
-        self.xlmr_proj = nn.Linear(cfg.xlmr_dim, cfg.context_dim) if cfg.xlmr_dim else None
+        if not cfg.context_dim and (cfg.t5_dim or cfg.t5_only or cfg.xlmr_dim):
+            raise ValueError("context_dim 0 (CLIP's tokens unprojected) needs CLIP's tokens alone: t5_dim 0, no t5_only or xlmr_dim")
+        # each tower's tokens projected to the context width (or, with context_dim 0, CLIP's as they are)
+        project = lambda width: nn.Linear(width, cfg.context_dim) if cfg.context_dim else nn.Identity()
+        pooled_dim = cfg.t5_dim if cfg.t5_only else cfg.pooled_dim
+        self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
+        self.clip_proj = None if cfg.t5_only or cfg.xlmr_dim else project(cfg.clip_dim)
+        self.t5_proj = project(cfg.t5_dim) if cfg.t5_dim and not cfg.xlmr_dim else None
+        self.xlmr_proj = project(cfg.xlmr_dim) if cfg.xlmr_dim else None
+        context_dim = cfg.context_dim or cfg.clip_dim
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
         # Kandinsky's decoder (kandinsky_paper.txt, section 3): the CLIP image embedding is added to the
         # time embedding and, as a few tokens, joins the text in the cross-attention context.
         self.image_proj = nn.Linear(cfg.image_embed_dim, emb_dim) if cfg.image_embed_dim else None
-        self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.image_tokens * cfg.context_dim) if cfg.image_embed_dim else None
+        self.image_to_tokens = nn.Linear(cfg.image_embed_dim, cfg.image_tokens * context_dim) if cfg.image_embed_dim else None
 
         self.down, skip_chs = nn.ModuleList(), [ch]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Stage(ch, mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels))
+                self.down.append(Stage(ch, mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels, context_dim))
                 ch = mult * cfg.model_channels
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.down.append(Downsample(ch))
                 skip_chs.append(ch)
 
-        self.mid = nn.ModuleList([Stage(ch, ch, emb_dim, cfg, attend=True), Stage(ch, ch, emb_dim, cfg, attend=False)])
+        self.mid = nn.ModuleList([Stage(ch, ch, emb_dim, cfg, True, context_dim), Stage(ch, ch, emb_dim, cfg, False, context_dim)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                self.up.append(Stage(ch + skip_chs.pop(), mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels))
+                self.up.append(Stage(ch + skip_chs.pop(), mult * cfg.model_channels, emb_dim, cfg, level in cfg.attention_levels,
+                                     context_dim))
                 ch = mult * cfg.model_channels
             if level != 0:
                 self.up.append(Upsample(ch))
 
-        self.norm_out = normalization(ch)
+        self.norm_out = normalization(ch, eps=cfg.norm_eps, groups=cfg.norm_groups)
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
         # Activation checkpointing (--grad-checkpoint): in training, keep only each Stage's input and
         # recompute its inside during the backward pass: about a third more compute for much less memory.
@@ -197,14 +212,20 @@ class UNet(nn.Module):
         """
         text = text.without_padding()
         if self.cfg.xlmr_dim:  # text: an emu.text.encoder.MultilingualImageEmbedding
-            return self.pooled_proj(text.pooled), self.xlmr_proj(text.xlmr), text.xlmr_mask
+            return self.pooled(text.pooled), self.xlmr_proj(text.xlmr), text.xlmr_mask
         if self.cfg.t5_only:
             mask = text.t5_mask[:, :, None].to(text.t5.dtype)  # (B, Lt, 1)
             pooled = (text.t5 * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, Dt) mean of the real tokens
-            return self.pooled_proj(pooled), self.t5_proj(text.t5), text.t5_mask
+            return self.pooled(pooled), self.t5_proj(text.t5), text.t5_mask
+        if self.t5_proj is None:  # CLIP's tokens alone (Stable Diffusion)
+            return self.pooled(text.pooled), self.clip_proj(text.clip), text.clip_mask
         context = torch.cat([self.clip_proj(text.clip), self.t5_proj(text.t5)], dim=1)  # (B, Lc + Lt, ctx)
         context_mask = torch.cat([text.clip_mask, text.t5_mask], dim=1)  # (B, Lc + Lt)
-        return self.pooled_proj(text.pooled), context, context_mask
+        return self.pooled(text.pooled), context, context_mask
+
+    def pooled(self, vector):
+        """The pooled vector's contribution to the timestep embedding; 0 for a U-Net without one."""
+        return 0.0 if self.pooled_proj is None else self.pooled_proj(vector)
 
     def fsdp_units(self):
         """What FSDP gathers one at a time (emu/training/fsdp.py): every Stage, Downsample and Upsample."""

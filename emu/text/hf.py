@@ -38,14 +38,19 @@ def _key_list(keys):
     return str(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def find_weight_files(path):
+def find_weight_files(path, stems=("model",)):
     """Where each published key lives: ({key: SafetensorsFile}, the file to name in errors).
 
     Reads the single-file layout (model.safetensors) or the sharded one (model.safetensors.index.json
     whose "weight_map" names a shard per key). Every header is checked here, before any tensor is read.
+    :param stems: the file names to look for, in order of preference: transformers' "model", diffusers'
+        "diffusion_pytorch_model" (and its half-precision copy "diffusion_pytorch_model.fp16").
     """
     path = Path(path)
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    for stem in stems:
+        single, index = path / f"{stem}.safetensors", path / f"{stem}.safetensors.index.json"
+        if single.is_file() or index.is_file():
+            break
     if single.is_file():
         file = SafetensorsFile(single)
         return {key: file for key in file.entries}, single
@@ -67,20 +72,22 @@ def find_weight_files(path):
     if pickles:
         raise EmuError(f"{pickles[0]}: pickled checkpoints are not loaded (unpickling can run code); convert it "
                        f"to safetensors (model.safetensors) first")
-    raise EmuError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise EmuError(f"{path}: no {stems[0]}.safetensors or {stems[0]}.safetensors.index.json")
 
 
 @torch.no_grad()
-def load_hf_weights(model, path, key_map, skipped=()):
+def load_hf_weights(model, path, key_map, skipped=(), stems=("model",)):
     """Fill every parameter of `model` from the checkpoint in `path`, one tensor at a time.
 
     Each tensor is read from disk and copied straight into the parameter, which converts it to the
     parameter's dtype and device: allocate the model in the dtype you want (empty_model) and no full
     copy in the file's dtype ever exists. All keys, shapes and dtypes are checked before any tensor is
     read: a published key that is neither mapped nor in `skipped` (name prefixes), a parameter no key
-    fills, a wrong shape or a non-float tensor is an EmuError naming the file and the key.
+    fills, a wrong shape or a non-float tensor is an EmuError naming the file and the key. A 1x1
+    convolution's weight (C_out, C_in, 1, 1) fills a linear layer's (C_out, C_in): the same numbers.
+    `stems`: the weight files' names (find_weight_files).
     """
-    files, source = find_weight_files(path)
+    files, source = find_weight_files(path, stems)
     unexpected = [k for k in files if k not in key_map and not k.startswith(tuple(skipped))]
     if unexpected:
         raise EmuError(f"{files[unexpected[0]].path}: unexpected keys {_key_list(unexpected)}")
@@ -94,14 +101,15 @@ def load_hf_weights(model, path, key_map, skipped=()):
         raise EmuError(f"{source}: missing keys {_key_list(missing)}")
     for ours, theirs in plan.items():
         file, (dtype, shape, _, _) = files[theirs], files[theirs].entries[theirs]
-        if shape != tuple(params[ours].shape):
+        if shape != tuple(params[ours].shape) and shape != tuple(params[ours].shape) + (1, 1):
             raise file.error(f"{theirs} has shape {list(shape)}, expected {list(params[ours].shape)}")
         if not dtype.is_floating_point:
             raise file.error(f"{theirs} is {str(dtype).removeprefix('torch.')}, expected a floating-point tensor")
     in_file_order = sorted(plan.items(), key=lambda item: (str(files[item[1]].path), files[item[1]].entries[item[1]][2]))
     scratch = torch.empty(SCRATCH_BYTES, dtype=torch.uint8)
     for ours, theirs in in_file_order:  # sequential reads, shard after shard
-        files[theirs].copy_into(theirs, params[ours], scratch)
+        shape = files[theirs].entries[theirs][1]
+        files[theirs].copy_into(theirs, params[ours].view(shape), scratch)
 
 
 def empty_model(cls, config, dtype, device):

@@ -1,0 +1,156 @@
+"""Stable Diffusion's published U-Net, in the diffusers layout, read into our own U-Net.
+
+Emu's U-Net is Stable Diffusion's design grown wider (emu_paper.txt, section 3.1), so a published
+Stable Diffusion U-Net is emu/models/unet.py's network with a few settings changed, not a second
+network (UNetConfig's fields after xlmr_dim):
+
+    ours (Emu, toy)                              Stable Diffusion (unet/config.json)
+    timestep embedding as FiLM after the norm    added to the features after the first conv (emb_add)
+    GroupNorm epsilon 1e-6                       1e-5 (norm_eps)
+    groups set by the width                      32 groups everywhere (norm_groups)
+    heads = width // head_dim                    8 heads at every level in v1 (num_heads; v2 keeps
+                                                 64-wide heads, which is head_dim)
+    CLIP and T5 tokens, projected to one width   CLIP's tokens alone, as they are (t5_dim 0, context_dim 0)
+    a pooled CLIP vector added to the timestep   none (pooled_dim 0)
+    linear proj_in / proj_out                    1x1 convolutions in v1: the same numbers, reshaped
+
+The folder is diffusers' `unet/`: config.json and diffusion_pytorch_model.safetensors (single or
+sharded; the half-precision copy diffusion_pytorch_model.fp16.safetensors if that is all there is).
+unet_key_map names every one of our parameters by its published key; emu.text.hf.load_hf_weights then
+checks every key and shape before reading any tensor, and refuses pickles.
+"""
+import torch
+
+from emu import EmuError
+from emu.models.unet import UNet, UNetConfig
+from emu.text.hf import empty_model, load_hf_weights, read_config
+
+UNET_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
+
+# config.json entries that change the network: the values our U-Net implements (diffusers' defaults,
+# which every Stable Diffusion v1 and v2 U-Net uses)
+FIXED = {"act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+         "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
+         "conv_out_kernel": 3, "downsample_padding": 1, "mid_block_scale_factor": 1, "dual_cross_attention": False,
+         "only_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+         "encoder_hid_dim": None, "time_cond_proj_dim": None, "transformer_layers_per_block": 1,
+         "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+         "attention_type": "default", "cross_attention_norm": None, "timestep_post_act": None}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+def unet_config_from_diffusers(raw, file):
+    """Our UNetConfig for a diffusers UNet2DConditionModel config.json (a dict read from `file`)."""
+    def need(key):
+        if key not in raw:
+            raise EmuError(f"{file}: missing entry {key!r}")
+        return raw[key]
+    for key, value in FIXED.items():
+        if raw.get(key, value) != value:
+            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    widths, down, up = need("block_out_channels"), need("down_block_types"), need("up_block_types")
+    if len(down) != len(widths) or len(up) != len(widths) or widths[-1] % widths[0] or any(w % widths[0] for w in widths):
+        raise EmuError(f"{file}: block_out_channels {widths} must be multiples of the first, one per down and up block")
+    attention_levels = tuple(i for i, kind in enumerate(down) if kind == "CrossAttnDownBlock2D")
+    if any(kind not in ("CrossAttnDownBlock2D", "DownBlock2D") for kind in down) or list(up) != [
+            "CrossAttnUpBlock2D" if level in attention_levels else "UpBlock2D" for level in reversed(range(len(widths)))]:
+        raise EmuError(f"{file}: down_block_types {down} and up_block_types {up} are not Stable Diffusion's mirrored "
+                       "CrossAttn*Block2D / *Block2D")
+    if need("in_channels") != need("out_channels"):
+        raise EmuError(f"{file}: in_channels {raw['in_channels']} and out_channels {raw['out_channels']} differ")
+    # diffusers reads "attention_head_dim" as the number of heads when "num_attention_heads" is absent
+    heads = raw.get("num_attention_heads") or need("attention_head_dim")
+    num_heads, head_dim = (heads, UNetConfig.head_dim) if isinstance(heads, int) else (0, None)
+    if not isinstance(heads, int):  # one count per level: the same head width everywhere (v2: 64)
+        head_dims = {w // h for w, h in zip(widths, heads)}
+        if len(heads) != len(widths) or len(head_dims) != 1 or any(w % h for w, h in zip(widths, heads)):
+            raise EmuError(f"{file}: attention_head_dim {heads} does not give one head width for block_out_channels {widths}")
+        head_dim = head_dims.pop()
+    return UNetConfig(in_channels=raw["in_channels"], model_channels=widths[0],
+                      channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=need("layers_per_block"),
+                      attention_levels=attention_levels, transformer_depth=1, head_dim=head_dim,
+                      context_dim=0, clip_dim=need("cross_attention_dim"), t5_dim=0, pooled_dim=0,
+                      emb_add=True, norm_eps=raw.get("norm_eps", 1e-5), norm_groups=raw.get("norm_num_groups", 32),
+                      num_heads=num_heads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys
+
+# our name inside each kind of module -> the published one
+RESBLOCK = {"norm1": "norm1", "conv1": "conv1", "emb": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+            "skip": "conv_shortcut"}
+TRANSFORMER = {"norm": "norm", "proj_in": "proj_in", "proj_out": "proj_out", "blocks": "transformer_blocks"}
+BLOCK = {"norm1": "norm1", "norm2": "norm2", "norm3": "norm3", "self_attn": "attn1", "cross_attn": "attn2",
+         "q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "ff.proj": "ff.net.0.proj", "ff.out": "ff.net.2"}
+
+
+def module_names(cfg):
+    """{our module: the published module} for every ResBlock, transformer and resampling convolution,
+    in the order UNet.__init__ builds them."""
+    names, i = {}, 0
+    for level in range(len(cfg.channel_mult)):
+        for r in range(cfg.num_res_blocks):
+            names[f"down.{i}.res"] = f"down_blocks.{level}.resnets.{r}"
+            names[f"down.{i}.attn"] = f"down_blocks.{level}.attentions.{r}"
+            i += 1
+        if level != len(cfg.channel_mult) - 1:
+            names[f"down.{i}.conv"] = f"down_blocks.{level}.downsamplers.0.conv"
+            i += 1
+    names.update({"mid.0.res": "mid_block.resnets.0", "mid.0.attn": "mid_block.attentions.0",
+                  "mid.1.res": "mid_block.resnets.1"})
+    i = 0
+    for block, level in enumerate(reversed(range(len(cfg.channel_mult)))):
+        for r in range(cfg.num_res_blocks + 1):
+            names[f"up.{i}.res"] = f"up_blocks.{block}.resnets.{r}"
+            names[f"up.{i}.attn"] = f"up_blocks.{block}.attentions.{r}"
+            i += 1
+        if level != 0:
+            names[f"up.{i}.conv"] = f"up_blocks.{block}.upsamplers.0.conv"
+            i += 1
+    names.update({"time_mlp.0": "time_embedding.linear_1", "time_mlp.2": "time_embedding.linear_2",
+                  "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"})
+    return names
+
+
+def published_name(ours, modules):
+    """The published key of our parameter `ours` (e.g. "up.4.attn.blocks.0.cross_attn.q.weight")."""
+    parts = ours.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a mapped module
+        prefix = ".".join(parts[:cut])
+        if prefix in modules:
+            rest = parts[cut:]
+            break
+    else:
+        raise KeyError(ours)
+    if prefix.endswith(".res"):
+        rest = [RESBLOCK[rest[0]], *rest[1:]]
+    elif prefix.endswith(".attn"):
+        rest = [TRANSFORMER[rest[0]], *rest[1:]]
+        if rest[0] == "transformer_blocks":  # transformer_blocks.{d}.<inside a block>
+            inside = ".".join(rest[2:-1])
+            rest = rest[:2] + ([BLOCK[inside]] if inside in BLOCK else [BLOCK[p] for p in rest[2:-1]]) + rest[-1:]
+    return ".".join([modules[prefix], *rest])
+
+
+def unet_key_map(model):
+    """{published key: our parameter name} for every parameter of a U-Net built from a Stable Diffusion config."""
+    modules = module_names(model.cfg)
+    return {published_name(name, modules): name for name, _ in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_sd_unet(path, dtype=torch.float32, device="cpu"):
+    """Our UNet holding the Stable Diffusion U-Net in the diffusers folder `path` (its unet/)."""
+    raw, config_file = read_config(path)
+    if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise EmuError(f"{config_file}: a {raw['_class_name']}, not a UNet2DConditionModel")
+    model = empty_model(UNet, unet_config_from_diffusers(raw, config_file), dtype, device)
+    load_hf_weights(model, path, unet_key_map(model), stems=UNET_STEMS)
+    return model

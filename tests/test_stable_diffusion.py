@@ -1,0 +1,104 @@
+"""Stable Diffusion's published U-Net read into our U-Net (emu/variants/stable_diffusion.py), against diffusers."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from emu import EmuError
+from emu.variants.stable_diffusion import load_sd_unet, unet_config_from_diffusers, unet_key_map
+from emu.models.unet import UNet
+from emu.text.encoder import TextEmbedding
+
+diffusers = pytest.importorskip("diffusers")  # a test-only reference (requirements-test.txt)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# Stable Diffusion v1's U-Net, shrunk: the same block types, 8 groups instead of 32, 4 heads instead of 8
+V1 = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+          down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+          cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+# v2: linear projections around the transformer and one head width (16) at every level
+V2 = dict(V1, use_linear_projection=True, attention_head_dim=(2, 4, 4))
+
+
+def published_unet(tmp_path, config, seed=0, fp16=False, shards=False):
+    """A random UNet2DConditionModel saved as diffusers saves it; every weight random, the zero-initialised too."""
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    folder = tmp_path / "unet"
+    if fp16:  # the published half-precision copy: float16 tensors in diffusion_pytorch_model.fp16.safetensors
+        model.half().save_pretrained(folder, variant="fp16")
+        return model.float(), folder  # the reference holds the rounded weights, as ours will
+    model.save_pretrained(folder, max_shard_size="200KB" if shards else "10GB")
+    return model, folder
+
+
+def inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)
+    t = torch.tensor([3, 811])[:batch]
+    context = torch.randn(batch, 7, 24, generator=g)
+    # Stable Diffusion attends to all 77 positions, padding included: every mask entry is True
+    text = TextEmbedding(clip=context, clip_mask=torch.ones(batch, 7, dtype=torch.bool), t5=torch.zeros(batch, 0, 1),
+                         t5_mask=torch.zeros(batch, 0, dtype=torch.bool), pooled=torch.zeros(batch, 0))
+    return x, t, context, text
+
+
+@pytest.mark.parametrize("config", [V1, V2], ids=["v1", "v2"])
+def test_the_published_unet_gives_diffusers_numbers(tmp_path, config):
+    reference, folder = published_unet(tmp_path, config)
+    ours = load_sd_unet(folder)
+    assert ours.cfg.emb_add and ours.clip_proj is not None and ours.t5_proj is None and ours.pooled_proj is None
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    x, t, context, text = inputs()
+    with torch.no_grad():
+        want = reference(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, text)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_fp16_copies_and_shards_load_and_a_wrong_folder_is_a_one_line_error(tmp_path):
+    reference, folder = published_unet(tmp_path / "half", V1, fp16=True)
+    assert not (folder / "diffusion_pytorch_model.safetensors").exists()
+    ours = load_sd_unet(folder, dtype=torch.float32)
+    x, t, context, text = inputs()
+    with torch.no_grad():
+        want = reference(x, t, encoder_hidden_states=context).sample
+        assert (ours(x, t, text) - want).abs().max() <= 1e-4 * want.abs().max()
+    reference, sharded = published_unet(tmp_path / "shards", V1, seed=2, shards=True)
+    assert len(list(sharded.glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    with torch.no_grad():
+        want = reference(x, t, encoder_hidden_states=context).sample
+        assert (load_sd_unet(sharded)(x, t, text) - want).abs().max() <= 1e-4 * want.abs().max()
+    config = json.loads((folder / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**config, "time_embedding_type": "fourier"}))
+    with pytest.raises(EmuError, match=r"config.json: time_embedding_type 'fourier' is not supported"):
+        load_sd_unet(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "up_block_types": ["UpBlock2D"] * 3}))
+    with pytest.raises(EmuError, match="are not Stable Diffusion's mirrored"):
+        load_sd_unet(bad)
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(EmuError, match="pickled checkpoints are not loaded"):
+        load_sd_unet(bad)
+    weights = {k: v for k, v in reference.state_dict().items() if "conv_out" not in k}
+    save_file({k: v.contiguous() for k, v in weights.items()}, bad / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(EmuError, match=r"missing keys \['conv_out.bias', 'conv_out.weight'\]"):
+        load_sd_unet(bad)
+
+
+def test_every_published_key_has_one_of_ours():
+    model = diffusers.UNet2DConditionModel(**V1)
+    key_map = unet_key_map(UNet(unet_config_from_diffusers(dict(V1), "config.json")))
+    assert sorted(key_map) == sorted(model.state_dict())
+    assert len(set(key_map.values())) == len(key_map)
+    assert key_map["up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k.weight"] == "up.6.attn.blocks.0.cross_attn.k.weight"
+    assert key_map["down_blocks.0.downsamplers.0.conv.weight"] == "down.2.conv.weight"
+    assert key_map["mid_block.resnets.1.time_emb_proj.bias"] == "mid.1.res.emb.bias"
