@@ -13,7 +13,7 @@ The package, grouped by the parts of the system; imports run one way, from the a
     training/       the loop's parts, distributed training, FSDP
     curation/       the curation funnel: automatic filters, human stages
     evaluation/     judges, pairwise statistics, the rating study and page, metrics, charts
-    variants/       the pixel cascade, the Muse-like model, Kandinsky, Stable Diffusion's published U-Net
+    variants/       the pixel cascade, the Muse-like model, Kandinsky, Stable Diffusion's published U-Net and VAE
     arch.py         what differs by --arch
     pipeline.py     first stage + text towers + model = text to image, from a checkpoint
 """

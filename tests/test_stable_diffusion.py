@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from emu import EmuError
-from emu.variants.stable_diffusion import load_sd_unet, unet_config_from_diffusers, unet_key_map
+from emu.variants.stable_diffusion import load_sd_unet, load_sd_vae, unet_config_from_diffusers, unet_key_map
 from emu.models.unet import UNet
 from emu.text.encoder import TextEmbedding
 
@@ -102,3 +102,35 @@ def test_every_published_key_has_one_of_ours():
     assert key_map["up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k.weight"] == "up.6.attn.blocks.0.cross_attn.k.weight"
     assert key_map["down_blocks.0.downsamplers.0.conv.weight"] == "down.2.conv.weight"
     assert key_map["mid_block.resnets.1.time_emb_proj.bias"] == "mid.1.res.emb.bias"
+
+
+# Stable Diffusion's VAE, shrunk: 3 levels (4x downsampling) of 32 and 64 channels, 8 groups
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+           down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+           scaling_factor=0.18215)
+
+
+def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
+    torch.manual_seed(0)
+    reference = diffusers.AutoencoderKL(**VAE).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.05)
+    reference.save_pretrained(tmp_path / "vae")
+    ours = load_sd_vae(tmp_path / "vae")
+    assert float(ours.scale_factor) == pytest.approx(0.18215) and ours.downsample_factor == 4
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        posterior = reference.encode(images).latent_dist
+        mean, logvar = ours.posterior(images)
+        torch.testing.assert_close(mean, posterior.mean, rtol=0, atol=1e-4 * float(posterior.mean.abs().max()))
+        torch.testing.assert_close(logvar, posterior.logvar, rtol=0, atol=1e-4 * float(posterior.logvar.abs().max()))
+        z = ours.encode(images)  # the U-Net's latents: the mean times the scaling factor, as SD's pipelines scale them
+        torch.testing.assert_close(z, posterior.mean * 0.18215, rtol=0, atol=1e-4 * float(z.abs().max()))
+        want = reference.decode(z / 0.18215).sample
+        torch.testing.assert_close(ours.decode(z), want, rtol=0, atol=1e-4 * float(want.abs().max()))
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "use_quant_conv": False}))
+    with pytest.raises(EmuError, match="use_quant_conv False is not supported"):
+        load_sd_vae(tmp_path / "vae")

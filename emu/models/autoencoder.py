@@ -46,6 +46,11 @@ class AutoencoderConfig:
     shortcuts: bool = False        # residual resampling and a linear patch path (see Encoder); toy scale
     disc_channels: int = 64        # width of the PatchGAN discriminator's first layer
     disc_layers: int = 3           # strided layers of the discriminator
+    # Stable Diffusion's published VAE (emu/variants/stable_diffusion.py) is this network with:
+    quant_convs: bool = False      # 1x1 convolutions after the encoder and before the decoder
+    attn_qkv_bias: bool = False    # biases on the mid block's query, key and value projections
+    pad_after: bool = False        # downsampling pads one row and column after the image, none before
+    norm_groups: int = 0           # every GroupNorm's groups (SD: 32); 0: set by the width (nn.normalization)
 
     @property
     def downsample_factor(self):
@@ -111,11 +116,11 @@ class MidBlock(nn.Module):
     """ResBlock -> self-attention -> ResBlock at the lowest resolution: the one place every
     position can see the whole image."""
 
-    def __init__(self, ch, code_channels=0):
+    def __init__(self, ch, code_channels=0, qkv_bias=False, groups=0):
         super().__init__()
-        self.res1 = ResBlock(ch, ch, code_channels=code_channels)
-        self.attn = SpatialSelfAttention(ch, code_channels)
-        self.res2 = ResBlock(ch, ch, code_channels=code_channels)
+        self.res1 = ResBlock(ch, ch, code_channels=code_channels, groups=groups)
+        self.attn = SpatialSelfAttention(ch, code_channels, qkv_bias, groups)
+        self.res2 = ResBlock(ch, ch, code_channels=code_channels, groups=groups)
 
     def forward(self, x, zq=None):
         return self.res2(self.attn(self.res1(x, zq=zq), zq), zq=zq)
@@ -144,19 +149,22 @@ class Encoder(nn.Module):
         blocks, ch = [], widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(ch, width))
+                blocks.append(ResBlock(ch, width, groups=cfg.norm_groups))
                 ch = width
             if level < len(widths) - 1:
-                blocks.append(Downsample(ch, cfg.shortcuts))
+                blocks.append(Downsample(ch, cfg.shortcuts, cfg.pad_after))
         self.down = nn.Sequential(*blocks)
-        self.mid = MidBlock(ch)
-        self.norm_out = normalization(ch)
+        self.mid = MidBlock(ch, qkv_bias=cfg.attn_qkv_bias, groups=cfg.norm_groups)
+        self.norm_out = normalization(ch, groups=cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.quant_convs else None
 
     def forward(self, x):
         h = self.down(self.conv_in(x))  # (B, ch, H/f, W/f)
         h = self.mid(h)
         moments = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2C, H/f, W/f)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         if self.patch is not None:
             moments = moments + self.patch(F.pixel_unshuffle(x, self.factor))
         return moments
@@ -176,19 +184,23 @@ class Decoder(nn.Module):
         if cfg.shortcuts:  # the linear patch path back: latent -> f x f patch of pixels
             self.patch = nn.Conv2d(cfg.latent_channels, out_channels * self.factor ** 2, 1)
         ch = widths[-1]
+        groups = cfg.norm_groups
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.quant_convs else None
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
-        self.mid = MidBlock(ch, code_channels)
+        self.mid = MidBlock(ch, code_channels, cfg.attn_qkv_bias, groups)
         self.up = nn.ModuleList()
         for level in reversed(range(len(widths))):
             for _ in range(cfg.num_res_blocks + 1):  # one more than the encoder, as in latent diffusion
-                self.up.append(ResBlock(ch, widths[level], code_channels=code_channels))
+                self.up.append(ResBlock(ch, widths[level], code_channels=code_channels, groups=groups))
                 ch = widths[level]
             if level > 0:
                 self.up.append(Upsample(ch, cfg.shortcuts))
-        self.norm_out = norm_layer(ch, code_channels)
+        self.norm_out = norm_layer(ch, code_channels, groups=groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z, zq=None):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z), zq)  # (B, ch, h, w)
         for block in self.up:
             h = block(h, zq=zq) if isinstance(block, ResBlock) else block(h)

@@ -117,13 +117,14 @@ class Downsample(nn.Module):
     small autoencoder learn in hundreds of steps rather than thousands.
     """
 
-    def __init__(self, ch, shortcut=False):
+    def __init__(self, ch, shortcut=False, pad_after=False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-        self.shortcut = shortcut
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if pad_after else 1)
+        self.shortcut, self.pad_after = shortcut, pad_after
 
     def forward(self, x):
-        h = self.conv(x)
+        # pad_after: one row and column of zeros after the image and none before (Stable Diffusion's VAE)
+        h = self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_after else x)
         return h + F.avg_pool2d(x, 2) if self.shortcut else h
 
 
@@ -178,12 +179,13 @@ class MultiHeadAttention(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over the pixels of a feature map (the autoencoder's mid block)."""
+    """Single-head self-attention over the pixels of a feature map (the autoencoder's mid block);
+    `qkv_bias`: the query, key and value projections have biases (Stable Diffusion's VAE)."""
 
-    def __init__(self, ch, code_channels=0):
+    def __init__(self, ch, code_channels=0, qkv_bias=False, groups=0):
         super().__init__()
-        self.norm = norm_layer(ch, code_channels)
-        self.attn = MultiHeadAttention(ch, heads=1)
+        self.norm = norm_layer(ch, code_channels, groups=groups)
+        self.attn = MultiHeadAttention(ch, heads=1, qkv_bias=qkv_bias)
 
     def forward(self, x, zq=None):
         B, C, H, W = x.shape

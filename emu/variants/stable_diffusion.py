@@ -1,4 +1,4 @@
-"""Stable Diffusion's published U-Net, in the diffusers layout, read into our own U-Net.
+"""Stable Diffusion's published U-Net and VAE, in the diffusers layout, read into our own U-Net and autoencoder.
 
 Emu's U-Net is Stable Diffusion's design grown wider (emu_paper.txt, section 3.1), so a published
 Stable Diffusion U-Net is emu/models/unet.py's network with a few settings changed, not a second
@@ -14,18 +14,24 @@ network (UNetConfig's fields after xlmr_dim):
     a pooled CLIP vector added to the timestep   none (pooled_dim 0)
     linear proj_in / proj_out                    1x1 convolutions in v1: the same numbers, reshaped
 
-The folder is diffusers' `unet/`: config.json and diffusion_pytorch_model.safetensors (single or
-sharded; the half-precision copy diffusion_pytorch_model.fp16.safetensors if that is all there is).
-unet_key_map names every one of our parameters by its published key; emu.text.hf.load_hf_weights then
-checks every key and shape before reading any tensor, and refuses pickles.
+Its VAE is emu/models/autoencoder.py's network without the Fourier features and the toy shortcuts,
+with 1x1 convolutions around the latents (quant_convs), biases on the mid block's attention
+projections (attn_qkv_bias), downsampling that pads after the image only (pad_after) and 32 groups per
+GroupNorm (norm_groups); its `scaling_factor` (0.18215 for v1) is our scale_factor.
+
+The folders are diffusers' `unet/` and `vae/`: config.json and diffusion_pytorch_model.safetensors
+(single or sharded; the half-precision copy diffusion_pytorch_model.fp16.safetensors if that is all
+there is). unet_key_map and vae_key_map name every one of our parameters by its published key;
+emu.text.hf.load_hf_weights then checks every key and shape before reading any tensor, and refuses pickles.
 """
 import torch
 
 from emu import EmuError
+from emu.models.autoencoder import Autoencoder, AutoencoderConfig
 from emu.models.unet import UNet, UNetConfig
 from emu.text.hf import empty_model, load_hf_weights, read_config
 
-UNET_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
 
 # config.json entries that change the network: the values our U-Net implements (diffusers' defaults,
 # which every Stable Diffusion v1 and v2 U-Net uses)
@@ -152,5 +158,84 @@ def load_sd_unet(path, dtype=torch.float32, device="cpu"):
     if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise EmuError(f"{config_file}: a {raw['_class_name']}, not a UNet2DConditionModel")
     model = empty_model(UNet, unet_config_from_diffusers(raw, config_file), dtype, device)
-    load_hf_weights(model, path, unet_key_map(model), stems=UNET_STEMS)
+    load_hf_weights(model, path, unet_key_map(model), stems=WEIGHT_STEMS)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# The VAE
+
+VAE_FIXED = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+             "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+ATTENTION = {"norm": "group_norm", "attn.q": "to_q", "attn.k": "to_k", "attn.v": "to_v", "attn.out": "to_out.0"}
+
+
+def vae_config_from_diffusers(raw, file):
+    """Our AutoencoderConfig for a diffusers AutoencoderKL config.json (a dict read from `file`)."""
+    for key, value in VAE_FIXED.items():
+        if raw.get(key, value) != value:
+            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    widths = raw.get("block_out_channels")
+    down, up = raw.get("down_block_types"), raw.get("up_block_types")
+    if (not widths or any(w % widths[0] for w in widths) or down != ["DownEncoderBlock2D"] * len(widths)
+            or up != ["UpDecoderBlock2D"] * len(widths)):
+        raise EmuError(f"{file}: not Stable Diffusion's VAE layout (block_out_channels {widths}, down_block_types "
+                       f"{down}, up_block_types {up})")
+    for key in ("latent_channels", "layers_per_block"):
+        if key not in raw:
+            raise EmuError(f"{file}: missing entry {key!r}")
+    return AutoencoderConfig(latent_channels=raw["latent_channels"], base_channels=widths[0],
+                             channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=raw["layers_per_block"],
+                             fourier=False, shortcuts=False, quant_convs=True, attn_qkv_bias=True, pad_after=True,
+                             norm_groups=raw.get("norm_num_groups", 32))
+
+
+def vae_module_names(cfg):
+    """{our module: the published module} for the autoencoder's blocks, in the order they are built."""
+    levels = len(cfg.channel_mult)
+    names, i = {}, 0
+    for level in range(levels):
+        for r in range(cfg.num_res_blocks):
+            names[f"encoder.down.{i}"] = f"encoder.down_blocks.{level}.resnets.{r}"
+            i += 1
+        if level != levels - 1:
+            names[f"encoder.down.{i}.conv"] = f"encoder.down_blocks.{level}.downsamplers.0.conv"
+            i += 1
+    i = 0
+    for block, level in enumerate(reversed(range(levels))):
+        for r in range(cfg.num_res_blocks + 1):
+            names[f"decoder.up.{i}"] = f"decoder.up_blocks.{block}.resnets.{r}"
+            i += 1
+        if level != 0:
+            names[f"decoder.up.{i}.conv"] = f"decoder.up_blocks.{block}.upsamplers.0.conv"
+            i += 1
+    for part in ("encoder", "decoder"):
+        names.update({f"{part}.mid.res1": f"{part}.mid_block.resnets.0", f"{part}.mid.res2": f"{part}.mid_block.resnets.1",
+                      f"{part}.mid.attn": f"{part}.mid_block.attentions.0", f"{part}.conv_in": f"{part}.conv_in",
+                      f"{part}.norm_out": f"{part}.conv_norm_out", f"{part}.conv_out": f"{part}.conv_out"})
+    names.update({"encoder.quant_conv": "quant_conv", "decoder.post_quant_conv": "post_quant_conv"})
+    return names
+
+
+def vae_key_map(model):
+    """{published key: our parameter name} for every parameter of an autoencoder built from a Stable Diffusion VAE config."""
+    modules = vae_module_names(model.cfg)
+    key_map = {}
+    for name, _ in model.named_parameters():
+        prefix = next(p for p in sorted(modules, key=len, reverse=True) if name.startswith(p + "."))
+        rest, leaf = name[len(prefix) + 1:].rsplit(".", 1) if "." in name[len(prefix) + 1:] else ("", name[len(prefix) + 1:])
+        inside = ATTENTION[rest] if prefix.endswith(".attn") else RESBLOCK[rest] if rest else ""
+        key_map[".".join(filter(None, [modules[prefix], inside, leaf]))] = name
+    return key_map
+
+
+def load_sd_vae(path, dtype=torch.float32, device="cpu"):
+    """Our Autoencoder holding the Stable Diffusion VAE in the diffusers folder `path` (its vae/), with its
+    scaling_factor as our scale_factor: encode() gives the latents the U-Net was trained on."""
+    raw, config_file = read_config(path)
+    if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise EmuError(f"{config_file}: a {raw['_class_name']}, not an AutoencoderKL")
+    model = empty_model(Autoencoder, vae_config_from_diffusers(raw, config_file), dtype, device)
+    load_hf_weights(model, path, vae_key_map(model), stems=WEIGHT_STEMS)
+    model.scale_factor.fill_(raw.get("scaling_factor", 0.18215))  # not in the weights; the v1 value if absent
     return model
