@@ -6,6 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from emu import EmuError
+from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
+from emu.text.hf import tokenize
 from emu.variants.stable_diffusion import load_sd_unet, load_sd_vae, unet_config_from_diffusers, unet_key_map
 from emu.models.unet import UNet
 from emu.text.encoder import TextEmbedding
@@ -134,3 +136,37 @@ def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
     (tmp_path / "vae" / "config.json").write_text(json.dumps({**config, "use_quant_conv": False}))
     with pytest.raises(EmuError, match="use_quant_conv False is not supported"):
         load_sd_vae(tmp_path / "vae")
+
+
+def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokenizer(tmp_path):
+    """Stable Diffusion's text_encoder/ is a bare CLIPTextModel (no text projection), its tokenizer/ the
+    original vocab.json and merges.txt: ids as transformers' CLIPTokenizer gives them, states as its model."""
+    transformers = pytest.importorskip("transformers")
+    regex = pytest.importorskip("regex")
+    from test_tokenizers import CAPTIONS, train_clip_bpe
+    vocab, merges = train_clip_bpe(regex, CAPTIONS, num_merges=150)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab[CLIP_BOS],
+                                         eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
+    torch.manual_seed(0)
+    reference = transformers.CLIPTextModel(config).eval()
+    # as Stable Diffusion v1.5 publishes it (transformers 4's names; transformers 5 would drop "text_model.")
+    reference.config.save_pretrained(tmp_path / "text_encoder")
+    save_file({f"text_model.{k}": v.contiguous() for k, v in reference.state_dict().items()},
+              tmp_path / "text_encoder" / "model.safetensors")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                                        encoding="utf-8")
+    with pytest.raises(EmuError, match="missing keys \\['text_projection.weight'\\]"):
+        load_clip_text(tmp_path / "text_encoder", dtype=torch.float32)  # the towers Emu conditions on have one
+    model, tokenizer = load_clip_text(tmp_path / "text_encoder", dtype=torch.float32, projection=False)
+    prompts = ["a red circle on the left", "two blue squares at the top on a white background", ""]
+    ids = tokenize(tokenizer, prompts, clean=clip_clean)[0]
+    theirs = transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"))
+    assert ids.tolist() == theirs(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    with torch.no_grad():
+        want = reference(ids)
+        hidden, pooled = model(ids)
+    torch.testing.assert_close(hidden, want.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-5)

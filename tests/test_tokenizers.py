@@ -265,6 +265,22 @@ def test_clip_tokenizer_json_layout_matches_transformers(clip):
     assert [e.ids for e in tokenizer.encode_batch(TRICKY + UNSEEN)] == expected
 
 
+def test_clip_built_from_vocab_and_merges_alone_gives_the_original_ids(clip, tmp_path):
+    """Stable Diffusion v1.5 publishes its tokenizer/ as the original tokenizer's vocab.json and merges.txt,
+    beside text_encoder/, with no tokenizer.json: built from those, the ids are the original's."""
+    reference, ours, path = clip
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "text_encoder" / name).write_bytes((path / name).read_bytes())
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "tokenizer" / name).write_bytes((path / name).read_bytes())
+    _, tokenizer = load_clip_text(tmp_path / "text_encoder")
+    for text in TRICKY + UNSEEN + [LONG, ""]:
+        assert tokenize(tokenizer, [text], clean=clip_clean)[0][0].tolist() == reference(text), text
+    assert tokenizer.encode_batch(TRICKY)[0].ids == ours.encode_batch(TRICKY)[0].ids
+
+
 # ----------------------------------------------------------------------------------------------------
 # T5: SentencePiece is the reference
 

@@ -6,7 +6,9 @@ the curation funnel scores image-caption agreement with it, and Kandinsky's imag
 Both are frozen and read from one Hugging Face CLIPModel directory through explicit key maps.
 """
 import html
+import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -101,9 +103,10 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP's text transformer plus its text projection."""
+    """CLIP's text transformer plus its text projection (none with `projection=False`: Stable
+    Diffusion's text_encoder/ is the bare transformer, a CLIPTextModel without the projection)."""
 
-    def __init__(self, config):
+    def __init__(self, config, projection=True):
         super().__init__()
         self.config = config
         D = config.hidden_size
@@ -111,14 +114,15 @@ class CLIPTextModel(nn.Module):
         self.position_embedding = nn.Embedding(config.max_position_embeddings, D)
         self.layers = nn.ModuleList(CLIPLayer(config) for _ in range(config.num_hidden_layers))
         self.final_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
-        self.text_projection = nn.Linear(D, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(D, config.projection_dim, bias=False) if projection else None
 
     def forward(self, input_ids, attention_mask=None):
         """
         :param input_ids: (B, L) token ids, L <= max_position_embeddings.
         :param attention_mask: optional (B, L) bool, True at real tokens.
         :return: last_hidden (B, L, D) after the final LayerNorm, and pooled (B, projection_dim): the
-                 projected hidden state at each row's first end-of-text token.
+                 projected hidden state at each row's first end-of-text token (without a projection,
+                 that hidden state itself, (B, D)).
         """
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device)
@@ -129,8 +133,8 @@ class CLIPTextModel(nn.Module):
         x = self.final_norm(x)
         # The attention is causal, so only the end-of-text token has seen the whole caption.
         eos_position = (input_ids == self.config.eos_token_id).int().argmax(dim=1)  # (B,) first match
-        pooled = self.text_projection(x[torch.arange(B, device=x.device), eos_position])  # (B, P)
-        return x, pooled
+        pooled = x[torch.arange(B, device=x.device), eos_position]  # (B, D)
+        return x, pooled if self.text_projection is None else self.text_projection(pooled)  # (B, P)
 
 
 class CLIPVisionModel(nn.Module):
@@ -244,7 +248,7 @@ def _layer_keys(prefix, num_layers):
             for i in range(num_layers) for theirs, ours in LAYER_RENAMES for kind in ("weight", "bias")}
 
 
-def clip_text_key_map(config):
+def clip_text_key_map(config, projection=True):
     """Published Hugging Face name -> our parameter name, for every weight of the text tower."""
     return {
         "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -252,7 +256,7 @@ def clip_text_key_map(config):
         **_layer_keys("text_model", config.num_hidden_layers),
         "text_model.final_layer_norm.weight": "final_norm.weight",
         "text_model.final_layer_norm.bias": "final_norm.bias",
-        "text_projection.weight": "text_projection.weight",
+        **({"text_projection.weight": "text_projection.weight"} if projection else {}),
     }
 
 
@@ -299,21 +303,72 @@ def _tower_config(cls, path, section):
     return config
 
 
-def load_clip_text(path, dtype=torch.bfloat16, device="cpu"):
+def load_clip_text(path, dtype=torch.bfloat16, device="cpu", projection=True):
     """Load a frozen CLIPTextModel and its tokenizer (padding to 77) from a Hugging Face directory.
 
-    Accepts a full CLIPModel (config with "text_config") or a flat CLIPTextModelWithProjection. The
-    checkpoint must contain text_projection.weight (Stable Diffusion's bare text_encoder does not).
+    Accepts a full CLIPModel (config with "text_config") or a flat CLIPTextModelWithProjection; with
+    `projection=False`, a bare CLIPTextModel (Stable Diffusion's text_encoder/, which has no
+    text_projection.weight). The tokenizer is found by load_clip_tokenizer.
     """
     config = _tower_config(CLIPTextConfig, path, "text_config")
-    tokenizer = load_tokenizer(path, [CLIP_BOS, CLIP_EOS], config.vocab_size)
+    tokenizer = load_clip_tokenizer(path, config.vocab_size)
     # The tokenizer is the authority on special ids: openai's config.json carries placeholder ids (eos 2).
     eos = tokenizer.token_to_id(CLIP_EOS)
     config = replace(config, bos_token_id=tokenizer.token_to_id(CLIP_BOS), eos_token_id=eos, pad_token_id=eos)
     set_fixed_length(tokenizer, config.max_position_embeddings, CLIP_EOS)
-    model = empty_model(CLIPTextModel, config, dtype, device)
-    load_hf_weights(model, path, clip_text_key_map(config), TEXT_SKIPPED)
+    model = empty_model(CLIPTextModel, config, dtype, device, projection=projection)
+    load_hf_weights(model, path, clip_text_key_map(config, projection), TEXT_SKIPPED)
     return model.requires_grad_(False).eval(), tokenizer
+
+
+# CLIP's word split, as the published tokenizer.json writes it: its special tokens, English
+# contractions, runs of letters, single digits, and runs of anything else but spaces
+CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+
+
+def load_clip_tokenizer(path, vocab_size):
+    """CLIP's tokenizer for the tower in `path`: the tokenizer.json there, or in a sibling tokenizer/
+    (Stable Diffusion keeps text_encoder/ and tokenizer/ side by side); where only the original
+    tokenizer's vocab.json and merges.txt are published (Stable Diffusion v1.5's tokenizer/), the same
+    tokenizer built from those (clip_tokenizer_from_vocab)."""
+    for directory in (Path(path), Path(path).parent / "tokenizer"):
+        if (directory / "tokenizer.json").is_file():
+            return load_tokenizer(directory, [CLIP_BOS, CLIP_EOS], vocab_size)
+        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            tokenizer = clip_tokenizer_from_vocab(directory)
+            if tokenizer.get_vocab_size() > vocab_size:
+                raise EmuError(f"{directory / 'vocab.json'}: {tokenizer.get_vocab_size()} tokens, more than the "
+                               f"model's vocab_size {vocab_size}")
+            return tokenizer
+    return load_tokenizer(path, [CLIP_BOS, CLIP_EOS], vocab_size)  # the error names path/tokenizer.json
+
+
+def clip_tokenizer_from_vocab(directory):
+    """CLIP's byte-level BPE from `directory`/vocab.json and merges.txt, set up as the published
+    tokenizer.json is: NFC, whitespace runs to one space, lower case; split into CLIP_SPLIT's pieces;
+    bytes mapped to GPT-2's printable alphabet; word ends marked `</w>`; <|startoftext|> ... <|endoftext|>."""
+    directory = Path(directory)
+    try:
+        vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EmuError(f"{directory}: unreadable vocab.json or merges.txt ({str(e)[:120]})") from None
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    missing = [t for t in (CLIP_BOS, CLIP_EOS) if t not in vocab]
+    if missing or any(len(m) != 2 for m in merges):
+        raise EmuError(f"{directory}: not CLIP's vocab.json and merges.txt (special tokens missing: {missing})")
+    tokenizer = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges, unk_token=CLIP_EOS, continuing_subword_prefix="",
+                                               end_of_word_suffix="</w>", fuse_unk=False))
+    tokenizer.add_special_tokens([CLIP_BOS, CLIP_EOS])  # already in the vocabulary: their ids stay
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.RobertaProcessing((CLIP_EOS, vocab[CLIP_EOS]), (CLIP_BOS, vocab[CLIP_BOS]),
+                                                            trim_offsets=False, add_prefix_space=False)
+    return tokenizer
 
 
 def load_clip_vision(path, dtype=torch.bfloat16, device="cpu"):

@@ -112,10 +112,10 @@ def load_hf_weights(model, path, key_map, skipped=(), stems=("model",)):
         files[theirs].copy_into(theirs, params[ours].view(shape), scratch)
 
 
-def empty_model(cls, config, dtype, device):
+def empty_model(cls, config, dtype, device, **kwargs):
     """Our model with uninitialised parameters of the given dtype on `device` (no random init)."""
     with torch.device("meta"):
-        model = cls(config).to(dtype)
+        model = cls(config, **kwargs).to(dtype)
     return model.to_empty(device=device)
 
 
