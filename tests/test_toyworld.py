@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -104,3 +105,13 @@ def test_write_folder_layout(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"00000{i}.{ext}" for i in range(3) for ext in ("json", "png", "txt")]
     meta = json.loads((tmp_path / "000000.json").read_text())
     assert set(meta) >= {"attributes", "qualities", "needle", "likes", "true_caption"}
+
+
+def test_the_russian_toy_prompts_are_the_english_ones_translated():
+    from emu.datasets.folders import read_prompts
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "prompts")
+    english, russian = read_prompts(os.path.join(root, "toy.tsv")), read_prompts(os.path.join(root, "toy_ru.tsv"))
+    assert len(english) == len(russian) == 100
+    for (en, category), (ru, category_ru) in zip(english, russian):
+        assert category == category_ru and toyworld.parse_caption(ru) == toyworld.parse_caption(en)
+        assert ru == toyworld.caption(toyworld.Scene(**toyworld.parse_caption(en)), "ru")
