@@ -74,10 +74,12 @@ def dynamic_threshold(x0, percentile=0.995):
 class GaussianDiffusion:
     """Holds the schedule and does the maths: q_sample, the loss, and the sampling steps."""
 
-    def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps", min_snr_gamma=0.0):
+    def __init__(self, schedule="scaled_linear", num_timesteps=1000, prediction="eps", min_snr_gamma=0.0, spacing="linspace"):
         if prediction not in ("eps", "v", "x0"):
             raise ValueError(f"unknown prediction type {prediction!r} (choose eps, v or x0)")
-        self.schedule, self.num_timesteps, self.prediction = schedule, num_timesteps, prediction
+        if spacing not in ("linspace", "trailing"):
+            raise ValueError(f"unknown timestep spacing {spacing!r} (choose linspace or trailing)")
+        self.schedule, self.num_timesteps, self.prediction, self.spacing = schedule, num_timesteps, prediction, spacing
         self.min_snr_gamma = min_snr_gamma
         self.betas = make_betas(schedule, num_timesteps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64, decreasing
@@ -184,8 +186,13 @@ class GaussianDiffusion:
         return x_s
 
     def timesteps(self, steps):
-        """`steps` evenly spaced timesteps from T-1 down to 0, then -1 (the clean image)."""
-        ts = torch.linspace(self.num_timesteps - 1, 0, steps).round().long()
+        """`steps` evenly spaced timesteps from T-1 down, then -1 (the clean image): down to 0
+        ("linspace"), or at every T/steps-th step counted back from T, ending at T/steps - 1
+        ("trailing": Lin et al. 2024, and how diffusers' schedulers space them with that setting)."""
+        if self.spacing == "trailing":
+            ts = torch.arange(self.num_timesteps, 0, -self.num_timesteps / steps, dtype=torch.float64).round().long() - 1
+        else:
+            ts = torch.linspace(self.num_timesteps - 1, 0, steps).round().long()
         return torch.cat([ts, torch.tensor([-1])])
 
     @torch.no_grad()

@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 from emu import EmuError
 from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
 from emu.text.hf import tokenize
-from emu.variants.stable_diffusion import load_sd_unet, load_sd_vae, unet_config_from_diffusers, unet_key_map
+from emu.diffusion import GaussianDiffusion, guided_images
+from emu.variants.stable_diffusion import (load_sd_unet, load_sd_vae, load_stable_diffusion, unet_config_from_diffusers,
+                                          unet_key_map)
 from emu.models.unet import UNet
 from emu.text.encoder import TextEmbedding
 
@@ -25,13 +27,13 @@ V1 = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, blo
 V2 = dict(V1, use_linear_projection=True, attention_head_dim=(2, 4, 4))
 
 
-def published_unet(tmp_path, config, seed=0, fp16=False, shards=False):
+def published_unet(tmp_path, config, seed=0, fp16=False, shards=False, std=0.05):
     """A random UNet2DConditionModel saved as diffusers saves it; every weight random, the zero-initialised too."""
     torch.manual_seed(seed)
     model = diffusers.UNet2DConditionModel(**config).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.05)
+            p.normal_(0, std)
     folder = tmp_path / "unet"
     if fp16:  # the published half-precision copy: float16 tensors in diffusion_pytorch_model.fp16.safetensors
         model.half().save_pretrained(folder, variant="fp16")
@@ -170,3 +172,59 @@ def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokeni
         hidden, pooled = model(ids)
     torch.testing.assert_close(hidden, want.last_hidden_state, rtol=0, atol=1e-5)
     torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-5)
+
+
+def published_folder(tmp_path):
+    """A small random Stable Diffusion v1 folder laid out as v1.5 is published, and diffusers' pipeline of the same parts."""
+    transformers = pytest.importorskip("transformers")
+    regex = pytest.importorskip("regex")
+    from test_tokenizers import CAPTIONS, train_clip_bpe
+    vocab, merges = train_clip_bpe(regex, CAPTIONS, num_merges=150)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab[CLIP_BOS],
+                                         eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(config).eval()
+    text_encoder.config.save_pretrained(tmp_path / "text_encoder")
+    save_file({f"text_model.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()},
+              tmp_path / "text_encoder" / "model.safetensors")
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                                        encoding="utf-8")
+    unet, _ = published_unet(tmp_path, V1, std=0.2)  # large enough weights that the noise prediction matters
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKL(**VAE).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0, 0.05)
+    vae.save_pretrained(tmp_path / "vae")
+    # DDIM with the timesteps ours takes ("trailing") and a clean last step
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                        set_alpha_to_one=True, timestep_spacing="trailing")
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"),
+                                           model_max_length=77)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    return pipe
+
+
+def test_a_whole_seeded_sample_is_the_diffusers_pipelines(tmp_path):
+    pipe = published_folder(tmp_path)
+    unet, vae, text_encoder, diffusion = load_stable_diffusion(tmp_path)
+    prompts, seeds = ["a red circle on the left", "two blue squares"], [7, 8]
+    text, uncond = text_encoder.encode(prompts), text_encoder.encode([""] * 2)
+    with torch.no_grad():
+        ours = guided_images(unet, vae, diffusion, text, uncond, seeds, (64, 64), 5.0, 10, "ddim", 0.0)
+        # the same start noise: guided_images draws each image's from its seed alone
+        noise = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        theirs = pipe(prompts, num_inference_steps=10, guidance_scale=5.0, latents=noise, output_type="pt",
+                      height=64, width=64).images * 2 - 1  # the pipeline's [0, 1] back to [-1, 1]
+        # the test can tell samplers apart: the same model with other timesteps gives another image
+        other = guided_images(unet, vae, GaussianDiffusion(spacing="linspace"), text, uncond, seeds, (64, 64), 5.0, 10, "ddim", 0.0)
+    assert ours.shape == theirs.shape == (2, 3, 64, 64)
+    error = (ours.clamp(-1, 1) - theirs).abs().max()
+    assert error <= 1e-4 * theirs.abs().max() and (other.clamp(-1, 1) - theirs).abs().max() > 100 * error

@@ -140,9 +140,9 @@ def save_pretrained(path, config_dict, parts, tokenizer):
     tokenizer.save(str(path / "tokenizer.json"))
 
 
-def read_config(path):
-    """The parsed `path`/config.json and its file name."""
-    file = Path(path) / "config.json"
+def read_config(path, name="config.json"):
+    """The parsed `path`/config.json (or another `name`) and its file name."""
+    file = Path(path) / name
     if not Path(path).is_dir():
         raise EmuError(f"{path}: directory not found")
     if not file.is_file():

@@ -24,12 +24,18 @@ The folders are diffusers' `unet/` and `vae/`: config.json and diffusion_pytorch
 there is). unet_key_map and vae_key_map name every one of our parameters by its published key;
 emu.text.hf.load_hf_weights then checks every key and shape before reading any tensor, and refuses pickles.
 """
+from pathlib import Path
+
 import torch
+import torch.nn as nn
 
 from emu import EmuError
+from emu.diffusion import GaussianDiffusion
 from emu.models.autoencoder import Autoencoder, AutoencoderConfig
 from emu.models.unet import UNet, UNetConfig
-from emu.text.hf import empty_model, load_hf_weights, read_config
+from emu.text.clip import clip_clean, load_clip_text
+from emu.text.encoder import TextEmbedding
+from emu.text.hf import empty_model, load_hf_weights, read_config, tokenize
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
 
@@ -239,3 +245,54 @@ def load_sd_vae(path, dtype=torch.float32, device="cpu"):
     load_hf_weights(model, path, vae_key_map(model), stems=WEIGHT_STEMS)
     model.scale_factor.fill_(raw.get("scaling_factor", 0.18215))  # not in the weights; the v1 value if absent
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# The text tower, the scheduler, the whole folder
+
+
+class SDTextEncoder(nn.Module):
+    """Stable Diffusion's conditioning as a TextEmbedding: CLIP's last hidden states at all 77 positions,
+    every one of them attended (Stable Diffusion was trained without a padding mask, so its U-Net sees
+    the end-of-text tokens that pad each caption), no T5 tokens and no pooled vector."""
+
+    def __init__(self, clip, tokenizer):
+        super().__init__()
+        self.clip, self.tokenizer = clip, tokenizer
+
+    @torch.no_grad()
+    def encode(self, captions):
+        ids, _ = tokenize(self.tokenizer, captions, self.clip.token_embedding.weight.device, clean=clip_clean)  # (B, 77)
+        hidden, _ = self.clip(ids)
+        B, L = ids.shape
+        return TextEmbedding(clip=hidden.float(), clip_mask=torch.ones(B, L, dtype=torch.bool, device=ids.device),
+                             t5=hidden.new_zeros(B, 0, 0).float(), t5_mask=torch.zeros(B, 0, dtype=torch.bool, device=ids.device),
+                             pooled=hidden.new_zeros(B, 0).float())
+
+
+SCHEDULER_FIXED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+
+
+def diffusion_from_scheduler(path, spacing="trailing"):
+    """Our GaussianDiffusion for the folder's scheduler/scheduler_config.json: Stable Diffusion's
+    scaled_linear betas and its prediction type (v1: epsilon; v2 at 768 pixels: v_prediction). The
+    sampler is ours (DDIM or DDPM, timesteps spaced by `spacing`), whichever scheduler the folder names."""
+    raw, file = read_config(path, "scheduler_config.json")
+    for key, value in SCHEDULER_FIXED.items():
+        if raw.get(key, value) != value:
+            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    if raw.get("prediction_type", "epsilon") not in PREDICTIONS:
+        raise EmuError(f"{file}: prediction_type {raw['prediction_type']!r} is not one of {sorted(PREDICTIONS)}")
+    return GaussianDiffusion("scaled_linear", 1000, PREDICTIONS[raw.get("prediction_type", "epsilon")], spacing=spacing)
+
+
+def load_stable_diffusion(folder, dtype=torch.float32, device="cpu"):
+    """(U-Net, VAE, text encoder, diffusion) of a Stable Diffusion folder in the diffusers layout:
+    unet/, vae/, text_encoder/ with tokenizer/ beside it, scheduler/."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
+        raise EmuError(f"{folder}: not a Stable Diffusion folder in the diffusers layout (no model_index.json or unet/)")
+    unet, vae = load_sd_unet(folder / "unet", dtype, device), load_sd_vae(folder / "vae", dtype, device)
+    clip, tokenizer = load_clip_text(folder / "text_encoder", dtype, device, projection=False)
+    return unet, vae, SDTextEncoder(clip, tokenizer), diffusion_from_scheduler(folder / "scheduler")
