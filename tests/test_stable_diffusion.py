@@ -140,19 +140,19 @@ def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
         load_sd_vae(tmp_path / "vae")
 
 
-def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokenizer(tmp_path):
-    """Stable Diffusion's text_encoder/ is a bare CLIPTextModel (no text projection), its tokenizer/ the
-    original vocab.json and merges.txt: ids as transformers' CLIPTokenizer gives them, states as its model."""
+def published_text_side(tmp_path, width=32):
+    """A random bare CLIPTextModel in text_encoder/ and the original tokenizer's files in tokenizer/, laid out
+    as Stable Diffusion v1.5 publishes them (transformers 4's key names, which transformers 5 no longer writes);
+    returns (the reference model, transformers' CLIPTokenizer of those files)."""
     transformers = pytest.importorskip("transformers")
     regex = pytest.importorskip("regex")
     from test_tokenizers import CAPTIONS, train_clip_bpe
     vocab, merges = train_clip_bpe(regex, CAPTIONS, num_merges=150)
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab[CLIP_BOS],
-                                         eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         bos_token_id=vocab[CLIP_BOS], eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
     torch.manual_seed(0)
     reference = transformers.CLIPTextModel(config).eval()
-    # as Stable Diffusion v1.5 publishes it (transformers 4's names; transformers 5 would drop "text_model.")
     reference.config.save_pretrained(tmp_path / "text_encoder")
     save_file({f"text_model.{k}": v.contiguous() for k, v in reference.state_dict().items()},
               tmp_path / "text_encoder" / "model.safetensors")
@@ -160,12 +160,20 @@ def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokeni
     (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                                         encoding="utf-8")
+    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"),
+                                           model_max_length=77)
+    return reference, tokenizer
+
+
+def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokenizer(tmp_path):
+    """Stable Diffusion's text_encoder/ is a bare CLIPTextModel (no text projection), its tokenizer/ the
+    original vocab.json and merges.txt: ids as transformers' CLIPTokenizer gives them, states as its model."""
+    reference, theirs = published_text_side(tmp_path)
     with pytest.raises(EmuError, match="missing keys \\['text_projection.weight'\\]"):
         load_clip_text(tmp_path / "text_encoder", dtype=torch.float32)  # the towers Emu conditions on have one
     model, tokenizer = load_clip_text(tmp_path / "text_encoder", dtype=torch.float32, projection=False)
     prompts = ["a red circle on the left", "two blue squares at the top on a white background", ""]
     ids = tokenize(tokenizer, prompts, clean=clip_clean)[0]
-    theirs = transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"))
     assert ids.tolist() == theirs(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
     with torch.no_grad():
         want = reference(ids)
@@ -176,22 +184,7 @@ def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokeni
 
 def published_folder(tmp_path):
     """A small random Stable Diffusion v1 folder laid out as v1.5 is published, and diffusers' pipeline of the same parts."""
-    transformers = pytest.importorskip("transformers")
-    regex = pytest.importorskip("regex")
-    from test_tokenizers import CAPTIONS, train_clip_bpe
-    vocab, merges = train_clip_bpe(regex, CAPTIONS, num_merges=150)
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab[CLIP_BOS],
-                                         eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
-    torch.manual_seed(0)
-    text_encoder = transformers.CLIPTextModel(config).eval()
-    text_encoder.config.save_pretrained(tmp_path / "text_encoder")
-    save_file({f"text_model.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()},
-              tmp_path / "text_encoder" / "model.safetensors")
-    (tmp_path / "tokenizer").mkdir()
-    (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                                        encoding="utf-8")
+    text_encoder, tokenizer = published_text_side(tmp_path, width=24)
     unet, _ = published_unet(tmp_path, V1, std=0.2)  # large enough weights that the noise prediction matters
     torch.manual_seed(3)
     vae = diffusers.AutoencoderKL(**VAE).eval()
@@ -204,8 +197,6 @@ def published_folder(tmp_path):
                                         set_alpha_to_one=True, timestep_spacing="trailing")
     scheduler.save_pretrained(tmp_path / "scheduler")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"), str(tmp_path / "tokenizer" / "merges.txt"),
-                                           model_max_length=77)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
