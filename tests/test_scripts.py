@@ -423,7 +423,7 @@ def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tm
     run("sample.py", "--ckpt", f"{tmp_path}/multi-qt/best.pt", "--n", "1", "--steps", "3", "--out", f"{tmp_path}/multi-samples",
         "--prompt", "a red circle in the center on a white background", "--prompt", "красный круг в центре на белом фоне")
     assert Image.open(f"{tmp_path}/multi-samples/0001.png").size == (32, 32)
-    proc = script("pretrain.py", "--xlmr", f"{w}/towers/xlmr", "--steps", "1", "--out", f"{tmp_path}/no")
+    proc = script("pretrain.py", "--data", f"{w}/haystack", "--xlmr", f"{w}/towers/xlmr", "--steps", "1", "--out", f"{tmp_path}/no")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
         "error: --xlmr is for Kandinsky's decoder (--arch kandinsky), not --arch ldm")
 
