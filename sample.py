@@ -5,6 +5,11 @@ and checkpoint, so any image can be regenerated; a grid of all of them is writte
 
     python sample.py --prompt "two red circles on the left on a teal background"
     python sample.py --ckpt runs/pretrain/ckpt.pt --prompts data/prompts/toy.tsv --cfg 5
+    python sample.py --base /weights/stable-diffusion-v1-5 --prompt "a photo of a cat" --cfg 7.5 --steps 50
+
+--base reads a published Stable Diffusion folder into emu's own U-Net, autoencoder and CLIP
+(emu/variants/stable_diffusion.py); with DDIM it gives the images diffusers' pipeline gives from the
+same weights, noise and "trailing" timesteps.
 
 In the toy world, --accuracy runs/judges/attributes.pt also prints how often the images show what
 their prompts state (emu/evaluation/accuracy.py), read by the judges' attribute classifier.
@@ -47,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, choices=sorted(ARCHS),
                    help="the architecture the checkpoint must hold (default: the one it records)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="EMA weights or the raw training weights")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="a published Stable Diffusion v1 folder (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, "
+                        "scheduler/) to sample instead of --ckpt, in emu's own modules")
     p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", default=None, help="file of prompts: one per line, or a PartiPrompts-style .tsv")
     p.add_argument("--n", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
@@ -77,7 +85,10 @@ def main(args):
         prompts = ["two red circles on the left on a teal background", "a yellow square in the center on a black background"]
     check_mode_flags(args)
     classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before sampling
-    model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch, prior=args.prior)
+    if args.base:  # a public base model: its folder stands where the checkpoint would
+        model, args.ckpt = TextToImage.from_stable_diffusion(args.base, device=args.device), args.base
+    else:
+        model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch, prior=args.prior)
     if args.mode != "text" and model.arch.name != "kandinsky":
         raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
     # every mode comes down to prompts, and for the image modes one image embedding or inpainting input per prompt

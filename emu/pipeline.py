@@ -17,8 +17,10 @@ from emu.datasets.folders import from_pil, make_grid, save_png, to_uint8
 from emu.models.first_stage import load_autoencoder
 from emu.text.cache import load_text_cache
 from emu.text.encoder import TEXT_DTYPES, MultilingualTextEncoder, TextEncoder
+from emu.text.hf import read_config
 from emu.variants.kandinsky import load_kandinsky_parts
 from emu.variants.pixel import PixelSpace, size_multiple, upsample
+from emu.variants.stable_diffusion import load_stable_diffusion
 
 
 def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", text_cache=None, arch="ldm", prior=None,
@@ -99,6 +101,15 @@ class TextToImage:
                                              arch=arch.name, prior=prior or args.get("prior"), xlmr=args.get("xlmr"))
         model = model.to(device)
         return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
+
+    @classmethod
+    def from_stable_diffusion(cls, folder, device="cpu"):
+        """A published Stable Diffusion folder (diffusers layout: unet/, vae/, text_encoder/, tokenizer/,
+        scheduler/) in our own modules (emu/variants/stable_diffusion.py), at the resolution it was trained
+        at: the U-Net's sample_size latents."""
+        unet, vae, text_encoder, diffusion = load_stable_diffusion(folder, device=device)
+        image_size = read_config(os.path.join(folder, "unet"))[0].get("sample_size", 64) * vae.downsample_factor
+        return cls(get_arch("ldm"), unet.eval().requires_grad_(False), vae, text_encoder, diffusion, image_size, name=str(folder))
 
     @property
     def device(self):

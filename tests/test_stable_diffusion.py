@@ -1,18 +1,22 @@
-"""Stable Diffusion's published U-Net read into our U-Net (emu/variants/stable_diffusion.py), against diffusers."""
+"""A published Stable Diffusion folder read into our U-Net, autoencoder and CLIP (emu/variants/stable_diffusion.py),
+against diffusers and transformers on small random checkpoints in the published layout."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from emu import EmuError
-from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
-from emu.text.hf import tokenize
 from emu.diffusion import GaussianDiffusion, guided_images
+from emu.models.unet import UNet
+from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
+from emu.text.encoder import TextEmbedding
+from emu.text.hf import tokenize
 from emu.variants.stable_diffusion import (load_sd_unet, load_sd_vae, load_stable_diffusion, unet_config_from_diffusers,
                                           unet_key_map)
-from emu.models.unet import UNet
-from emu.text.encoder import TextEmbedding
+from launch import run
 
 diffusers = pytest.importorskip("diffusers")  # a test-only reference (requirements-test.txt)
 
@@ -219,3 +223,16 @@ def test_a_whole_seeded_sample_is_the_diffusers_pipelines(tmp_path):
     assert ours.shape == theirs.shape == (2, 3, 64, 64)
     error = (ours.clamp(-1, 1) - theirs).abs().max()
     assert error <= 1e-4 * theirs.abs().max() and (other.clamp(-1, 1) - theirs).abs().max() > 100 * error
+
+
+def test_sample_py_draws_from_a_published_folder(tmp_path):
+    pipe = published_folder(tmp_path / "sd")
+    run("sample.py", "--base", f"{tmp_path}/sd", "--prompt", "a red circle on the left", "--n", "1", "--seed", "7",
+        "--steps", "10", "--cfg", "5", "--out", f"{tmp_path}/samples")
+    image = Image.open(f"{tmp_path}/samples/0000.png")
+    assert image.size == (64, 64) and image.text["checkpoint"] == f"{tmp_path}/sd"  # sample_size 16 latents, 4x up
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        theirs = pipe(["a red circle on the left"], num_inference_steps=10, guidance_scale=5.0, latents=noise,
+                      output_type="np", height=64, width=64).images[0]
+    assert np.abs(np.asarray(image, dtype=np.float64) - np.round(theirs * 255)).max() <= 1  # the same picture
