@@ -118,13 +118,19 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
            scaling_factor=0.18215)
 
 
-def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
-    torch.manual_seed(0)
-    reference = diffusers.AutoencoderKL(**VAE).eval()
+def published_vae(tmp_path, seed=0):
+    """A random AutoencoderKL saved as diffusers saves it in `tmp_path`/vae."""
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(**VAE).eval()
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in model.parameters():
             p.normal_(0, 0.05)
-    reference.save_pretrained(tmp_path / "vae")
+    model.save_pretrained(tmp_path / "vae")
+    return model
+
+
+def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
+    reference = published_vae(tmp_path)
     ours = load_sd_vae(tmp_path / "vae")
     assert float(ours.scale_factor) == pytest.approx(0.18215) and ours.downsample_factor == 4
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
@@ -190,12 +196,7 @@ def published_folder(tmp_path):
     """A small random Stable Diffusion v1 folder laid out as v1.5 is published, and diffusers' pipeline of the same parts."""
     text_encoder, tokenizer = published_text_side(tmp_path, width=24)
     unet, _ = published_unet(tmp_path, V1, std=0.2)  # large enough weights that the noise prediction matters
-    torch.manual_seed(3)
-    vae = diffusers.AutoencoderKL(**VAE).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.normal_(0, 0.05)
-    vae.save_pretrained(tmp_path / "vae")
+    vae = published_vae(tmp_path, seed=3)
     # DDIM with the timesteps ours takes ("trailing") and a clean last step
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                                         set_alpha_to_one=True, timestep_spacing="trailing")

@@ -54,15 +54,20 @@ FIXED = {"act_fn": "silu", "center_input_sample": False, "flip_sin_to_cos": True
 # Config
 
 
+def check_fixed(raw, fixed, file):
+    """Every entry of `fixed` that a config (the dict read from `file`) sets has the value we implement."""
+    for key, value in fixed.items():
+        if raw.get(key, value) != value:
+            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+
+
 def unet_config_from_diffusers(raw, file):
     """Our UNetConfig for a diffusers UNet2DConditionModel config.json (a dict read from `file`)."""
     def need(key):
         if key not in raw:
             raise EmuError(f"{file}: missing entry {key!r}")
         return raw[key]
-    for key, value in FIXED.items():
-        if raw.get(key, value) != value:
-            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    check_fixed(raw, FIXED, file)
     widths, down, up = need("block_out_channels"), need("down_block_types"), need("up_block_types")
     if len(down) != len(widths) or len(up) != len(widths) or widths[-1] % widths[0] or any(w % widths[0] for w in widths):
         raise EmuError(f"{file}: block_out_channels {widths} must be multiples of the first, one per down and up block")
@@ -128,30 +133,34 @@ def module_names(cfg):
     return names
 
 
-def published_name(ours, modules):
-    """The published key of our parameter `ours` (e.g. "up.4.attn.blocks.0.cross_attn.q.weight")."""
-    parts = ours.split(".")
-    for cut in range(len(parts) - 1, 0, -1):  # the longest prefix that is a mapped module
+def key_map(model, modules, rename):
+    """{published key: our parameter name} for every parameter of `model`: each name's longest prefix that
+    is a module in `modules` becomes that module's published name, and `rename(prefix, rest)` renames the
+    parts after it (e.g. "up.4.attn" and ["blocks", "0", "cross_attn", "q", "weight"])."""
+    out = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        cut = next(cut for cut in range(len(parts) - 1, 0, -1) if ".".join(parts[:cut]) in modules)
         prefix = ".".join(parts[:cut])
-        if prefix in modules:
-            rest = parts[cut:]
-            break
-    else:
-        raise KeyError(ours)
+        out[".".join([modules[prefix], *rename(prefix, parts[cut:])])] = name
+    return out
+
+
+def unet_rename(prefix, rest):
+    """The parts of a U-Net parameter's name inside a ResBlock or a transformer, published."""
     if prefix.endswith(".res"):
-        rest = [RESBLOCK[rest[0]], *rest[1:]]
-    elif prefix.endswith(".attn"):
+        return [RESBLOCK[rest[0]], *rest[1:]]
+    if prefix.endswith(".attn"):
         rest = [TRANSFORMER[rest[0]], *rest[1:]]
         if rest[0] == "transformer_blocks":  # transformer_blocks.{d}.<inside a block>
             inside = ".".join(rest[2:-1])
             rest = rest[:2] + ([BLOCK[inside]] if inside in BLOCK else [BLOCK[p] for p in rest[2:-1]]) + rest[-1:]
-    return ".".join([modules[prefix], *rest])
+    return rest
 
 
 def unet_key_map(model):
     """{published key: our parameter name} for every parameter of a U-Net built from a Stable Diffusion config."""
-    modules = module_names(model.cfg)
-    return {published_name(name, modules): name for name, _ in model.named_parameters()}
+    return key_map(model, module_names(model.cfg), unet_rename)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,9 +187,7 @@ ATTENTION = {"norm": "group_norm", "attn.q": "to_q", "attn.k": "to_k", "attn.v":
 
 def vae_config_from_diffusers(raw, file):
     """Our AutoencoderConfig for a diffusers AutoencoderKL config.json (a dict read from `file`)."""
-    for key, value in VAE_FIXED.items():
-        if raw.get(key, value) != value:
-            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    check_fixed(raw, VAE_FIXED, file)
     widths = raw.get("block_out_channels")
     down, up = raw.get("down_block_types"), raw.get("up_block_types")
     if (not widths or any(w % widths[0] for w in widths) or down != ["DownEncoderBlock2D"] * len(widths)
@@ -223,16 +230,17 @@ def vae_module_names(cfg):
     return names
 
 
+def vae_rename(prefix, rest):
+    """The parts of an autoencoder parameter's name inside a ResBlock or the mid block's attention, published."""
+    inside, leaf = ".".join(rest[:-1]), rest[-1]
+    if not inside:
+        return [leaf]
+    return [ATTENTION[inside] if prefix.endswith(".attn") else RESBLOCK[inside], leaf]
+
+
 def vae_key_map(model):
     """{published key: our parameter name} for every parameter of an autoencoder built from a Stable Diffusion VAE config."""
-    modules = vae_module_names(model.cfg)
-    key_map = {}
-    for name, _ in model.named_parameters():
-        prefix = next(p for p in sorted(modules, key=len, reverse=True) if name.startswith(p + "."))
-        rest, leaf = name[len(prefix) + 1:].rsplit(".", 1) if "." in name[len(prefix) + 1:] else ("", name[len(prefix) + 1:])
-        inside = ATTENTION[rest] if prefix.endswith(".attn") else RESBLOCK[rest] if rest else ""
-        key_map[".".join(filter(None, [modules[prefix], inside, leaf]))] = name
-    return key_map
+    return key_map(model, vae_module_names(model.cfg), vae_rename)
 
 
 def load_sd_vae(path, dtype=torch.float32, device="cpu"):
@@ -279,9 +287,7 @@ def diffusion_from_scheduler(path, spacing="trailing"):
     scaled_linear betas and its prediction type (v1: epsilon; v2 at 768 pixels: v_prediction). The
     sampler is ours (DDIM or DDPM, timesteps spaced by `spacing`), whichever scheduler the folder names."""
     raw, file = read_config(path, "scheduler_config.json")
-    for key, value in SCHEDULER_FIXED.items():
-        if raw.get(key, value) != value:
-            raise EmuError(f"{file}: {key} {raw[key]!r} is not supported (only {value!r}, Stable Diffusion's)")
+    check_fixed(raw, SCHEDULER_FIXED, file)
     if raw.get("prediction_type", "epsilon") not in PREDICTIONS:
         raise EmuError(f"{file}: prediction_type {raw['prediction_type']!r} is not one of {sorted(PREDICTIONS)}")
     return GaussianDiffusion("scaled_linear", 1000, PREDICTIONS[raw.get("prediction_type", "epsilon")], spacing=spacing)
