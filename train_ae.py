@@ -43,7 +43,7 @@ OUT_DIRS = {"ldm": "runs/ae", "muse": "runs/vq", "kandinsky": "runs/movq"}  # wh
 # 30.9 dB, 49%. The toy MoVQ: from step 400 to 600 with it, held-out PSNR fell from 26.2 to 24.9 dB and the
 # share of codes a batch uses from 55% to 29%; 900 steps without it (cooldown 200): 28.2 dB, every code in
 # use. (README, "What made the toy model follow its prompts".)
-TOY_WITHOUT_ADVERSARIAL = {("ldm", "toy"), ("kandinsky", "toy-movq")}
+TOY_WITHOUT_ADVERSARIAL = {("ldm", "toy"), ("ldm", "toy-f8"), ("kandinsky", "toy-movq")}
 
 
 def build_parser():
@@ -58,8 +58,8 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--holdout", type=int, default=256, help="the last N images are held out for evaluation")
     # model
-    p.add_argument("--preset", default=None, help="size: toy (kandinsky: toy-movq), or the real one (ldm: emu, emu-ae4, ...: "
-                                                  "emu/models/autoencoder.py; muse: muse; kandinsky: movq: emu/variants/muse.py)")
+    p.add_argument("--preset", default=None, help="size: toy (kandinsky: toy-movq), or the real one (ldm: toy, toy-f8 (8x down), emu: "
+                                                  "emu/models/autoencoder.py; muse: muse; kandinsky: movq: emu/models/vq.py)")
     p.add_argument("--latent-channels", type=int, default=None, help="latent channels, e.g. 4, 8 or 16 (default: the preset's)")
     p.add_argument("--fourier", action=argparse.BooleanOptionalAction, default=None,
                    help="lift RGB with Fourier features before the encoder (default: the preset's, on)")
@@ -71,7 +71,8 @@ def build_parser():
                    help="train against a PatchGAN discriminator from --disc-start on (default: on, but off for the toy "
                         "autoencoder and the toy MoVQ, where it cost reconstruction: see TOY_WITHOUT_ADVERSARIAL)")
     p.add_argument("--disc-start", type=int, default=400, help="step at which the adversarial loss and the discriminator start")
-    p.add_argument("--disc-weight", type=float, default=0.5, help="scale of the adaptive adversarial weight")
+    p.add_argument("--disc-weight", type=float, default=None,
+                   help="scale of the adaptive adversarial weight (default: the preset's; 0.5, the toy presets 0.1)")
     p.add_argument("--perceptual-weights", default=None,
                    help="local safetensors file of LPIPS/VGG16 weights (layout in emu/models/perceptual.py); no perceptual loss without it")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="weight of the perceptual loss")
@@ -179,6 +180,8 @@ def main(args):
         raise EmuError(f"--image-size {args.image_size} is not a multiple of the downsampling factor {ae.downsample_factor}")
     disc = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers).to(device)
     perceptual = PerceptualLoss.from_file(args.perceptual_weights).to(device) if args.perceptual_weights else None
+    if args.disc_weight is None:
+        args.disc_weight = getattr(cfg, "disc_weight", 0.5)  # the VQ presets keep Stable Diffusion's 0.5
     loss_fn = AELoss(disc, kl_weight, args.disc_weight, disc_start, perceptual, args.perceptual_weight)
     opt = torch.optim.AdamW(ae.parameters(), lr=args.lr, betas=(0.5, 0.9))  # GAN-friendly betas, as in VQGAN
     opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
@@ -279,6 +282,7 @@ def main(args):
         ae.scale_factor.fill_(1.0 / latent_std(ae, heldout, device))
         metrics["scale_factor"] = ae.scale_factor.item()
     save_autoencoder(ae, args.out)
+    append_metrics(metrics_log, {"step": step, "heldout_psnr": metrics["psnr"], "heldout_ssim": metrics["ssim"], "final": True})
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     print(f"held-out PSNR {metrics['psnr']:.2f} dB  SSIM {metrics['ssim']:.4f}  "

@@ -113,6 +113,35 @@ def test_fourier_features_are_fixed_and_seeded():
     assert not torch.allclose(y, FourierFeatures(5, 1.0, seed=1)(x))
 
 
+def test_linear_patch_path_reads_the_pixels_not_the_fourier_features():
+    """The patch path is a linear code of RGB: whatever the sinusoids say, it reads only the first 3 channels."""
+    ae = Autoencoder(small_config(shortcuts=True, fourier=True)).eval()
+    f = ae.downsample_factor
+    assert ae.encoder.patch.in_channels == 3 * f * f and ae.encoder.conv_in.in_channels == ae.fourier.out_channels
+    torch.nn.init.zeros_(ae.encoder.conv_out.weight), torch.nn.init.zeros_(ae.encoder.conv_out.bias)
+    lifted = ae.fourier(images())
+    scrambled = torch.cat([lifted[:, :3], torch.randn_like(lifted[:, 3:])], dim=1)
+    with torch.no_grad():
+        assert torch.equal(ae.encoder(lifted), ae.encoder(scrambled))
+
+
+def test_fourier_transform_stays_fixed_in_training_and_is_rebuilt_bitwise_on_load(tmp_path):
+    cfg = small_config(fourier=True, fourier_seed=3, fourier_scale=0.7)
+    ae = Autoencoder(cfg)
+    freqs = ae.fourier.freqs.clone()
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-2)
+    recon, _, _ = ae(images())
+    recon.square().mean().backward()
+    opt.step()
+    assert torch.equal(ae.fourier.freqs, freqs)  # not a parameter: the optimiser never touches it
+    save_autoencoder(ae, tmp_path / "ae")
+    loaded = load_autoencoder(tmp_path / "ae")
+    assert torch.equal(loaded.fourier.freqs, freqs)  # rebuilt from the saved seed and scale, bit for bit
+    assert torch.equal(freqs, FourierFeatures(cfg.fourier_features, 0.7, seed=3).freqs)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(images()), ae.eval().encode(images()))
+
+
 def test_fourier_transform_is_not_in_the_autoencoder_state_dict():
     ae = Autoencoder(small_config(fourier=True))
     assert not any(k.startswith("fourier") for k in ae.state_dict())
@@ -134,6 +163,19 @@ def test_save_load_round_trip_gives_identical_decode(tmp_path):
         assert torch.equal(loaded.encode(x), ae.encode(x))
         z = torch.randn(2, 16, 8, 8)
         assert torch.equal(loaded.decode(z), ae.decode(z))
+
+
+def test_an_autoencoder_whose_patch_path_read_the_fourier_features_is_refused_in_one_line(tmp_path):
+    from emu.checkpoint import load_weights, save_weights
+    ae = Autoencoder(small_config(fourier=True, shortcuts=True))
+    save_autoencoder(ae, tmp_path)
+    state = load_weights(tmp_path / "model.safetensors")
+    f2 = ae.downsample_factor ** 2
+    state["encoder.patch.weight"] = torch.zeros(32, ae.fourier.out_channels * f2, 1, 1)  # as saved before the fix
+    save_weights(tmp_path / "model.safetensors", state)
+    with pytest.raises(EmuError, match=r"model.safetensors: its encoder's patch path reads the Fourier features too; .*"
+                                       r"train it again with train_ae.py"):
+        load_autoencoder(tmp_path)
 
 
 def test_load_with_wrong_latent_channels_names_the_file(tmp_path):

@@ -1,5 +1,6 @@
 """The experiment scripts in experiments/, run at the smallest size: they finish, write their table and
 plots, and the parts that must be deterministic are."""
+import dataclasses
 import json
 import os
 import sys
@@ -30,13 +31,16 @@ def write_photos(folder):
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(folder, name))
 
 
+def folder_args(tmp_path, *argv):
+    return table1_autoencoder.parse_args(["--photos", str(tmp_path / "photos"), "--heldout", "held.png", *argv])
+
+
 def test_table1_dataset_is_random_crops_then_every_held_out_tile_and_repeats_for_a_seed(tmp_path):
     write_photos(tmp_path / "photos")
-    args = table1_autoencoder.parse_args(["--photos", str(tmp_path / "photos"), "--heldout", "held.png",
-                                          "--photo-size", "48", "--size", "16", "--crops", "10"])
-    folder, train, held = table1_autoencoder.find_photos(args)
-    assert sorted(train) == ["a.png", "b.jpg", "c.png"] and list(held) == ["held.png"]
-    n_held, photos = table1_autoencoder.write_dataset(str(tmp_path / "d1"), folder, train, held, args)
+    args = folder_args(tmp_path, "--photo-size", "48", "--crops", "10")
+    train, held = table1_autoencoder.find_photos(args)
+    assert [p.name for p in train] == ["a.png", "b.jpg", "c.png"] and [p.name for p in held] == ["held.png"]
+    n_held, photos = table1_autoencoder.write_dataset(str(tmp_path / "d1"), train, held, 16, args)
     assert photos["held.png"].shape == (48, 64, 3)  # the shorter side resized to 48
     assert n_held == (48 // 16) * (64 // 16)
     names = sorted(n for n in os.listdir(tmp_path / "d1") if n.endswith(".png"))
@@ -45,9 +49,33 @@ def test_table1_dataset_is_random_crops_then_every_held_out_tile_and_repeats_for
     assert all(n.startswith("0-train-") for n in names[:10]) and all(n.startswith("1-heldout-held-") for n in names[10:])
     first_tile = np.asarray(Image.open(tmp_path / "d1" / "1-heldout-held-0000.png"))
     assert np.array_equal(first_tile, photos["held.png"][:16, :16])
-    table1_autoencoder.write_dataset(str(tmp_path / "d2"), folder, train, held, args)
+    table1_autoencoder.write_dataset(str(tmp_path / "d2"), train, held, 16, args)
     for name in names:
         assert (tmp_path / "d1" / name).read_bytes() == (tmp_path / "d2" / name).read_bytes()
+
+
+def test_table1_variants_differ_only_in_the_flags_they_name(tmp_path):
+    """Every row is train_ae.py with AE-16's command line but for its own flags; both scales likewise."""
+    import train_ae
+    write_photos(tmp_path / "photos")
+    args = folder_args(tmp_path)
+    named = {"--latent-channels": "latent_channels", "--fourier": "fourier", "--no-fourier": "fourier",
+             "--adversarial": "adversarial", "--no-adversarial": "adversarial"}
+    for scale in (8, 4):
+        parsed = {name: vars(train_ae.build_parser().parse_args(table1_autoencoder.train_command(name, scale, "d", "o", 7, args)[1:]))
+                  for name, _ in table1_autoencoder.VARIANTS}
+        base = parsed["AE-16"]
+        assert base["preset"] == {8: "toy-f8", 4: "toy"}[scale] and base["image_size"] == {8: 64, 4: 32}[scale]
+        assert base["holdout"] == 7 and base["fourier"] is False and base["adversarial"] is False
+        for name, flags in table1_autoencoder.VARIANTS:
+            differs = {k for k in base if parsed[name][k] != base[k]}
+            assert differs <= {named[f] for f in flags if f.startswith("--")}, (name, differs)
+        assert {k for k in base if parsed["Fourier-AE-16 + adversarial"][k] != base[k]} == {"fourier", "adversarial"}
+        assert {k for k in base if parsed["AE-4"][k] != base[k]} == {"latent_channels"}
+    from emu.models.autoencoder import PRESETS
+    # the 8x preset is the toy one with one more level, nothing else
+    assert PRESETS["toy-f8"].downsample_factor == 8 and PRESETS["toy"].downsample_factor == 4
+    assert dataclasses.replace(PRESETS["toy-f8"], channel_mult=PRESETS["toy"].channel_mult) == PRESETS["toy"]
 
 
 def test_table1_bad_input_gets_one_line(tmp_path):
@@ -55,6 +83,9 @@ def test_table1_bad_input_gets_one_line(tmp_path):
     for argv, message in [(["--photos", str(tmp_path / "nowhere"), "--heldout", "x.png"], "photo folder not found"),
                           (["--photos", str(tmp_path / "photos")], "--photos needs --heldout"),
                           (["--photos", str(tmp_path / "photos"), "--heldout", "gone.png"], "gone.png: photograph not found"),
+                          (["--sources", "mate", "--debian-root", str(tmp_path / "nowhere")],
+                           "not found; the mate photographs need `apt-get install mate-backgrounds"),
+                          (["--scales", "16"], "--scales: 16 needs to be one of [4, 8]"),
                           (["--variants", "AE-32"], "unknown variant 'AE-32'")]:
         proc = script("experiments/table1_autoencoder.py", "--out", str(tmp_path / "out"), *argv)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
@@ -66,29 +97,94 @@ def test_table1_trains_each_variant_and_writes_the_table_and_plots(tmp_path):
     write_photos(tmp_path / "photos")
     out = tmp_path / "out"
     run("experiments/table1_autoencoder.py", "--photos", str(tmp_path / "photos"), "--heldout", "held.png", "--out", str(out),
-        "--photo-size", "48", "--size", "16", "--crops", "16", "--steps", "3", "--bs", "4", "--disc-start", "2",
-        "--variants", "AE-4,Fourier-AE-16")
+        "--photo-size", "64", "--crops", "16", "--steps", "8:3,4:3", "--bs", "4", "--disc-start", "2",
+        "--variants", "AE-4,Fourier-AE-16 + adversarial")
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| AE-") or line.startswith("| Fourier-")]
-    assert [r.split(" | ")[0] for r in rows] == ["| AE-4", "| Fourier-AE-16"] * 2  # the main table, then per photograph
-    assert "| AE-4 | 4 | no |" in table and "| Fourier-AE-16 | 16 | yes |" in table
-    # the table's numbers are the trained models' own: recompute AE-4's held-out SSIM and PSNR
+    # per scale: the main table, the paired differences, then per photograph
+    assert [r.split(" | ")[0] for r in rows] == ["| AE-4", "| Fourier-AE-16 + adversarial"] * 4
+    assert "| AE-4 | 4 | no | no |" in table and "| Fourier-AE-16 + adversarial | 16 | yes | yes |" in table
+    assert "## 8x downsampling: 1 held-out 64x64 tiles, 8x8 latents" in table
+    assert "## 4x downsampling: 4 held-out 32x32 tiles, 8x8 latents" in table
+    assert "- held.png (held out): licence not given" in table
+    # the table's numbers are the trained models' own: recompute AE-4's held-out SSIM and PSNR at 4x
     from emu.models.first_stage import load_autoencoder
     from emu.evaluation.metrics import psnr, ssim
-    photo = np.asarray(Image.open(out / "data" / "1-heldout-held-0000.png"))
-    ae = load_autoencoder(str(out / "AE-4"))
-    tiles = table1_autoencoder.tiles(np.asarray(Image.open(tmp_path / "photos" / "held.png").resize((64, 48), Image.BICUBIC)), 16)
+    photo = np.asarray(Image.open(out / "data-f4" / "1-heldout-held-0000.png"))
+    ae = load_autoencoder(str(out / "f4" / "AE-4"))
+    assert ae.downsample_factor == 4 and load_autoencoder(str(out / "f8" / "AE-4")).downsample_factor == 8
+    tiles = table1_autoencoder.tiles(np.asarray(Image.open(tmp_path / "photos" / "held.png").resize((85, 64), Image.BICUBIC)), 32)
     assert np.array_equal(tiles[0], photo)
     x = from_uint8(tiles)
     with torch.no_grad():
         r = table1_autoencoder.reconstruct(ae, x)
-    expected = f"| AE-4 | 4 | no | {ssim(r, x).mean().item():.3f} ± "
-    assert expected in table and f"{psnr(r, x).mean().item():.2f} ± " in table
-    for png in ["reconstructions.png", "heldout_psnr.png"]:
+    section = table[table.index("## 4x"):]
+    assert f"| AE-4 | 4 | no | no | {ssim(r, x).mean().item():.3f} ± " in section
+    assert f"{psnr(r, x).mean().item():.2f} ± " in section
+    # the paired difference is the mean of per-tile differences
+    assert "| Fourier-AE-16 + adversarial − AE-16 |" not in table  # AE-16 was not trained
+    for png in ["reconstructions.png", "heldout_psnr_f8.png", "heldout_psnr_f4.png"]:
         with Image.open(out / png) as im:
             assert im.width > 0 and im.height > 0
     with Image.open(out / "reconstructions.png") as im:  # one row per held-out photo, original + 2 models
-        assert im.width == 3 * (48 + 4) * 2
+        assert im.width == 3 * (64 + 4) * 2
+
+
+# -----------------------------------------------------------------------------
+# photographs from installed packages
+
+import photos  # noqa: E402
+
+
+def fake_debian_root(root, mate=("Aqua.jpg", "Storm.jpg"), plasma=photos.PLASMA_PHOTOS):
+    """The files of mate-backgrounds and plasma-workspace-wallpapers that photos.py reads, with small images."""
+    nature = root / photos.MATE_FOLDER / "nature"
+    nature.mkdir(parents=True)
+    for name in mate:
+        Image.new("RGB", (40, 30), "green").save(nature / name)
+    (root / photos.MATE_COPYRIGHT).parent.mkdir(parents=True)
+    (root / photos.MATE_COPYRIGHT).write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: MATE Backgrounds\n\n"
+        "Files: *\nCopyright: 2014, Someone Else\nLicense: GPL-2+\n\n"
+        "Files: nature/Aqua.jpg\n       nature/Other.jpg\nCopyright: 2008, Charles Barbin <barbinch@free.fr>\n"
+        "           2009, A. Second\nLicense: CC-BY-SA-3.0\nComment: holders in AUTHORS\n")
+    for i, name in enumerate(plasma):
+        images = root / photos.PLASMA_FOLDER / name / "contents" / "images"
+        images.mkdir(parents=True)
+        for size in ("800x600", "1920x1080", "1080x1920"):
+            w, h = map(int, size.split("x"))
+            Image.new("RGB", (w // 40, h // 40), "blue").save(images / f"{size}.jpg")
+        (images.parent.parent / "metadata.json").write_text(json.dumps(
+            {"KPlugin": {"Authors": [{"Name": f"Author {i}", "Name[de]": "x"}], "License": "LGPLv3", "Name": name}}))
+
+
+def test_photographs_keep_the_licence_their_package_states(tmp_path):
+    fake_debian_root(tmp_path)
+    found = {p.name: p for p in photos.find_photos(["mate", "plasma"], str(tmp_path))}
+    assert sorted(found) == ["mate/Aqua.jpg", "mate/Storm.jpg"] + sorted(f"plasma/{n}" for n in photos.PLASMA_PHOTOS)
+    # the last stanza whose Files match rules, holders without e-mail addresses
+    assert found["mate/Aqua.jpg"].licence == "CC-BY-SA-3.0 (2008, Charles Barbin 2009, A. Second)"
+    assert found["mate/Storm.jpg"].licence == "GPL-2+ (2014, Someone Else)"  # only the "Files: *" stanza matches
+    first = photos.PLASMA_PHOTOS[0]
+    assert found[f"plasma/{first}"].licence == "LGPLv3 (Author 0)"
+    assert found[f"plasma/{first}"].path.endswith("1920x1080.jpg")  # the largest image (1080x1920 has as many pixels; ties by name)
+    # every held-out default is a real photograph name of the three sources
+    assert all(name.split("/")[0] in photos.SOURCES for name in photos.HELDOUT)
+
+
+def test_photograph_sources_that_are_missing_say_what_to_install(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="usr/share/wallpapers/BytheWater/metadata.json: not found; the plasma photographs "
+                                         "need `apt-get install plasma-workspace-wallpapers"):
+        photos.find_photos(["plasma"], str(tmp_path))
+    fake_debian_root(tmp_path, plasma=())
+    (tmp_path / photos.MATE_COPYRIGHT).write_text("Files: nature/Aqua.jpg\nCopyright: 2008, X\nLicense: GPL-2+\n")
+    with pytest.raises(SystemExit, match="copyright: no licence given for nature/Storm.jpg"):
+        photos.find_photos(["mate"], str(tmp_path))
+    with pytest.raises(SystemExit, match="unknown photograph source 'flickr'"):
+        photos.find_photos(["flickr"], str(tmp_path))
+    monkeypatch.setattr(photos.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"skimage: not installed; the skimage photographs need `pip install --no-deps scikit-image"):
+        photos.find_photos(["skimage"])
 
 
 # -----------------------------------------------------------------------------

@@ -46,5 +46,11 @@ def load_autoencoder(path_dir, device="cpu"):
         raise EmuError(f"{config_path}: not a valid autoencoder config ({type(e).__name__}: {str(e)[:120]})") from None
     ae = model_class(cfg)
     weights_path = os.path.join(path_dir, "model.safetensors")
-    load_state_dict_checked(ae, load_weights(weights_path), weights_path)
+    state = load_weights(weights_path)
+    patch = state.get("encoder.patch.weight")
+    if kind == "kl" and patch is not None and patch.shape[1] != ae.encoder.patch_channels * cfg.downsample_factor ** 2:
+        raise EmuError(f"{weights_path}: its encoder's patch path reads the Fourier features too; this autoencoder was "
+                       f"trained before the patch path read RGB only (emu/models/autoencoder.py, Encoder): train it again "
+                       f"with train_ae.py")
+    load_state_dict_checked(ae, state, weights_path)
     return ae.to(device).eval().requires_grad_(False)
