@@ -11,6 +11,7 @@ images, with accurate captions, restricts its outputs to that high-quality subse
 
     python qtune.py                      # toy defaults, after pretrain.py
     python qtune.py --iters 15000 --bs 64 --data /path/to/curated-or-haystack ...
+    python qtune.py --base /weights/stable-diffusion-v1-5 --data /data/curated --curate-top 0 --caption-field ""
 """
 import argparse
 import json
@@ -21,14 +22,14 @@ import time
 import torch
 
 from emu import EmuError
-from emu.arch import ARCHS
+from emu.arch import ARCHS, get_arch
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import World
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.judges import appeal_score
-from emu.pipeline import load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
+from emu.pipeline import load_base, load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
 from emu.evaluation.plot import plot_metrics
 from emu.datasets.shards import ShardDataset, first_samples
 from emu.training.loop import (add_training_flags, conditioning, count_bad_step, early_stopping, make_ema,
@@ -43,6 +44,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt",
                    help="pretraining checkpoint to start from (a .pt file, or a ckpt-<step>/ directory of pretrain.py --fsdp)")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="quality-tune a published Stable Diffusion folder instead of --pretrained (diffusers layout: unet/, "
+                        "vae/, text_encoder/, tokenizer/, scheduler/); its U-Net is tuned, its VAE, text encoder and noise "
+                        "schedule are used as published, and sample.py --ckpt reads them from there again")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="with --base: the training resolution (default: the base's own, its U-Net's sample_size latents)")
     p.add_argument("--arch", default=None, choices=sorted(ARCHS),
                    help="the pretrained model's architecture (default: the one its checkpoint records; a different one is refused)")
     p.add_argument("--data", default="runs/toy/haystack",
@@ -159,23 +166,38 @@ def main(args):
 
     classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before training
 
-    # the pretrained model and the frozen parts it was trained with
-    pre = read_training_checkpoint(args.pretrained)
-    arch, net = model_from_checkpoint(pre, args.pretrained, weights="ema")
-    if args.arch not in (None, arch.name):
-        raise EmuError(f"--arch {args.arch}: {args.pretrained} holds a model of --arch {arch.name}")
-    args.arch = arch.name
-    pre_args = pre["args"]
-    for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
-        setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
-    args.min_snr_gamma = pre_args.get("min_snr_gamma")  # the same loss; None in runs from before the flag
-    args.prior = pre_args.get("prior")  # Kandinsky's decoder: the image prior its sample grids use
-    args.xlmr = pre_args.get("xlmr")  # ... and its multilingual tower, if it reads one
-    ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache, arch.name,
-                                         args.prior, args.xlmr)
+    if args.base:  # a published Stable Diffusion folder: its U-Net is the pretrained model
+        if args.arch not in (None, "ldm") or args.text_cache:
+            raise EmuError(f"--base {args.base} is a latent diffusion model read with its own text encoder: "
+                           f"{'--arch ' + args.arch if args.arch not in (None, 'ldm') else '--text-cache'} does not apply")
+        arch = get_arch("ldm")
+        net, ae, text_encoder, objective, native = load_base(args.base, device)
+        args.arch, args.image_size = arch.name, args.image_size or native
+        if args.image_size % (ae.downsample_factor * 2 ** (len(net.cfg.channel_mult) - 1)):
+            raise EmuError(f"--image-size {args.image_size}: {args.base}'s U-Net needs a multiple of "
+                           f"{ae.downsample_factor * 2 ** (len(net.cfg.channel_mult) - 1)} pixels")
+        for key in ("ae", "clip", "t5", "prior", "xlmr"):
+            setattr(args, key, None)  # sample.py reads every frozen part from the base folder
+    else:  # the pretrained model and the frozen parts it was trained with
+        if args.image_size:
+            raise EmuError("--image-size is for --base; a pretraining checkpoint tunes at the resolution it was trained at")
+        pre = read_training_checkpoint(args.pretrained)
+        arch, net = model_from_checkpoint(pre, args.pretrained, weights="ema")
+        if args.arch not in (None, arch.name):
+            raise EmuError(f"--arch {args.arch}: {args.pretrained} holds a model of --arch {arch.name}")
+        args.arch = arch.name
+        pre_args = pre["args"]
+        for key in ("ae", "clip", "t5", "image_size", "schedule", "timesteps", "prediction", "preset"):
+            setattr(args, key, pre_args[key])  # sampling needs the same parts the model was trained with
+        args.min_snr_gamma = pre_args.get("min_snr_gamma")  # the same loss; None in runs from before the flag
+        args.prior = pre_args.get("prior")  # Kandinsky's decoder: the image prior its sample grids use
+        args.xlmr = pre_args.get("xlmr")  # ... and its multilingual tower, if it reads one
+        ae, text_encoder = load_frozen_parts(args.ae, args.clip, args.t5, device, args.text_dtype, args.text_cache,
+                                             arch.name, args.prior, args.xlmr)
     net = net.to(device).requires_grad_(True)
     net.grad_checkpoint = args.grad_checkpoint
-    objective = arch.objective(net, args)  # what train_step optimises: a diffusion loss, or masked tokens
+    if not args.base:  # what train_step optimises: a diffusion loss, or masked tokens (the base's: its schedule's)
+        objective = arch.objective(net, args)
 
     # the needles: curated here from the haystack, or already curated; a held-out part checks early stopping
     train_data, check_images, check_captions = needles(args)

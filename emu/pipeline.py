@@ -53,6 +53,14 @@ def load_frozen_parts(ae_dir, clip_dir, t5_dir, device, text_dtype="bfloat16", t
     return ae, text_encoder
 
 
+def load_base(folder, device="cpu", unet=True):
+    """A published Stable Diffusion folder as (U-Net or None, VAE, text encoder, diffusion, native image
+    size: the U-Net's sample_size latents in pixels). The VAE and the text encoder come frozen."""
+    unet_, vae, text_encoder, diffusion = load_stable_diffusion(folder, device=device, unet=unet)
+    image_size = read_config(os.path.join(folder, "unet"))[0].get("sample_size", 64) * vae.downsample_factor
+    return unet_, vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), diffusion, image_size
+
+
 def read_training_checkpoint(path):
     """What a training checkpoint holds: a .pt file, or the whole weights (and the plain part) of a
     sharded checkpoint directory that pretrain.py --fsdp writes (ckpt-<step>/)."""
@@ -96,10 +104,13 @@ class TextToImage:
             raise EmuError(f"--arch {arch}: {path} holds a model of --arch {arch_.name}")
         arch = arch_
         args = ckpt["args"]
+        model = model.to(device)
+        if args.get("base"):  # a quality-tuned Stable Diffusion U-Net: the rest is the published folder's
+            _, vae, text_encoder, diffusion, _ = load_base(args["base"], device, unet=False)
+            return cls(arch, model, vae, text_encoder, diffusion, args["image_size"], name=str(path))
         # Checkpoints from before --text-dtype ran their towers in float32.
         ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"),
                                              arch=arch.name, prior=prior or args.get("prior"), xlmr=args.get("xlmr"))
-        model = model.to(device)
         return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
 
     @classmethod
@@ -107,8 +118,7 @@ class TextToImage:
         """A published Stable Diffusion folder (diffusers layout: unet/, vae/, text_encoder/, tokenizer/,
         scheduler/) in our own modules (emu/variants/stable_diffusion.py), at the resolution it was trained
         at: the U-Net's sample_size latents."""
-        unet, vae, text_encoder, diffusion = load_stable_diffusion(folder, device=device)
-        image_size = read_config(os.path.join(folder, "unet"))[0].get("sample_size", 64) * vae.downsample_factor
+        unet, vae, text_encoder, diffusion, image_size = load_base(folder, device)
         return cls(get_arch("ldm"), unet.eval().requires_grad_(False), vae, text_encoder, diffusion, image_size, name=str(folder))
 
     @property

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from emu import EmuError
+from emu.datasets.folders import to_uint8
 from emu.diffusion import GaussianDiffusion, guided_images
 from emu.models.unet import UNet
 from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
@@ -16,7 +17,7 @@ from emu.text.encoder import TextEmbedding
 from emu.text.hf import tokenize
 from emu.variants.stable_diffusion import (load_sd_unet, load_sd_vae, load_stable_diffusion, unet_config_from_diffusers,
                                           unet_key_map)
-from launch import run
+from launch import run, script
 
 diffusers = pytest.importorskip("diffusers")  # a test-only reference (requirements-test.txt)
 
@@ -237,3 +238,53 @@ def test_sample_py_draws_from_a_published_folder(tmp_path):
         theirs = pipe(["a red circle on the left"], num_inference_steps=10, guidance_scale=5.0, latents=noise,
                       output_type="np", height=64, width=64).images[0]
     assert np.abs(np.asarray(image, dtype=np.float64) - np.round(theirs * 255)).max() <= 1  # the same picture
+
+
+def write_needles(folder, n=10, size=64):
+    """`n` smooth image + caption pairs: a curated set to quality-tune on."""
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        image = np.stack([128 + 90 * np.sin(xx / (4 + i) + c) * np.cos(yy / (5 + c)) for c in range(3)], -1)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"a photograph of waves number {i}\n")
+
+
+def test_qtune_tunes_a_published_folder_and_sample_py_draws_the_tuned_unet_through_the_base(tmp_path):
+    published_folder(tmp_path / "sd")
+    write_needles(tmp_path / "needles")
+    out = tmp_path / "qtune"
+    run("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "",
+        "--holdout", "2", "--iters", "4", "--bs", "4", "--eval-every", "2", "--warmup", "1", "--lr", "3e-3", "--ema-decay", "0.5",
+        "--out", str(out))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["args"]["base"] == f"{tmp_path}/sd" and ckpt["args"]["image_size"] == 64  # the base's sample_size x 4
+    assert ckpt["step"] == 4 and ckpt["args"]["ae"] is None and ckpt["args"]["clip"] is None
+    base_unet, vae, text_encoder, diffusion = load_stable_diffusion(tmp_path / "sd")
+    tuned = UNet(base_unet.cfg)
+    tuned.load_state_dict(ckpt["ema"])
+    moved = max((tuned.state_dict()[k] - v).abs().max().item() for k, v in base_unet.state_dict().items())
+    assert moved > 0  # the U-Net was tuned; nothing but it is saved
+    assert set(ckpt["ema"]) == set(base_unet.state_dict())
+    # sample.py reads the tuned U-Net from the checkpoint and everything else from the base folder
+    run("sample.py", "--ckpt", str(out / "ckpt.pt"), "--prompt", "a photograph of waves", "--n", "1", "--seed", "7",
+        "--steps", "10", "--cfg", "5", "--out", f"{tmp_path}/samples")
+    image = np.asarray(Image.open(f"{tmp_path}/samples/0000.png"))
+    text, uncond = text_encoder.encode(["a photograph of waves"]), text_encoder.encode([""])
+    with torch.no_grad():
+        expected = [to_uint8(guided_images(u.eval(), vae, diffusion, text, uncond, [7], (64, 64), 5.0, 10, "ddim", 0.0).clamp(-1, 1))[0]
+                    for u in (tuned, base_unet)]
+    assert image.shape == (64, 64, 3) and np.array_equal(image, expected[0])
+    assert np.abs(expected[1].astype(int) - expected[0]).max() > 2  # the untuned base draws another picture
+
+
+def test_qtune_base_flags_that_do_not_apply_are_one_line_errors(tmp_path):
+    published_folder(tmp_path / "sd")
+    write_needles(tmp_path / "needles")
+    common = ["--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "", "--out", f"{tmp_path}/q"]
+    for argv, message in [(["--base", f"{tmp_path}/sd", "--arch", "muse"], "--arch muse does not apply"),
+                          (["--base", f"{tmp_path}/sd", "--image-size", "40"], "--image-size 40: "),
+                          (["--base", f"{tmp_path}/nowhere"], "not a Stable Diffusion folder"),
+                          (["--image-size", "64"], "--image-size is for --base")]:
+        proc = script("qtune.py", *argv, *common)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

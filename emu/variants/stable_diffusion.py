@@ -293,12 +293,14 @@ def diffusion_from_scheduler(path, spacing="trailing"):
     return GaussianDiffusion("scaled_linear", 1000, PREDICTIONS[raw.get("prediction_type", "epsilon")], spacing=spacing)
 
 
-def load_stable_diffusion(folder, dtype=torch.float32, device="cpu"):
+def load_stable_diffusion(folder, dtype=torch.float32, device="cpu", unet=True):
     """(U-Net, VAE, text encoder, diffusion) of a Stable Diffusion folder in the diffusers layout:
-    unet/, vae/, text_encoder/ with tokenizer/ beside it, scheduler/."""
+    unet/, vae/, text_encoder/ with tokenizer/ beside it, scheduler/. With unet=False the U-Net is not
+    read (None): a quality-tuned checkpoint brings its own."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
         raise EmuError(f"{folder}: not a Stable Diffusion folder in the diffusers layout (no model_index.json or unet/)")
-    unet, vae = load_sd_unet(folder / "unet", dtype, device), load_sd_vae(folder / "vae", dtype, device)
+    unet = load_sd_unet(folder / "unet", dtype, device) if unet else None
+    vae = load_sd_vae(folder / "vae", dtype, device)
     clip, tokenizer = load_clip_text(folder / "text_encoder", dtype, device, projection=False)
     return unet, vae, SDTextEncoder(clip, tokenizer), diffusion_from_scheduler(folder / "scheduler")
