@@ -151,7 +151,7 @@ def test_the_published_vae_encodes_and_decodes_as_diffusers_does(tmp_path):
         load_sd_vae(tmp_path / "vae")
 
 
-def published_text_side(tmp_path, width=32):
+def published_text_side(tmp_path, width=32, hidden_act="quick_gelu", layers=2):
     """A random bare CLIPTextModel in text_encoder/ and the original tokenizer's files in tokenizer/, laid out
     as Stable Diffusion v1.5 publishes them (transformers 4's key names, which transformers 5 no longer writes);
     returns (the reference model, transformers' CLIPTokenizer of those files)."""
@@ -160,7 +160,8 @@ def published_text_side(tmp_path, width=32):
     from test_tokenizers import CAPTIONS, train_clip_bpe
     vocab, merges = train_clip_bpe(regex, CAPTIONS, num_merges=150)
     config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
+                                         hidden_act=hidden_act,
                                          bos_token_id=vocab[CLIP_BOS], eos_token_id=vocab[CLIP_EOS], pad_token_id=vocab[CLIP_EOS])
     torch.manual_seed(0)
     reference = transformers.CLIPTextModel(config).eval()
@@ -191,6 +192,24 @@ def test_the_published_text_encoder_loads_without_a_projection_beside_its_tokeni
         hidden, pooled = model(ids)
     torch.testing.assert_close(hidden, want.last_hidden_state, rtol=0, atol=1e-5)
     torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-5)
+
+
+def test_v2s_text_encoder_is_its_penultimate_layer_as_published(tmp_path):
+    """Stable Diffusion 2 conditions on OpenCLIP's penultimate layer (final layer norm applied); its published
+    text_encoder/ holds the tower cut to that layer (23 of ViT-H's 24, GELU), so reading every layer the
+    config names gives it. Here: a 3-layer GELU tower published as its first 2 layers."""
+    full, _ = published_text_side(tmp_path / "full", hidden_act="gelu", layers=3)
+    published_text_side(tmp_path / "v2", hidden_act="gelu", layers=2)
+    cut = {f"text_model.{k}": v.contiguous() for k, v in full.state_dict().items() if ".layers.2." not in k}
+    save_file(cut, tmp_path / "v2" / "text_encoder" / "model.safetensors")  # the 3-layer tower's first 2 layers
+    model, tokenizer = load_clip_text(tmp_path / "v2" / "text_encoder", dtype=torch.float32, projection=False)
+    ids = tokenize(tokenizer, ["a red circle on the left", ""], clean=clip_clean)[0]
+    with torch.no_grad():
+        hidden, _ = model(ids)
+        states = full(ids, output_hidden_states=True)
+    penultimate = getattr(full, "text_model", full).final_layer_norm(states.hidden_states[-2])  # transformers 5: no text_model
+    torch.testing.assert_close(hidden, penultimate, rtol=0, atol=1e-5)
+    assert (hidden - states.last_hidden_state).abs().max() > 1e-2  # not the last layer's
 
 
 def published_folder(tmp_path):
