@@ -26,6 +26,7 @@ from emu.arch import ARCHS, get_arch
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import World
+from emu.variants.stable_diffusion import export_stable_diffusion
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.judges import appeal_score
@@ -50,6 +51,9 @@ def parse_args(argv=None):
                         "schedule are used as published, and sample.py --ckpt reads them from there again")
     p.add_argument("--image-size", type=int, default=None,
                    help="with --base: the training resolution (default: the base's own, its U-Net's sample_size latents)")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --base: at the end, write best.pt's EMA U-Net with the base's other parts as a Stable "
+                        "Diffusion folder in the diffusers layout (emu.variants.stable_diffusion.export_stable_diffusion)")
     p.add_argument("--arch", default=None, choices=sorted(ARCHS),
                    help="the pretrained model's architecture (default: the one its checkpoint records; a different one is refused)")
     p.add_argument("--data", default="runs/toy/haystack",
@@ -166,6 +170,8 @@ def main(args):
 
     classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before training
 
+    if args.export and (not args.base or os.path.exists(args.export)):
+        raise EmuError(f"--export {args.export}: " + ("already exists" if args.base else "writes a tuned --base folder; give --base"))
     if args.base:  # a published Stable Diffusion folder: its U-Net is the pretrained model
         if args.arch not in (None, "ldm") or args.text_cache:
             raise EmuError(f"--base {args.base} is a latent diffusion model read with its own text encoder: "
@@ -271,6 +277,9 @@ def main(args):
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
     print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
           f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")
+    if args.export:  # the best EMA weights, as a folder any diffusers-layout tool reads
+        _, best = model_from_checkpoint(read_training_checkpoint(os.path.join(args.out, "best.pt")), "best.pt", weights="ema")
+        print(f"exported the tuned U-Net with {args.base}'s other parts to {export_stable_diffusion(best, args.base, args.export)}")
 
 
 if __name__ == "__main__":

@@ -297,6 +297,32 @@ def test_qtune_tunes_a_published_folder_and_sample_py_draws_the_tuned_unet_throu
     assert np.abs(expected[1].astype(int) - expected[0]).max() > 2  # the untuned base draws another picture
 
 
+def test_qtune_exports_the_tuned_unet_as_a_folder_diffusers_reads(tmp_path):
+    """--export writes best.pt's EMA U-Net under the published names and shapes (v1's 1x1 convolutions),
+    beside the base's other parts: our loader reads it back bit for bit, diffusers computes what ours does."""
+    published_folder(tmp_path / "sd")
+    write_needles(tmp_path / "needles")
+    out, exported = tmp_path / "qtune", tmp_path / "exported"
+    run("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "",
+        "--holdout", "2", "--iters", "4", "--bs", "4", "--eval-every", "2", "--warmup", "1", "--lr", "3e-3",
+        "--ema-decay", "0.5", "--patience", "10", "--out", str(out), "--export", str(exported))
+    best = torch.load(out / "best.pt", weights_only=False)
+    unet, _, _, _ = load_stable_diffusion(exported)
+    assert best["step"] > 0 and all(torch.equal(v, best["ema"][k]) for k, v in unet.state_dict().items())
+    base_unet = load_sd_unet(tmp_path / "sd" / "unet")
+    assert any(not torch.equal(v, base_unet.state_dict()[k]) for k, v in unet.state_dict().items())
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        assert (exported / part).exists()
+    reference = diffusers.UNet2DConditionModel.from_pretrained(exported / "unet").eval()
+    x, t, context, text = inputs()
+    with torch.no_grad():
+        want = reference(x, t, encoder_hidden_states=context).sample
+        got = unet(x, t, text)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    proc = script("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--export", str(exported))
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_qtune_base_flags_that_do_not_apply_are_one_line_errors(tmp_path):
     published_folder(tmp_path / "sd")
     write_needles(tmp_path / "needles")
@@ -304,6 +330,7 @@ def test_qtune_base_flags_that_do_not_apply_are_one_line_errors(tmp_path):
     for argv, message in [(["--base", f"{tmp_path}/sd", "--arch", "muse"], "--arch muse does not apply"),
                           (["--base", f"{tmp_path}/sd", "--image-size", "40"], "--image-size 40: "),
                           (["--base", f"{tmp_path}/nowhere"], "not a Stable Diffusion folder"),
-                          (["--image-size", "64"], "--image-size is for --base")]:
+                          (["--image-size", "64"], "--image-size is for --base"),
+                          (["--export", f"{tmp_path}/e"], "writes a tuned --base folder; give --base")]:
         proc = script("qtune.py", *argv, *common)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

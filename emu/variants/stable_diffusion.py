@@ -24,6 +24,8 @@ The folders are diffusers' `unet/` and `vae/`: config.json and diffusion_pytorch
 there is). unet_key_map and vae_key_map name every one of our parameters by its published key;
 emu.text.hf.load_hf_weights then checks every key and shape before reading any tensor, and refuses pickles.
 """
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,7 +37,8 @@ from emu.models.autoencoder import Autoencoder, AutoencoderConfig
 from emu.models.unet import UNet, UNetConfig
 from emu.text.clip import clip_clean, load_clip_text
 from emu.text.encoder import TextEmbedding
-from emu.text.hf import empty_model, load_hf_weights, read_config, tokenize
+from emu.checkpoint import save_weights
+from emu.text.hf import empty_model, find_weight_files, load_hf_weights, read_config, tokenize
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
 
@@ -291,6 +294,36 @@ def diffusion_from_scheduler(path, spacing="trailing"):
     if raw.get("prediction_type", "epsilon") not in PREDICTIONS:
         raise EmuError(f"{file}: prediction_type {raw['prediction_type']!r} is not one of {sorted(PREDICTIONS)}")
     return GaussianDiffusion("scaled_linear", 1000, PREDICTIONS[raw.get("prediction_type", "epsilon")], spacing=spacing)
+
+
+def export_stable_diffusion(unet, base, out):
+    """Write `unet` (a tuned copy of the U-Net of the Stable Diffusion folder `base`) as a whole folder in
+    the diffusers layout at `out`, for any tool that reads one: `base`'s other parts as they are (hard
+    links where the file system allows, else copies), its unet/config.json, and the U-Net's weights under
+    their published names and shapes (v1's 1x1 convolutions back from our linear layers) in
+    unet/diffusion_pytorch_model.safetensors, in the U-Net's dtype."""
+    base, out = Path(base), Path(out)
+    if out.exists():
+        raise EmuError(f"{out}: already exists; give a new folder to export to")
+    published, _ = find_weight_files(base / "unet", WEIGHT_STEMS)  # {key: file}: the published shapes
+    names = unet_key_map(unet)
+    if set(names) != set(published):
+        raise EmuError(f"{base / 'unet'}: its keys are not this U-Net's; export a U-Net tuned from this folder")
+    state = unet.state_dict()
+    weights = {key: state[ours].detach().reshape(published[key].entries[key][1]).contiguous().cpu()
+               for key, ours in names.items()}
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("unet"), copy_function=link_or_copy)
+    (out / "unet").mkdir()
+    shutil.copy2(base / "unet" / "config.json", out / "unet" / "config.json")
+    save_weights(out / "unet" / "diffusion_pytorch_model.safetensors", weights, metadata={"format": "pt"})
+    return out
 
 
 def load_stable_diffusion(folder, dtype=torch.float32, device="cpu", unet=True):
