@@ -50,8 +50,10 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", metavar="{generate,serve,report}")
 
     g = sub.add_parser("generate", help="both models' images for every prompt, and the judges' votes (the default)")
-    g.add_argument("--a", default="runs/qtune/best.pt", help="checkpoint of model A (the one whose win rate is reported)")
-    g.add_argument("--b", default="runs/pretrain/ckpt.pt", help="checkpoint of model B (the baseline)")
+    g.add_argument("--a", default="runs/qtune/best.pt", help="checkpoint of model A (the one whose win rate is reported), "
+                                                              "or a published Stable Diffusion folder")
+    g.add_argument("--b", default="runs/pretrain/ckpt.pt", help="checkpoint of model B (the baseline), or a published Stable "
+                                                                 "Diffusion folder: a base that model A was quality-tuned from")
     g.add_argument("--arch", default=None, choices=sorted(ARCHS),
                    help="the architecture both checkpoints must hold (default: any; each is read from its checkpoint)")
     g.add_argument("--name-a", default="quality-tuned", help="display name of model A")
@@ -111,7 +113,7 @@ def generate(args):
     # both sides from the same prompts and seeds
     images = {}
     for side, path in (("a", args.a), ("b", args.b)):
-        model = TextToImage.from_checkpoint(path, device=args.device, arch=args.arch)
+        model = TextToImage.load(path, device=args.device, arch=args.arch)
         print(f"generating {len(texts)} images with {path}")
         images[side] = to_uint8(model.generate(texts, seeds, args.cfg, args.steps, args.sampler))
         for i, image in enumerate(images[side]):

@@ -114,6 +114,16 @@ class TextToImage:
         return cls(arch, model, ae, text_encoder, arch.objective(model, args), args["image_size"], name=str(path))
 
     @classmethod
+    def load(cls, path, device="cpu", weights="ema", arch=None):
+        """A training checkpoint of ours (from_checkpoint), or a published Stable Diffusion folder
+        (from_stable_diffusion): what eval_pairs.py compares, e.g. a quality-tuned base against the base."""
+        if os.path.isfile(os.path.join(path, "model_index.json")):
+            if arch not in (None, "ldm"):
+                raise EmuError(f"--arch {arch}: {path} is a Stable Diffusion folder, a latent diffusion model (--arch ldm)")
+            return cls.from_stable_diffusion(path, device)
+        return cls.from_checkpoint(path, device, weights, arch)
+
+    @classmethod
     def from_stable_diffusion(cls, folder, device="cpu"):
         """A published Stable Diffusion folder (diffusers layout: unet/, vae/, text_encoder/, tokenizer/,
         scheduler/) in our own modules (emu/variants/stable_diffusion.py), at the resolution it was trained

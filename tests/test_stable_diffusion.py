@@ -321,6 +321,19 @@ def test_qtune_exports_the_tuned_unet_as_a_folder_diffusers_reads(tmp_path):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     proc = script("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--export", str(exported))
     assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    # the tuned model against its base, pair by pair, for people to rate (no toy judges on real models)
+    (tmp_path / "prompts.txt").write_text("a photograph of waves\nwaves at dusk\n")
+    run("eval_pairs.py", "--a", str(out / "best.pt"), "--b", f"{tmp_path}/sd", "--judges", "none", "--prompts",
+        f"{tmp_path}/prompts.txt", "--steps", "10", "--out", f"{tmp_path}/eval")
+    run("sample.py", "--base", f"{tmp_path}/sd", "--prompt", "waves at dusk", "--n", "1", "--seed", "1", "--steps", "10",
+        "--out", f"{tmp_path}/base-samples")
+    run("sample.py", "--ckpt", str(out / "best.pt"), "--prompt", "waves at dusk", "--n", "1", "--seed", "1", "--steps", "10",
+        "--out", f"{tmp_path}/tuned-samples")
+    pixels = {name: np.asarray(Image.open(tmp_path / name)) for name in
+              ("eval/images/0001-a.png", "eval/images/0001-b.png", "base-samples/0000.png", "tuned-samples/0000.png")}
+    assert np.array_equal(pixels["eval/images/0001-b.png"], pixels["base-samples/0000.png"])  # B: the base folder
+    assert np.array_equal(pixels["eval/images/0001-a.png"], pixels["tuned-samples/0000.png"])  # A: the tuned U-Net
+    assert not np.array_equal(pixels["eval/images/0001-a.png"], pixels["eval/images/0001-b.png"])
 
 
 def test_qtune_base_flags_that_do_not_apply_are_one_line_errors(tmp_path):
