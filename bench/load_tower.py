@@ -167,9 +167,13 @@ def main(args):
         write_synthetic_checkpoint(directory, TOWERS[args.tower], args.preset, int(args.shard_gb * 2**30))
         size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
         print(f"wrote {size / 2**30:.2f} GiB of float32 shards to {directory} in {time.time() - t0:.0f} s")
-    base = baseline_rss()
+    print_results(baseline_rss(), {which: measure(args, which) for which in ("ours", "reference")})
+
+
+def print_results(base, results):
+    """The peaks of {"ours": ..., "reference": ...} (each {"peak", "weights", "seconds"}) against the bf16
+    weights, beside `base`, the resident memory of a process that has only imported torch and emu."""
     print(f"a process with torch and emu imported: {base / 2**30:.2f} GiB resident")
-    results = {which: measure(args, which) for which in ("ours", "reference")}
     weights = results["ours"]["weights"]
     print(f"bf16 weights: {weights / 2**30:.2f} GiB")
     for which, r in results.items():

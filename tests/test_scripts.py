@@ -225,7 +225,8 @@ def test_scripts_report_bad_input_in_one_line(world, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["train_ae.py", "pretrain.py", "qtune.py", "sample.py", "eval_pairs.py", "train_prior.py", "data/make_toy.py",
-                                    "data/embed_captions.py", "data/curate.py", "bench/load_tower.py", "bench/train_mfu.py"])
+                                    "data/embed_captions.py", "data/curate.py", "bench/load_tower.py", "bench/load_sd_unet.py",
+                                    "bench/train_mfu.py"])
 def test_every_script_explains_its_flags(script):
     out = run(script, "--help")
     assert "usage:" in out and "--" in out
