@@ -26,6 +26,7 @@ from emu.arch import ARCHS, get_arch
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import World
+from emu.variants.pixel import size_multiple
 from emu.variants.stable_diffusion import export_stable_diffusion
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
@@ -179,9 +180,9 @@ def main(args):
         arch = get_arch("ldm")
         net, ae, text_encoder, objective, native = load_base(args.base, device)
         args.arch, args.image_size = arch.name, args.image_size or native
-        if args.image_size % (ae.downsample_factor * 2 ** (len(net.cfg.channel_mult) - 1)):
-            raise EmuError(f"--image-size {args.image_size}: {args.base}'s U-Net needs a multiple of "
-                           f"{ae.downsample_factor * 2 ** (len(net.cfg.channel_mult) - 1)} pixels")
+        multiple = size_multiple(net) * ae.downsample_factor  # every U-Net level halves the latents
+        if args.image_size % multiple:
+            raise EmuError(f"--image-size {args.image_size}: {args.base}'s U-Net needs a multiple of {multiple} pixels")
         for key in ("ae", "clip", "t5", "prior", "xlmr"):
             setattr(args, key, None)  # sample.py reads every frozen part from the base folder
     else:  # the pretrained model and the frozen parts it was trained with

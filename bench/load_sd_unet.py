@@ -112,6 +112,7 @@ def main(args):
     print(f"{results['ours']['parameters'] / 1e6:.0f}M parameters")
     print_results(measure(args, "baseline")["peak"], results)
 
+
 if __name__ == "__main__":
     arguments = parse_args()
     child(arguments) if arguments.child else main(arguments)

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from emu import EmuError
+from emu.checkpoint import load_checkpoint
 from emu.datasets.folders import to_uint8
 from emu.diffusion import GaussianDiffusion, guided_images
 from emu.models.unet import UNet
@@ -276,7 +277,7 @@ def test_qtune_tunes_a_published_folder_and_sample_py_draws_the_tuned_unet_throu
     run("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "",
         "--holdout", "2", "--iters", "4", "--bs", "4", "--eval-every", "2", "--warmup", "1", "--lr", "3e-3", "--ema-decay", "0.5",
         "--out", str(out))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["args"]["base"] == f"{tmp_path}/sd" and ckpt["args"]["image_size"] == 64  # the base's sample_size x 4
     assert ckpt["step"] == 4 and ckpt["args"]["ae"] is None and ckpt["args"]["clip"] is None
     base_unet, vae, text_encoder, diffusion = load_stable_diffusion(tmp_path / "sd")
@@ -306,7 +307,7 @@ def test_qtune_exports_the_tuned_unet_as_a_folder_diffusers_reads(tmp_path):
     run("qtune.py", "--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "",
         "--holdout", "2", "--iters", "4", "--bs", "4", "--eval-every", "2", "--warmup", "1", "--lr", "3e-3",
         "--ema-decay", "0.5", "--patience", "10", "--out", str(out), "--export", str(exported))
-    best = torch.load(out / "best.pt", weights_only=False)
+    best = load_checkpoint(out / "best.pt")
     unet, _, _, _ = load_stable_diffusion(exported)
     assert best["step"] > 0 and all(torch.equal(v, best["ema"][k]) for k, v in unet.state_dict().items())
     base_unet = load_sd_unet(tmp_path / "sd" / "unet")
