@@ -25,23 +25,22 @@ import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from emu import EmuError
 from emu.arch import ARCHS, resolve_arch_flags
-from emu.checkpoint import append_metrics, save_checkpoint
+from emu.checkpoint import append_metrics
 from emu.datasets.folders import SkipLog, read_prompts
 from emu.training.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.training.fsdp import full_state_dict, save_sharded, shard_model
+from emu.training.fsdp import distribute, save_resumable, save_whole
 from emu.pipeline import load_frozen_parts, sample_grid
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.plot import plot_metrics
-from emu.training.loop import (add_training_flags, check_data_path, count_bad_step, make_ema, make_optimizer,
-                               open_training_data, parse_stages, prune_checkpoints, resume_path, resume_training_state,
-                               save_rolling, save_training_state, stage_at, too_many_bad_steps, train_step,
-                               training_batches, training_extra, update_ema, warmup_schedule)
+from emu.training.loop import (add_training_flags, check_data_path, count_bad_step, make_optimizer, open_training_data,
+                               parse_stages, rank_entry, resume_path, resume_training_state, stage_at,
+                               too_many_bad_steps, train_step, training_batches, training_extra, update_ema,
+                               warmup_schedule)
 
 
 def parse_args(argv=None):
@@ -91,9 +90,6 @@ def parse_args(argv=None):
                         "accuracy then goes to metrics.jsonl (emu/evaluation/accuracy.py)")
     p.add_argument("--text-cache", default=None,
                    help="caption embeddings from data/embed_captions.py, made with --clip/--t5: the towers are not loaded")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/training/fsdp.py); "
-                        "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
     add_training_flags(p)
     # The toy world's: 1400 steps of 64 take about four minutes on two CPU cores. A batch of 64 trains
     # 1.75x the images per second of a batch of 16 there. On the toy autoencoder trained 900 steps, 1e-3
@@ -143,14 +139,7 @@ def main(args):
         # every rank's data position and noise generator, so that each continues where it stopped
         positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
         extra = dict(skipped=dict(batches.skipped), data_position=positions, gens=gens, stage=index, bad_steps=bad)
-        if args.fsdp:  # every rank writes its own pieces
-            save_sharded(os.path.join(args.out, f"ckpt-{step:09d}"), net, ema, opt,
-                         training_extra(arch, net, sched, step, gen, args, **extra))
-            if world.main:
-                prune_checkpoints(args.out, args.keep)
-        elif world.main:
-            save_rolling(args.out, step, args.keep,
-                         lambda path: save_training_state(path, arch, net, ema, opt, sched, step, gen, args, **extra))
+        save_resumable(args.out, arch, net, ema, opt, sched, step, gen, args, world, **extra)
 
     # train, stage after stage: each at its own resolution, batch size and noise offset
     net.train()
@@ -214,9 +203,7 @@ def finish(ckpt_file, arch, world, net, ema, sched, step, gen, args, skipped):
     """The end of training. Under --fsdp, a plain ckpt.pt too, for sample.py and qtune.py: the whole
     weights, gathered on rank 0. Under DDP, the check that every rank holds the same weights."""
     if args.fsdp:
-        whole = {"model": full_state_dict(net), "ema": full_state_dict(ema)}
-        if world.main:
-            save_checkpoint(ckpt_file, {**whole, **training_extra(arch, net, sched, step, gen, args, skipped=skipped)})
+        save_whole(ckpt_file, net, ema, training_extra(arch, net, sched, step, gen, args, skipped=skipped), world)
     elif not replicas_agree(net, world):
         raise EmuError(f"rank {world.rank}: the replicas' weights differ after training")
 
@@ -226,19 +213,6 @@ def write_metrics(metrics_log, record):
     append_metrics(metrics_log, record)
     plot_metrics(metrics_log, os.path.join(os.path.dirname(metrics_log), "loss.png"), "step", "loss", "pretraining loss",
                  log_y=True)
-
-
-def distribute(net, world, args):
-    """(the model to train, its EMA): under --fsdp both sharded, every rank keeping 1/N of the weights,
-    gradients, AdamW state and EMA; under torchrun otherwise DDP, which averages the gradients over
-    ranks during backward so that every rank takes the same step; in a world of one, the network."""
-    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
-    if args.fsdp:
-        model = shard_model(net, world, args.precision)
-        shard_model(ema, world)
-    else:
-        model = DDP(net) if world.world_size > 1 else net
-    return model, ema
 
 
 def sample_prompts(args, text_encoder):
@@ -264,17 +238,6 @@ def resume(ckpt_path, stages, world, net, ema, opt, sched, gen):
             position = rank_entry(ckpt, "data_position", world, ckpt_path)
         gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
     return step, skipped, position, bad
-
-
-def rank_entry(ckpt, key, world, path, default=None):
-    """This rank's item of a per-rank list a checkpoint holds (data positions, generators)."""
-    entries = ckpt.get(key)
-    if entries is None:
-        return default
-    if len(entries) != world.world_size:
-        raise EmuError(f"{path}: written by {len(entries)} rank(s), resumed by {world.world_size}; "
-                       f"resume with the same number of processes")
-    return entries[world.rank]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ images, with accurate captions, restricts its outputs to that high-quality subse
     python qtune.py                      # toy defaults, after pretrain.py
     python qtune.py --iters 15000 --bs 64 --data /path/to/curated-or-haystack ...
     python qtune.py --base /weights/stable-diffusion-v1-5 --data /data/curated --curate-top 0 --caption-field ""
+    torchrun --nproc_per_node 8 qtune.py --fsdp ...   # one process per GPU; --bs is the global batch
 """
 import argparse
 import json
@@ -25,7 +26,8 @@ from emu import EmuError
 from emu.arch import ARCHS, get_arch
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
-from emu.training.dist import World
+from emu.training.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
+from emu.training.fsdp import distribute, save_resumable, save_whole
 from emu.variants.pixel import size_multiple
 from emu.variants.stable_diffusion import export_stable_diffusion
 from emu.evaluation.accuracy import accuracy_record
@@ -34,12 +36,10 @@ from emu.evaluation.judges import appeal_score
 from emu.pipeline import load_base, load_frozen_parts, model_from_checkpoint, read_training_checkpoint, sample_grid
 from emu.evaluation.plot import plot_metrics
 from emu.datasets.shards import ShardDataset, first_samples
-from emu.training.loop import (add_training_flags, conditioning, count_bad_step, early_stopping, make_ema,
-                               make_optimizer, open_training_data, resume_path, resume_training_state, save_rolling,
-                               save_training_state, shard_paths, too_many_bad_steps, train_step, training_batches,
-                               update_ema, warmup_schedule)
-
-SINGLE = World(0, 1, torch.device("cpu"))  # quality-tuning runs in one process: the whole data set is its share
+from emu.training.loop import (add_training_flags, conditioning, count_bad_step, early_stopping, make_optimizer,
+                               open_training_data, rank_entry, resume_path, resume_training_state, shard_paths,
+                               too_many_bad_steps, train_step, training_batches, training_extra, update_ema,
+                               warmup_schedule)
 
 
 def parse_args(argv=None):
@@ -109,8 +109,9 @@ def curate(data_dir, image_size, top, caption_field):
 
 
 @torch.no_grad()
-def needles(args):
-    """(training set, held-out images, held-out captions) for quality-tuning.
+def needles(args, world):
+    """(training set, held-out images, held-out captions) for quality-tuning; under torchrun every
+    rank curates alike, holds the same check set, and reads its own share of tar shards.
 
     With --curate-top N the automatic filter picks the N best images of the haystack folder --data
     (curated.json says which and why). With --curate-top 0, --data is already curated: a folder of
@@ -121,20 +122,21 @@ def needles(args):
     holdout = 0 if args.heldout_data else args.holdout  # a separate check set: nothing of --data is held out
     if args.curate_top:
         keys, report = curate(args.data, args.image_size, args.curate_top, field)
-        with open(os.path.join(args.out, "curated.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
-              + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
+        if world.main:  # rank 0 alone writes and prints
+            with open(os.path.join(args.out, "curated.json"), "w") as f:
+                json.dump(report, f, indent=1)
+            print(f"curated {len(keys)} of {report['of']} images (aesthetic score >= {report['threshold']:.3f})"
+                  + (f"; {100 * report['needle_precision']:.0f}% are true needles" if "needle_precision" in report else ""))
         heldout = keys[:holdout]  # the best few: a check set that looks like what the model should make
     elif shard_paths(args.data):
         if args.heldout_data:
-            return (open_training_data(args.data, args.image_size, args, SINGLE, field),
+            return (open_training_data(args.data, args.image_size, args, world, field),
                     *check_set(args.heldout_data, None, args.image_size, field))
         # the first --holdout usable samples of the shards
         images, captions, heldout = first_samples(shard_paths(args.data), holdout, args.image_size, field)
-        return open_training_data(args.data, args.image_size, args, SINGLE, field, exclude=heldout), images, captions
+        return open_training_data(args.data, args.image_size, args, world, field, exclude=heldout), images, captions
     else:  # a seeded random --holdout of the folder's images
-        keys = open_training_data(args.data, args.image_size, args, SINGLE).keys
+        keys = open_training_data(args.data, args.image_size, args, world).keys
         heldout = random.Random(args.seed).sample(keys, min(holdout, len(keys)))
     train = ImageCaptionFolder(args.data, args.image_size, keys=[k for k in keys if k not in set(heldout)],
                                caption_field=field, skip_bad=True)
@@ -161,8 +163,10 @@ def heldout_loss(net, ae, text_encoder, objective, images, captions):
 
 
 def main(args):
+    world = init_world(args.device)  # under torchrun: this process's rank and device; else a world of one
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = world.device
+    log = print if world.main else (lambda *a, **k: None)  # rank 0 alone prints and writes
     os.makedirs(args.out, exist_ok=True)
     if args.heldout_data and not os.path.isdir(args.heldout_data):  # before any model is loaded
         raise EmuError(f"--heldout-data {args.heldout_data}: folder not found")
@@ -207,36 +211,50 @@ def main(args):
         objective = arch.objective(net, args)
 
     # the needles: curated here from the haystack, or already curated; a held-out part checks early stopping
-    train_data, check_images, check_captions = needles(args)
+    train_data, check_images, check_captions = needles(args, world)
 
-    ema = make_ema(net)
+    model, ema = distribute(net, world, args)  # DDP or FSDP under torchrun; the network itself in one process
     opt = make_optimizer(net, args)
     sched = warmup_schedule(opt, args.warmup)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    step, stop = 0, {"best": heldout_loss(ema, ae, text_encoder, objective, check_images, check_captions), "best_step": 0, "bad": 0}
-    ckpt_file, bad, position = os.path.join(args.out, "ckpt.pt"), {"in_a_row": 0, "total": 0}, None
+    gen = torch.Generator(device).manual_seed(args.seed + world.rank)  # noise and timesteps differ per rank
+
+    def check():  # every rank runs the check (the EMA is sharded under FSDP); they agree on its value
+        return mean_over_ranks(heldout_loss(ema, ae, text_encoder, objective, check_images, check_captions), world)
+
+    step, stop = 0, {"best": check(), "best_step": 0, "bad": 0}
+    bad, position = {"in_a_row": 0, "total": 0}, None
     ckpt_path = resume_path(args.resume, args.out)
     if ckpt_path:
         ckpt = resume_training_state(ckpt_path, net, ema, opt, sched, gen)
-        step, stop, bad, position = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad), ckpt.get("data_position")
-        print(f"resumed from {ckpt_path} at iteration {step}")
-    else:
-        save_training_state(os.path.join(args.out, "best.pt"), arch, net, ema, opt, sched, 0, gen, args, early_stop=stop)
-    print(f"held-out loss before quality-tuning: {stop['best']:.4f}")
+        step, stop, bad = ckpt["step"], ckpt["early_stop"], ckpt.get("bad_steps", bad)
+        position = rank_entry(ckpt, "data_position", world, ckpt_path)  # where this rank's shards stand
+        gen.set_state(rank_entry(ckpt, "gens", world, ckpt_path, default=ckpt["gen"]))
+        log(f"resumed from {ckpt_path} at iteration {step}")
+    log(f"{arch.name} model: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {world.world_size} rank(s)"
+        + (", sharded" if args.fsdp else ""))
+    log(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     # the paper's batch of 64 even for a set of 100 images: a set smaller than a batch fills it with repeats
-    batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, SINGLE, repeat=True)
-    print(f"training data: {batches.describe()}")
+    batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, world, repeat=True)
+    log(f"training data: {batches.describe()}")
     if not isinstance(train_data, ShardDataset) and len(train_data) < args.bs:
-        print(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")
+        log(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")
 
-    def save(path):
-        save_training_state(path, arch, net, ema, opt, sched, step, gen, args, early_stop=stop, bad_steps=bad,
-                            data_position=batches.position())
+    def save_best():  # the weights sample.py, eval_pairs.py and --export read: whole, without AdamW's state
+        save_whole(os.path.join(args.out, "best.pt"), net, ema,
+                   training_extra(arch, net, sched, step, gen, args, early_stop=stop), world)
+
+    def save():  # the checkpoint to resume from, with every rank's data position and noise generator
+        positions, gens = gather_objects(batches.position(), world), gather_objects(gen.get_state(), world)
+        extra = dict(early_stop=stop, bad_steps=bad, data_position=positions, gens=gens)
+        save_resumable(args.out, arch, net, ema, opt, sched, step, gen, args, world, **extra)
 
     metrics_log = os.path.join(args.out, "metrics.jsonl")  # append-only: survives a crash, keeps every run
-    append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "iter": step, "time": time.time()})
+    if world.main:
+        append_metrics(metrics_log, {"event": "resume" if ckpt_path else "start", "iter": step, "time": time.time()})
     if not ckpt_path:  # the check before any tuning: where the held-out curve and early stopping start
-        append_metrics(metrics_log, {"iter": 0, "heldout": stop["best"], "best": stop["best"]})
+        save_best()
+        if world.main:
+            append_metrics(metrics_log, {"iter": 0, "heldout": stop["best"], "best": stop["best"]})
 
     # fine-tune with early stopping
     net.train()
@@ -244,43 +262,52 @@ def main(args):
     for latents, text in batches:
         if step >= args.iters or stop["bad"] >= args.patience:
             break
-        loss = train_step(net, objective, latents, text, batches.empty, opt, sched, gen, args)
+        loss = train_step(model, objective, latents, text, batches.empty, opt, sched, gen, args)
         step += 1
         bad = count_bad_step(loss, bad)  # a non-finite loss or gradient: the update was skipped
         if loss is not None:
             update_ema(ema, net, args.ema_decay)
         if bad["in_a_row"] > args.max_bad_steps:
-            save_rolling(args.out, step, args.keep, save)
-            raise too_many_bad_steps(bad, args, ckpt_file)
+            save()
+            raise too_many_bad_steps(bad, args, os.path.join(args.out, f"ckpt-{step:09d}" if args.fsdp else "ckpt.pt"))
         if step % args.eval_every == 0 or step == args.iters:
             seconds = (time.time() - t0) / args.eval_every
-            check = heldout_loss(ema, ae, text_encoder, objective, check_images, check_captions)
+            loss = None if loss is None else mean_over_ranks(loss, world)  # None: the step was skipped on every rank
+            heldout = check()
             # the EMA model's images of the held-out captions: a grid for a human, and the automatic filter's score
             samples = sample_grid(os.path.join(args.out, "samples", f"iter-{step:06d}.png"), arch, ema, ae, text_encoder,
-                                  objective, args.image_size, check_captions)
-            appeal = float(appeal_score(samples).mean())
-            accuracy = accuracy_record(classifier, samples, check_captions) if classifier is not None else None
-            stop = early_stopping(stop, step, check)
+                                  objective, args.image_size, check_captions, write=world.main)
+            stop = early_stopping(stop, step, heldout)
             improved = stop["bad"] == 0
-            print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {check:.4f}"
-                  f"{'  *best' if improved else ''}  appeal {appeal:.3f}"
-                  + (f"  prompt accuracy {accuracy['all']:.2f}" if accuracy and accuracy["all"] is not None else "")
-                  + f"  {seconds:.3f}s/iter")
-            append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": check, "best": stop["best"],
-                                         "appeal": appeal, "sec_per_iter": seconds,
-                                         **({"prompt_accuracy": accuracy} if accuracy else {})})
-            plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "iter", ["loss", "heldout"],
-                         "quality-tuning: training and held-out loss", log_y=True)
+            if world.main:
+                appeal = float(appeal_score(samples).mean())
+                accuracy = accuracy_record(classifier, samples, check_captions) if classifier is not None else None
+                print(f"iter {step}/{args.iters}  loss {float('nan') if loss is None else loss:.4f}  held-out {heldout:.4f}"
+                      f"{'  *best' if improved else ''}  appeal {appeal:.3f}"
+                      + (f"  prompt accuracy {accuracy['all']:.2f}" if accuracy and accuracy["all"] is not None else "")
+                      + f"  {seconds:.3f}s/iter")
+                append_metrics(metrics_log, {"iter": step, "loss": loss, "heldout": heldout, "best": stop["best"],
+                                             "appeal": appeal, "sec_per_iter": seconds,
+                                             **({"prompt_accuracy": accuracy} if accuracy else {})})
+                plot_metrics(metrics_log, os.path.join(args.out, "loss.png"), "iter", ["loss", "heldout"],
+                             "quality-tuning: training and held-out loss", log_y=True)
             if improved:
-                save(os.path.join(args.out, "best.pt"))
-            save_rolling(args.out, step, args.keep, save)
+                save_best()
+            save()
             t0 = time.time()
     reason = "early stop" if stop["bad"] >= args.patience else "iteration cap"
-    print(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
-          f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")
-    if args.export:  # the best EMA weights, as a folder any diffusers-layout tool reads
+    log(f"{reason} at iteration {step}; best held-out loss {stop['best']:.4f} at iteration {stop['best_step']}"
+        f" -> {os.path.join(args.out, 'best.pt')}; training data: {batches.skipped.summary()}")
+    if args.fsdp:  # a plain ckpt.pt too, as pretrain.py writes: the whole weights of the last iteration
+        save_whole(os.path.join(args.out, "ckpt.pt"), net, ema, training_extra(arch, net, sched, step, gen, args), world)
+    elif not replicas_agree(net, world):
+        raise EmuError(f"rank {world.rank}: the replicas' weights differ after quality-tuning")
+    elif world.world_size > 1:
+        log("the replicas' weights agree")
+    if args.export and world.main:  # the best EMA weights, as a folder any diffusers-layout tool reads
         _, best = model_from_checkpoint(read_training_checkpoint(os.path.join(args.out, "best.pt")), "best.pt", weights="ema")
-        print(f"exported the tuned U-Net with {args.base}'s other parts to {export_stable_diffusion(best, args.base, args.export)}")
+        log(f"exported the tuned U-Net with {args.base}'s other parts to {export_stable_diffusion(best, args.base, args.export)}")
+    close_world(world)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from emu.curation.people import (add_raters, assign, decide, final_keys, human_c
                                  simulate)
 from emu.curation.people import CurationStage  # noqa: E402
 from emu.pipeline import DiffusionUpsampler  # noqa: E402
+from emu.variants.stable_diffusion import image_tower_folder  # noqa: E402
 from emu.evaluation.rating import RatingServer  # noqa: E402
 
 DEFAULT_PER_IMAGE = {"generalists": 3, "specialists": 1, "captions": 1}  # our choice: the paper gives no numbers
@@ -44,9 +45,13 @@ def parse_args(argv=None):
     r = sub.add_parser("run", help="run the automatic stages (the default)")
     r.add_argument("--data", default="runs/toy/haystack", help="the haystack: key.png + key.txt [+ key.json with likes]")
     r.add_argument("--clip", default="runs/towers/clip", help="CLIP directory (Hugging Face layout) for image embeddings")
+    r.add_argument("--base", default=None, metavar="DIR",
+                   help="a Stable Diffusion v1 folder (diffusers layout): embed the images with its safety_checker/'s CLIP "
+                        "ViT-L/14 image tower instead of --clip; --unsafe-head DIR/safety_checker applies its concept check")
     r.add_argument("--out", default="runs/curate", help="curation.sqlite, the summary and curated/ go here")
     r.add_argument("--blocklist", default=None, help="offensive: a file of words, one per line; a caption with one is dropped")
-    r.add_argument("--unsafe-head", default=None, help="offensive: a head on CLIP image embeddings giving the unsafe logit")
+    r.add_argument("--unsafe-head", default=None, help="offensive: a head on CLIP image embeddings giving the unsafe logit, "
+                                                       "or a Stable Diffusion folder's safety_checker/ (its concept check)")
     r.add_argument("--unsafe-max", type=float, default=0.5, help="offensive: the highest unsafe probability kept")
     r.add_argument("--aesthetic-head", default=None, help="aesthetic: a head made by train-aesthetic")
     r.add_argument("--aesthetic-min", type=float, default=None, help="aesthetic: the lowest score kept")
@@ -83,6 +88,8 @@ def parse_args(argv=None):
     t.add_argument("--data", default="runs/toy/haystack", help="the folder holding the rated images")
     t.add_argument("--ratings", default="runs/toy/haystack/ratings.csv", help="CSV with key and rating columns")
     t.add_argument("--clip", default="runs/towers/clip", help="CLIP directory for image embeddings")
+    t.add_argument("--base", default=None, metavar="DIR",
+                   help="a Stable Diffusion v1 folder: embed with its safety_checker/'s CLIP image tower instead of --clip")
     t.add_argument("--out", default="runs/curate", help="the curation store (embeddings are cached there)")
     t.add_argument("--head", default="runs/curate/aesthetic.safetensors", help="where to write the head")
     t.add_argument("--hidden", type=int, default=0, help="0: a linear head; N: an MLP with N hidden units")
@@ -117,10 +124,14 @@ def run(args):
                        min_likes=args.min_likes, seed=args.seed)
     if (args.clusters is None) != (args.per_cluster is None):
         raise EmuError("--clusters and --per-cluster go together")
+    if args.base and args.clip_min is not None:
+        raise EmuError(f"--clip-min needs CLIP's text projection, which {args.base}/text_encoder does not publish; "
+                       f"give --clip with a whole CLIP model's folder (openai/clip-vit-large-patch14) instead of --base")
+    clip = image_tower_folder(args.base) if args.base else args.clip
     with closing(open_store(args.out)) as conn:
         new = register_images(conn, args.data)
         print(f"{args.data}: {new} new images entered")
-        _, measured = run_automatic(conn, cfg, args.clip, args.device)
+        _, measured = run_automatic(conn, cfg, clip, args.device)
         print(f"measured {measured} images in this run (the rest were measured before)")
         with conn:  # the export settings hold for later exports too, after the human stages
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -211,7 +222,7 @@ def train_aesthetic(args):
         keys = sorted(k for k in ratings if k in known)
         if len(keys) < 10:
             raise EmuError(f"{args.ratings}: only {len(keys)} rated images found in {args.data}; need at least 10")
-        emb = Measurer(conn, args.clip, device=args.device).embed(keys)
+        emb = Measurer(conn, image_tower_folder(args.base) if args.base else args.clip, device=args.device).embed(keys)
     keys = [k for k in keys if k in emb]
     order = np.random.default_rng(args.seed).permutation(len(keys))
     n_val = int(len(keys) * args.holdout)

@@ -5,15 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
 
 from emu import EmuError
 from emu.checkpoint import load_checkpoint
+from emu.curation.funnel import cached_embeddings, read_store
+from emu.curation.heads import load_head
 from emu.datasets.folders import to_uint8
 from emu.diffusion import GaussianDiffusion, guided_images
+from emu.pipeline import read_training_checkpoint
 from emu.models.unet import UNet
-from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, load_clip_text
+from emu.text.clip import CLIP_BOS, CLIP_EOS, clip_clean, clip_preprocess, load_clip_text, load_clip_vision
 from emu.text.encoder import TextEmbedding
 from emu.text.hf import tokenize
 from emu.variants.stable_diffusion import (load_sd_unet, load_sd_vae, load_stable_diffusion, unet_config_from_diffusers,
@@ -298,6 +302,41 @@ def test_qtune_tunes_a_published_folder_and_sample_py_draws_the_tuned_unet_throu
     assert np.abs(expected[1].astype(int) - expected[0]).max() > 2  # the untuned base draws another picture
 
 
+@pytest.mark.slow
+def test_qtune_tunes_a_published_folder_on_two_ranks_sharded_or_replicated_and_resumes_bitwise(tmp_path):
+    """torchrun, 2 processes over gloo. FSDP: 2 iterations + resume + 2 equal 4 in one go (weights, EMA,
+    early-stopping state), each rank writing its pieces into ckpt-<step>/, with whole best.pt and ckpt.pt
+    for sample.py. DDP: the replicas agree, and take the steps FSDP takes (the same global batch of 4)."""
+    published_folder(tmp_path / "sd")
+    write_needles(tmp_path / "needles")
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "qtune.py"]
+    common = ["--base", f"{tmp_path}/sd", "--data", f"{tmp_path}/needles", "--curate-top", "0", "--caption-field", "",
+              "--holdout", "2", "--bs", "4", "--eval-every", "2", "--warmup", "1", "--lr", "3e-3", "--ema-decay", "0.5",
+              "--patience", "10"]
+    out = run(*launch, *common, "--fsdp", "--iters", "4", "--out", f"{tmp_path}/straight")
+    assert "2 rank(s), sharded" in out and "iteration cap at iteration 4" in out
+    run(*launch, *common, "--fsdp", "--iters", "2", "--out", f"{tmp_path}/split")
+    out = run(*launch, *common, "--fsdp", "--iters", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    assert f"resumed from {tmp_path}/split/ckpt-000000002 at iteration 2" in out
+    a, b = (read_training_checkpoint(f"{tmp_path}/{name}/ckpt-000000004") for name in ("straight", "split"))
+    assert a["step"] == b["step"] == 4 and a["early_stop"] == b["early_stop"] and len(b["gens"]) == 2
+    whole = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) and torch.equal(whole[key][k], b[key][k]) for k in a[key]), key
+    best = load_checkpoint(tmp_path / "split" / "best.pt")
+    assert "opt" not in best and best["step"] == b["early_stop"]["best_step"]
+    run("sample.py", "--ckpt", f"{tmp_path}/split/best.pt", "--prompt", "waves", "--n", "1", "--steps", "2",
+        "--out", f"{tmp_path}/samples")
+    assert Image.open(f"{tmp_path}/samples/0000.png").size == (64, 64)
+    out = run(*launch, *common, "--iters", "2", "--out", f"{tmp_path}/ddp")
+    assert "the replicas' weights agree" in out
+    ddp, fsdp = load_checkpoint(tmp_path / "ddp" / "ckpt.pt"), read_training_checkpoint(f"{tmp_path}/split/ckpt-000000002")
+    base = load_sd_unet(tmp_path / "sd" / "unet").state_dict()
+    difference = sum((ddp["model"][k] - v).abs().sum() for k, v in fsdp["model"].items())
+    update = sum((base[k] - v).abs().sum() for k, v in fsdp["model"].items())
+    assert 0 < difference < 1e-3 * update, (difference, update)
+
+
 def test_qtune_exports_the_tuned_unet_as_a_folder_diffusers_reads(tmp_path):
     """--export writes best.pt's EMA U-Net under the published names and shapes (v1's 1x1 convolutions),
     beside the base's other parts: our loader reads it back bit for bit, diffusers computes what ours does."""
@@ -348,3 +387,87 @@ def test_qtune_base_flags_that_do_not_apply_are_one_line_errors(tmp_path):
                           (["--export", f"{tmp_path}/e"], "writes a tuned --base folder; give --base")]:
         proc = script("qtune.py", *argv, *common)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def published_safety_checker(folder, flag_like=None):
+    """A random StableDiffusionSafetyChecker in `folder`, its weights under the names v1.5 publishes
+    (transformers 4's "vision_model.vision_model.*"). With `flag_like` (images, (B, 3, 32, 32) in [0, 1]),
+    the first concept is set at the first image's embedding, so that the checker flags that image."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                           patch_size=8, hidden_act="quick_gelu"), projection_dim=16)
+    torch.manual_seed(5)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        for p in checker.parameters():
+            if p.dim() > 1:  # the matrices; the norms stay as they start, or every image gets one embedding
+                p.normal_(0, 0.2)
+        checker.concept_embeds_weights.fill_(1.0)  # a cosine similarity never passes 1 ...
+        checker.special_care_embeds_weights.fill_(1.0)
+        if flag_like is not None:  # ... but this one is the first image's own embedding, with a threshold
+            emb = nn.functional.normalize(reference_embeddings(checker, flag_like), dim=-1)  # halfway to the nearest other
+            checker.concept_embeds[0] = emb[0]
+            checker.concept_embeds_weights[0] = (1 + (emb[1:] @ emb[0]).max()) / 2
+    checker.config.architectures = ["StableDiffusionSafetyChecker"]  # as the published config.json names it
+    checker.config.save_pretrained(folder)
+    save_file({("vision_model." if k.startswith("vision_model.") else "") + k: v.contiguous()
+               for k, v in checker.state_dict().items()}, folder / "model.safetensors")
+    return checker
+
+
+def clip_input(images):
+    """Images in [0, 1] as the pipeline's feature extractor gives them to the checker (CLIP's published mean and std)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def reference_embeddings(checker, images):
+    """What the published checker compares with its concepts: the projected pooled output of its image tower."""
+    with torch.no_grad():
+        return checker.visual_projection(checker.vision_model(clip_input(images)).pooler_output)
+
+
+def test_the_funnel_embeds_with_the_bases_image_tower_and_drops_what_its_safety_checker_flags(tmp_path):
+    """--base DIR: the funnel's CLIP stages read the CLIP image tower of DIR/safety_checker (the embeddings
+    are transformers' to 1e-5), and --unsafe-head DIR/safety_checker drops exactly the images diffusers'
+    checker flags. Without the text projection the CLIP score cannot be had: a one-line error says so."""
+    published_folder(tmp_path / "sd")
+    (tmp_path / "haystack").mkdir()
+    rng, keys = np.random.default_rng(0), [f"{i:03d}" for i in range(6)]
+    for key in keys:  # distinct pictures, which a small random image tower tells apart
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "haystack" / f"{key}.png")
+        (tmp_path / "haystack" / f"{key}.txt").write_text(f"a photograph number {key}\n")
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "haystack" / f"{k}.png"))).permute(2, 0, 1)
+                          for k in keys]).float() / 255
+    checker = published_safety_checker(tmp_path / "sd" / "safety_checker", flag_like=images)
+    tower = load_clip_vision(tmp_path / "sd" / "safety_checker", dtype=torch.float32)
+    with torch.no_grad():
+        _, ours = tower(clip_preprocess(images * 2 - 1, 32))
+    want = reference_embeddings(checker, images)
+    assert (ours - want).abs().max() <= 1e-5 * want.abs().max()
+    _, flagged = checker(clip_input(images), images.clone())
+    assert flagged == [True] + [False] * 5
+    assert load_head(str(tmp_path / "sd" / "safety_checker"))(ours).tolist() == [float(f) for f in flagged]
+
+    out = tmp_path / "curate"
+    proc = script("data/curate.py", "--data", f"{tmp_path}/haystack", "--base", f"{tmp_path}/sd", "--out", str(out),
+                  "--unsafe-head", f"{tmp_path}/sd/safety_checker", "--clusters", "2", "--per-cluster", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "| offensive | 6 | 5 | 1 |" in proc.stdout and "| balance | 5 | 3 | 2 |" in proc.stdout
+    with read_store(out) as conn:  # what the balance stage clustered: the base's embeddings of the images
+        stored = cached_embeddings(conn, keys)
+    assert all((torch.from_numpy(stored[k]) - ours[i]).abs().max() <= 1e-5 * want.abs().max() for i, k in enumerate(keys))
+    why = script("data/curate.py", "why", "--out", str(out), keys[0]).stdout
+    assert "dropped at offensive: flagged by the safety checker's concepts" in why
+    for argv, message in [(["--base", f"{tmp_path}/sd", "--clip-min", "0.2"], "--clip-min needs CLIP's text projection"),
+                          (["--base", f"{tmp_path}/haystack"], "not a Stable Diffusion folder")]:
+        proc = script("data/curate.py", "--data", f"{tmp_path}/haystack", "--out", f"{tmp_path}/other", *argv)
+        err = proc.stderr.strip()
+        assert proc.returncode != 0 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    (tmp_path / "sd" / "safety_checker" / "config.json").unlink()
+    proc = script("data/curate.py", "--data", f"{tmp_path}/haystack", "--out", f"{tmp_path}/other", "--base", f"{tmp_path}/sd")
+    assert proc.returncode != 0 and "no safety_checker/" in proc.stderr and "Traceback" not in proc.stderr

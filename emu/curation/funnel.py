@@ -139,7 +139,12 @@ def register_images(conn, data_dir):
 
 
 def head_fingerprint(path):
-    """A short hash of a head file's bytes: scores made by one head are never read as another's."""
+    """A short hash of a head file's bytes (or of a safety checker's folder): scores made by one head
+    are never read as another's."""
+    if os.path.isdir(path):
+        digest = hashlib.sha256(b"emu curation: safety checker\n")
+        hash_tower(digest, path, tokenizer=False)
+        return digest.hexdigest()[:16]
     try:
         with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()[:16]
@@ -150,7 +155,7 @@ def head_fingerprint(path):
 def check_clip(conn, clip_dir):
     """Forget the embeddings and CLIP-based scores made with another CLIP than `clip_dir`."""
     digest = hashlib.sha256(b"emu curation: CLIP image and text towers\n")
-    hash_tower(digest, clip_dir)
+    hash_tower(digest, clip_dir, tokenizer=False)  # an image tower alone (a safety checker's) has none
     fingerprint = digest.hexdigest()
     row = conn.execute("SELECT value FROM meta WHERE key = 'clip'").fetchone()
     if row is not None and row[0] != fingerprint:
@@ -283,15 +288,17 @@ class Measurer:
 
 def decide_offensive(keys, cfg, m, captions):
     words = {w.lower() for w in (cfg.blocklist or ())}
-    unsafe = (m.head_scores(f"unsafe {head_fingerprint(cfg.unsafe_head)}", keys, load_head(cfg.unsafe_head), squash=True)
-              if cfg.unsafe_head else {})
+    head = load_head(cfg.unsafe_head) if cfg.unsafe_head else None
+    unsafe = (m.head_scores(f"unsafe {head_fingerprint(cfg.unsafe_head)}", keys, head,
+                            squash=not getattr(head, "gives_probability", False)) if head is not None else {})
     out = {}
     for k in keys:
         hit = sorted(words & set(clip_clean(captions[k]).lower().replace(",", " ").replace(".", " ").split()))
         if hit:
             out[k] = (False, f"caption has blocklisted word {hit[0]!r}")
         elif cfg.unsafe_head and k in unsafe and unsafe[k] > cfg.unsafe_max:
-            out[k] = (False, f"unsafe probability {unsafe[k]:.2f} > {cfg.unsafe_max}")
+            out[k] = (False, "flagged by the safety checker's concepts" if getattr(head, "gives_probability", False)
+                      else f"unsafe probability {unsafe[k]:.2f} > {cfg.unsafe_max}")
         else:
             out[k] = (True, "caption clean" + (f", unsafe probability {unsafe[k]:.2f}" if k in unsafe else ""))
     return out

@@ -1,7 +1,9 @@
 """Small heads on CLIP image embeddings for the curation funnel: the aesthetic score (fitted to people's
-ratings) and the unsafe-content probability, saved as safetensors beside their metadata.
+ratings) and the unsafe-content probability, saved as safetensors beside their metadata; and Stable
+Diffusion v1's published safety checker, which flags images by their embeddings' closeness to concepts.
 """
 import csv
+import os
 
 import torch
 import torch.nn as nn
@@ -9,6 +11,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from emu import EmuError
+from emu.text.clip import SAFETY_CONCEPTS
+from emu.text.hf import find_weight_files, load_hf_weights, read_config
 
 class EmbeddingHead(nn.Module):
     """A linear map, or a one-hidden-layer MLP, from a unit CLIP image embedding to one number.
@@ -27,13 +31,60 @@ class EmbeddingHead(nn.Module):
         return self.net(nn.functional.normalize(embeddings.float(), dim=-1)).squeeze(-1)
 
 
+class SafetyConcepts(nn.Module):
+    """Stable Diffusion v1's safety checker (its safety_checker/ folder), on CLIP ViT-L/14 image embeddings.
+
+    It holds 17 concept embeddings and 3 "special care" ones, each with its own threshold on the cosine
+    similarity. An image is flagged when any concept's similarity passes its threshold; once any
+    special-care concept passes its own, every later threshold is lowered by 0.01. The margins are
+    rounded to three decimals before they are compared with zero, as the published checker does.
+    """
+    gives_probability = True  # 1.0 for a flagged image, 0.0 for the others: the checker's verdict as it is
+
+    def __init__(self, dim, concepts=17, special=3):
+        super().__init__()
+        self.concept_embeds = nn.Parameter(torch.zeros(concepts, dim), requires_grad=False)
+        self.special_care_embeds = nn.Parameter(torch.zeros(special, dim), requires_grad=False)
+        self.concept_embeds_weights = nn.Parameter(torch.zeros(concepts), requires_grad=False)
+        self.special_care_embeds_weights = nn.Parameter(torch.zeros(special), requires_grad=False)
+
+    def forward(self, embeddings):
+        """(B, dim) embeddings -> (B,) 1.0 where the checker flags the image, else 0.0."""
+        unit = nn.functional.normalize(embeddings.float(), dim=-1)
+        special = unit @ nn.functional.normalize(self.special_care_embeds, dim=-1).T - self.special_care_embeds_weights
+        concept = unit @ nn.functional.normalize(self.concept_embeds, dim=-1).T - self.concept_embeds_weights
+        flagged = []
+        for special_margins, concept_margins in zip(special.tolist(), concept.tolist()):
+            adjustment = 0.0
+            for margin in special_margins:
+                if round(margin + adjustment, 3) > 0:
+                    adjustment = 0.01
+            flagged.append(any(round(margin + adjustment, 3) > 0 for margin in concept_margins))
+        return torch.tensor(flagged, dtype=torch.float32)
+
+
+def load_safety_checker(path):
+    """The concept check of a Stable Diffusion folder's safety_checker/ (its image tower is read by
+    emu.text.clip.load_clip_vision); a one-line EmuError for a folder that is not one."""
+    config, _ = read_config(path)
+    files, source = find_weight_files(path)
+    if SAFETY_CONCEPTS[0] not in files:
+        raise EmuError(f"{source}: not a Stable Diffusion safety checker (no {SAFETY_CONCEPTS[0]})")
+    checker = SafetyConcepts(int(config.get("projection_dim", 768)))
+    load_hf_weights(checker, path, {name: name for name in SAFETY_CONCEPTS}, ("vision_model.", "visual_projection."))
+    return checker.eval()
+
+
 def save_head(head, path):
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, path,
               metadata={"dim": str(head.dim), "hidden": str(head.hidden)})
 
 
 def load_head(path):
-    """Load an EmbeddingHead; a one-line EmuError for a missing or foreign file."""
+    """Load an EmbeddingHead, or for a directory the safety checker it holds (load_safety_checker);
+    a one-line EmuError for a missing or foreign file."""
+    if os.path.isdir(path):
+        return load_safety_checker(path)
     try:
         with safe_open(path, "pt") as f:
             info = f.metadata() or {}

@@ -78,13 +78,15 @@ def tower_fingerprint(clip_dir, t5_dir, dtype=torch.bfloat16, t5_max_length=T5_L
     return digest.hexdigest()
 
 
-def hash_tower(digest, tower):
-    """Feed one Hugging Face model directory into `digest` (see tower_fingerprint for what is read)."""
+def hash_tower(digest, tower, tokenizer=True):
+    """Feed one Hugging Face model directory into `digest` (see tower_fingerprint for what is read).
+    tokenizer=False: a tower without tokenizer.json (an image tower) is hashed without it."""
     tower = Path(tower)
     if not tower.is_dir():
         raise EmuError(f"{tower}: text tower directory not found")
     files, source = find_weight_files(tower)  # the single file, or the index and its shards
-    for path in (tower / "config.json", tower / "tokenizer.json", source):
+    tokenizer = [tower / "tokenizer.json"] if tokenizer or (tower / "tokenizer.json").is_file() else []
+    for path in (tower / "config.json", *tokenizer, source):
         if not path.is_file():
             raise EmuError(f"{path}: not found")
         digest.update(f"{path.name} ".encode() + path.read_bytes())

@@ -18,8 +18,8 @@ from tokenizers import models as tokenizer_models
 
 from emu import EmuError
 from emu.models.nn import MultiHeadAttention
-from emu.text.hf import (config_from_dict, empty_model, load_hf_weights, load_tokenizer, read_config, save_pretrained,
-                         set_fixed_length)
+from emu.text.hf import (config_from_dict, empty_model, find_weight_files, load_hf_weights, load_tokenizer, read_config,
+                         save_pretrained, set_fixed_length)
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_LENGTH = 77  # CLIP's context length
@@ -371,12 +371,24 @@ def clip_tokenizer_from_vocab(directory):
     return tokenizer
 
 
+# Stable Diffusion v1's safety_checker/ (StableDiffusionSafetyChecker): CLIP ViT-L/14's image tower one level
+# deeper ("vision_model.vision_model.*"), its projection, and the concept embeddings the checker compares with
+SAFETY_CONCEPTS = ("concept_embeds", "special_care_embeds", "concept_embeds_weights", "special_care_embeds_weights")
+
+
 def load_clip_vision(path, dtype=torch.bfloat16, device="cpu"):
     """Load a frozen CLIPVisionModel (with its projection) from a CLIPModel or
-    CLIPVisionModelWithProjection directory."""
+    CLIPVisionModelWithProjection directory, or from a Stable Diffusion folder's safety_checker/."""
     config = _tower_config(CLIPVisionConfig, path, "vision_config")
     if config.image_size % config.patch_size:
         raise EmuError(f"{path}: image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
     model = empty_model(CLIPVisionModel, config, dtype, device)
-    load_hf_weights(model, path, clip_vision_key_map(config), VISION_SKIPPED)
+    key_map, skipped = clip_vision_key_map(config), VISION_SKIPPED
+    published = find_weight_files(path)[0]
+    if SAFETY_CONCEPTS[0] in published:  # a safety checker
+        skipped = (*VISION_SKIPPED, *SAFETY_CONCEPTS)
+        if "vision_model.vision_model.embeddings.class_embedding" in published:  # as v1.5 publishes it
+            key_map = {("vision_model." if k.startswith("vision_model.") else "") + k: v for k, v in key_map.items()}
+            skipped = ("vision_model.vision_model.embeddings.position_ids", *SAFETY_CONCEPTS)
+    load_hf_weights(model, path, key_map, skipped)
     return model.requires_grad_(False).eval()

@@ -394,6 +394,19 @@ def resume_training_state(path, unet, ema, opt, sched, gen):
     return ckpt
 
 
+def rank_entry(ckpt, key, world, path, default=None):
+    """This rank's item of a per-rank list a checkpoint holds (data positions, generators). A single
+    value (a checkpoint written by one process before these were lists) is a list of one."""
+    entries = ckpt.get(key)
+    if entries is None:
+        return default
+    entries = entries if isinstance(entries, list) else [entries]
+    if len(entries) != world.world_size:
+        raise EmuError(f"{path}: written by {len(entries)} rank(s), resumed by {world.world_size}; "
+                       f"resume with the same number of processes")
+    return entries[world.rank]
+
+
 def save_rolling(out_dir, step, keep, save):
     """Write the checkpoint of `step` with save(path) as out_dir/ckpt-<step>.pt, make out_dir/ckpt.pt
     the newest (a hard link, swapped in atomically), and delete all but the newest `keep`."""
@@ -460,6 +473,9 @@ def add_training_flags(p):
     p.add_argument("--keep", type=int, default=3, help="how many of the newest checkpoints (ckpt-<step>.pt) to keep")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row skipped for a non-finite loss or gradient")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/training/fsdp.py); "
+                        "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and timesteps")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],

@@ -337,3 +337,16 @@ def load_stable_diffusion(folder, dtype=torch.float32, device="cpu", unet=True):
     vae = load_sd_vae(folder / "vae", dtype, device)
     clip, tokenizer = load_clip_text(folder / "text_encoder", dtype, device, projection=False)
     return unet, vae, SDTextEncoder(clip, tokenizer), diffusion_from_scheduler(folder / "scheduler")
+
+
+def image_tower_folder(folder):
+    """The folder of the CLIP image tower a Stable Diffusion v1 folder publishes: safety_checker/, whose
+    CLIP ViT-L/14 image tower and projection (emu.text.clip.load_clip_vision reads them) embed images for
+    the curation funnel, and whose concept check can be its unsafe-image filter (emu.curation.heads)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and not (folder / "unet").is_dir():
+        raise EmuError(f"{folder}: not a Stable Diffusion folder in the diffusers layout (no model_index.json or unet/)")
+    if not (folder / "safety_checker" / "config.json").is_file():
+        raise EmuError(f"{folder}: no safety_checker/, the CLIP image tower the funnel would embed with "
+                       f"(v2 folders publish none); give --clip with a CLIP model's folder instead")
+    return folder / "safety_checker"
