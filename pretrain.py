@@ -31,8 +31,9 @@ from emu import EmuError
 from emu.arch import ARCHS, resolve_arch_flags
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import SkipLog, read_prompts
-from emu.training.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.training.fsdp import distribute, save_resumable, save_whole
+from emu.training.dist import (close_world, distribute, gather_objects, init_world, mean_over_ranks, replicas_agree,
+                               save_resumable)
+from emu.training.fsdp import save_whole
 from emu.pipeline import load_frozen_parts, sample_grid
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier

@@ -26,8 +26,9 @@ from emu import EmuError
 from emu.arch import ARCHS, get_arch
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
-from emu.training.dist import close_world, gather_objects, init_world, mean_over_ranks, replicas_agree
-from emu.training.fsdp import distribute, save_resumable, save_whole
+from emu.training.dist import (close_world, distribute, gather_objects, init_world, mean_over_ranks, replicas_agree,
+                               save_resumable)
+from emu.training.fsdp import save_whole
 from emu.variants.pixel import size_multiple
 from emu.variants.stable_diffusion import export_stable_diffusion
 from emu.evaluation.accuracy import accuracy_record

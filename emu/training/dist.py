@@ -9,8 +9,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from emu import EmuError
+from emu.training.fsdp import save_sharded, shard_model
+from emu.training.loop import make_ema, prune_checkpoints, save_rolling, save_training_state, training_extra
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,31 @@ def replicas_agree(model, world):
         differs += (reference != p).any().float()
     dist.all_reduce(differs)
     return differs.item() == 0
+
+
+def distribute(net, world, args):
+    """(the model to train, its EMA) for pretrain.py and qtune.py: under --fsdp both sharded, every
+    rank keeping 1/N of the weights, gradients, AdamW state and EMA; under torchrun otherwise DDP,
+    which averages the gradients over ranks during backward so that every rank takes the same step;
+    in a world of one, the network. Build the optimizer over `net` afterwards."""
+    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
+    if args.fsdp:
+        model = shard_model(net, world, args.precision)
+        shard_model(ema, world)
+    else:
+        model = DDP(net) if world.world_size > 1 else net
+    return model, ema
+
+
+def save_resumable(out_dir, arch, net, ema, opt, sched, step, gen, args, world, **extra):
+    """The checkpoint a run resumes from at `step`, for pretrain.py and qtune.py: under --fsdp every rank
+    writes its pieces into out_dir/ckpt-<step>/; otherwise rank 0 writes out_dir/ckpt-<step>.pt and
+    links ckpt.pt to it (save_rolling). All but the newest --keep are deleted."""
+    if args.fsdp:
+        save_sharded(os.path.join(out_dir, f"ckpt-{step:09d}"), net, ema, opt,
+                     training_extra(arch, net, sched, step, gen, args, **extra))
+        if world.main:
+            prune_checkpoints(out_dir, args.keep)
+    elif world.main:
+        save_rolling(out_dir, step, args.keep,
+                     lambda path: save_training_state(path, arch, net, ema, opt, sched, step, gen, args, **extra))

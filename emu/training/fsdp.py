@@ -39,11 +39,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from emu import EmuError
 from emu.checkpoint import TMP_PREFIX, checkpoint_problem, load_checkpoint, save_checkpoint
-from emu.training.loop import make_ema, prune_checkpoints, save_rolling, save_training_state, training_extra
 
 EXTRA = "extra.pt"  # the plain part of a sharded checkpoint: step, args, schedule, generators, ...
 
@@ -84,20 +82,6 @@ def shard_model(unet, world, precision="fp32"):
     # and the checkpoints would meet whole tensors where they expect pieces.
     fully_shard(unet, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return unet
-
-
-def distribute(net, world, args):
-    """(the model to train, its EMA) for pretrain.py and qtune.py: under --fsdp both sharded, every
-    rank keeping 1/N of the weights, gradients, AdamW state and EMA; under torchrun otherwise DDP,
-    which averages the gradients over ranks during backward so that every rank takes the same step;
-    in a world of one, the network. Build the optimizer over `net` afterwards."""
-    ema = make_ema(net)  # copied whole before sharding: FSDP refuses to deepcopy a sharded module
-    if args.fsdp:
-        model = shard_model(net, world, args.precision)
-        shard_model(ema, world)
-    else:
-        model = DDP(net) if world.world_size > 1 else net
-    return model, ema
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,20 +211,6 @@ def full_state_dict(module):
     """The whole, unsharded state dict of a sharded module on rank 0 (on the CPU), {} on the other
     ranks; every rank must call it. For writing a plain checkpoint that sample.py and qtune.py read."""
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_resumable(out_dir, arch, net, ema, opt, sched, step, gen, args, world, **extra):
-    """The checkpoint a run resumes from at `step`, for pretrain.py and qtune.py: under --fsdp every rank
-    writes its pieces into out_dir/ckpt-<step>/; otherwise rank 0 writes out_dir/ckpt-<step>.pt and
-    links ckpt.pt to it (save_rolling). All but the newest --keep are deleted."""
-    if args.fsdp:
-        save_sharded(os.path.join(out_dir, f"ckpt-{step:09d}"), net, ema, opt,
-                     training_extra(arch, net, sched, step, gen, args, **extra))
-        if world.main:
-            prune_checkpoints(out_dir, args.keep)
-    elif world.main:
-        save_rolling(out_dir, step, args.keep,
-                     lambda path: save_training_state(path, arch, net, ema, opt, sched, step, gen, args, **extra))
 
 
 def save_whole(path, net, ema, extra, world):
