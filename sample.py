@@ -34,6 +34,7 @@ import torch
 
 from emu import EmuError
 from emu.arch import ARCHS
+from emu.datasets.buckets import RATIOS, bucket_by_name, make_buckets
 from emu.datasets.folders import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
 from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
 from emu.evaluation.faithfulness import load_classifier
@@ -63,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=25, help="sampling steps (diffusion) or decoding steps (MaskGIT)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (deterministic at eta 0) or DDPM ancestral")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 ~ DDPM)")
+    p.add_argument("--size", default=None, metavar="WxH",
+                   help="the images' size in pixels, e.g. 48x24 (default: the training resolution, square); the latent "
+                        "models (--arch ldm, kandinsky) draw any size whose sides their U-Net can halve")
+    p.add_argument("--aspect", default=None, choices=[name for name, _, _ in RATIOS],
+                   help="an aspect ratio (width:height) at about the training resolution's pixel count "
+                        "(emu.datasets.buckets.make_buckets), instead of --size")
     p.add_argument("--mode", default="text", choices=MODES, help="text to image, or (Kandinsky's decoder) one of its image modes")
     p.add_argument("--image", action="append", help="variations, inpaint, outpaint: the input image; fusion: an image "
                                                     "to fuse (repeat the flag)")
@@ -91,19 +98,21 @@ def main(args):
         model = TextToImage.from_checkpoint(args.ckpt, device=args.device, weights=args.weights, arch=args.arch, prior=args.prior)
     if args.mode != "text" and model.arch.name != "kandinsky":
         raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
+    size = image_size(args, model)  # (width, height), or None for the training resolution
     # every mode comes down to prompts, and for the image modes one image embedding or inpainting input per prompt
     prompts, image_embeds, inpaint = mode_inputs(args, model, prompts)
     rows = [i for i in range(len(prompts)) for _ in range(args.n)]  # each prompt n times, seeds seed, seed+1, ...
     jobs = [(prompts[i], args.seed + k % args.n) for k, i in enumerate(rows)]
     images = to_uint8(model.generate([p for p, _ in jobs], [s for _, s in jobs], args.cfg, args.steps, args.sampler, args.eta,
                                      image_embeds=None if image_embeds is None else image_embeds[rows],
-                                     inpaint=None if inpaint is None else (inpaint[0][rows], inpaint[1][rows])))
+                                     inpaint=None if inpaint is None else (inpaint[0][rows], inpaint[1][rows]), size=size))
 
     os.makedirs(args.out, exist_ok=True)
     for k, ((prompt, seed), image) in enumerate(zip(jobs, images)):
         meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "steps": args.steps, "sampler": args.sampler,
                 "eta": args.eta, "checkpoint": args.ckpt, "weights": args.weights, "mode": args.mode}
-        meta.update({k: str(getattr(args, k)) for k in ("image", "mix", "box", "mask", "extend") if getattr(args, k)})
+        meta.update({k: str(getattr(args, k)) for k in ("image", "mix", "box", "mask", "extend", "size", "aspect")
+                     if getattr(args, k)})
         save_png(os.path.join(args.out, f"{k:04d}.png"), image, meta)
     save_png(os.path.join(args.out, "grid.png"), make_grid(images, ncol=args.n), {"prompts": " | ".join(prompts), "checkpoint": args.ckpt})
     print(f"wrote {len(images)} images and grid.png to {args.out}")
@@ -114,6 +123,32 @@ def main(args):
     if classifier is not None:
         table = accuracy_table(prompt_hits(classifier, images, [p for p, _ in jobs]), seed=args.seed)
         print(f"prompt accuracy, read by {args.accuracy}:\n" + accuracy_markdown({args.ckpt: table}))
+
+
+def image_size(args, model):
+    """(width, height) from --size or --aspect, checked against what the model can draw; None without them."""
+    if args.size and args.aspect:
+        raise EmuError("give --size or --aspect, not both")
+    if not (args.size or args.aspect):
+        return None
+    if args.mode in ("inpaint", "outpaint"):
+        raise EmuError(f"--size and --aspect are for drawing new images; --mode {args.mode} keeps its image's size")
+    if args.accuracy:
+        raise EmuError("--accuracy reads square toy images; leave out --size and --aspect to measure it")
+    if model.arch.name not in ("ldm", "kandinsky"):
+        raise EmuError(f"--size and --aspect are for the latent models (--arch ldm, kandinsky): --arch {model.arch.name} "
+                       f"draws square images only")
+    multiple = size_multiple(model.model) * model.ae.downsample_factor  # every U-Net level halves the latents
+    if args.aspect:
+        bucket = bucket_by_name(args.aspect, make_buckets(model.image_size, multiple))
+        return bucket.width, bucket.height
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise EmuError(f"--size {args.size}: give WIDTHxHEIGHT in pixels, e.g. 48x24") from None
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        raise EmuError(f"--size {args.size}: each side must be a positive multiple of {multiple} pixels for this model")
+    return width, height
 
 
 def check_mode_flags(args):

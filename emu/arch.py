@@ -69,8 +69,8 @@ class LatentDiffusion:
         return ("scaled_linear", "v", 5.0) if preset == "toy" else ("scaled_linear", "eps", 0.0)
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
-        return guided_images(model, ae, objective, text, uncond, seeds, (image_size, image_size), cfg_scale, steps,
-                             sampler, eta)
+        """Images of `image_size`: one side (a square), or (height, width)."""
+        return guided_images(model, ae, objective, text, uncond, seeds, hw(image_size), cfg_scale, steps, sampler, eta)
 
 
 class PixelDiffusion(LatentDiffusion):
@@ -95,7 +95,9 @@ class PixelDiffusion(LatentDiffusion):
         return BASE_PRESETS[preset].schedule, BASE_PRESETS[preset].prediction, 0.0
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
-        return cascade_generate(model, objective.diffusion, text, uncond, seeds, image_size, steps, cfg_scale, sampler, eta)
+        square_only(image_size, "the cascade makes its base image and the upsampler's input at one side (cascade_generate)")
+        return cascade_generate(model, objective.diffusion, text, uncond, seeds, hw(image_size)[0], steps, cfg_scale,
+                                sampler, eta)
 
 
 class MaskedGenerative:
@@ -123,7 +125,8 @@ class MaskedGenerative:
         return None, None, None  # no diffusion
 
     def generate(self, model, tokenizer, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
-        return muse_generate(model, tokenizer, text, uncond, seeds, image_size, steps, cfg_scale)
+        square_only(image_size, "MaskGIT decodes a square grid of tokens (muse_generate)")
+        return muse_generate(model, tokenizer, text, uncond, seeds, hw(image_size)[0], steps, cfg_scale)
 
 
 class KandinskyDecoder(LatentDiffusion):
@@ -153,9 +156,21 @@ class KandinskyDecoder(LatentDiffusion):
         return super().diffusion_defaults(preset.removesuffix(INPAINT))
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None):
-        size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else (image_size, image_size)
+        size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else hw(image_size)
         diffusion = getattr(objective, "diffusion", objective)
         return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint)
+
+
+def hw(image_size):
+    """(height, width) of an image size given as one side (a square) or as (height, width)."""
+    return tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+
+
+def square_only(image_size, why):
+    """A one-line EmuError for a size that is not square, for the architectures that draw squares only."""
+    height, width = hw(image_size)
+    if height != width:
+        raise EmuError(f"{width}x{height}: this architecture draws square images only: {why}")
 
 
 ARCHS = {arch.name: arch for arch in (LatentDiffusion(), PixelDiffusion(), MaskedGenerative(), KandinskyDecoder())}

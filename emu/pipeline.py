@@ -137,8 +137,9 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64,
-                 image_embeds=None, inpaint=None):
-        """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1].
+                 image_embeds=None, inpaint=None, size=None):
+        """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1], at the
+        training resolution or at `size`, (width, height) (the latent models; the others draw squares).
         `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone.
 
         Kandinsky's decoder also takes, one row per prompt, `image_embeds` (B, E): the CLIP image
@@ -153,8 +154,9 @@ class TextToImage:
             text = self.text_encoder.encode(list(chunk), **given).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
             extra = {} if inpaint is None else {"inpaint": (inpaint[0][rows], inpaint[1][rows])}
-            images = self.arch.generate(self.model, self.ae, self.objective, text, uncond, chunk_seeds, self.image_size,
-                                        cfg_scale, steps, sampler, eta, **extra)
+            images = self.arch.generate(self.model, self.ae, self.objective, text, uncond, chunk_seeds,
+                                        self.image_size if size is None else (size[1], size[0]), cfg_scale, steps, sampler,
+                                        eta, **extra)
             out.append(images.clamp(-1, 1).cpu())
         return torch.cat(out)
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from emu import EmuError
+from emu.arch import get_arch
 from emu.checkpoint import read_metrics
 from emu.evaluation.metrics import seed_variety
 from emu.pipeline import TextToImage, read_training_checkpoint
@@ -453,3 +455,29 @@ def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tm
         "error: inpainting and outpainting need an inpainting decoder (pretrain.py --arch kandinsky --preset toy-inpaint)")
     proc = script("sample.py", "--ckpt", f"{w}/pre/ckpt.pt", "--mode", "variations", "--image", image)
     assert proc.returncode != 0 and "needs Kandinsky's decoder" in proc.stderr
+
+
+def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_draw(world, tmp_path):
+    """--aspect and --size: the latent model draws non-square images (its U-Net is convolutional), each
+    PNG recording its size; a side its U-Net cannot halve, both flags at once, an image mode, the
+    accuracy measure, and the architectures that draw squares only are one-line errors."""
+    w, _ = world
+    ckpt = f"{w}/pre/ckpt.pt"
+    run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle on the left", "--aspect", "9:16", "--n", "1", "--steps", "2",
+        "--out", f"{tmp_path}/tall")
+    tall = Image.open(f"{tmp_path}/tall/0000.png")
+    assert tall.size == (24, 40) and tall.text["aspect"] == "9:16"  # 32-pixel training images, sides in steps of 8
+    run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle on the left", "--size", "64x16", "--n", "2", "--steps", "2",
+        "--out", f"{tmp_path}/wide")
+    assert Image.open(f"{tmp_path}/wide/0001.png").size == (64, 16)
+    assert Image.open(f"{tmp_path}/wide/grid.png").size == (128, 16)
+    for argv, message in [(["--size", "60x16"], "--size 60x16: each side must be a positive multiple of 8 pixels"),
+                          (["--size", "wide"], "--size wide: give WIDTHxHEIGHT"),
+                          (["--size", "64x16", "--aspect", "16:9"], "give --size or --aspect, not both"),
+                          (["--aspect", "16:9", "--accuracy", f"{w}/judge.pt"], "--accuracy reads square toy images")]:
+        proc = script("sample.py", "--ckpt", ckpt, "--steps", "2", "--out", f"{tmp_path}/bad", *argv)
+        err = proc.stderr.strip()
+        assert proc.returncode != 0 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    for name, why in (("pixel", "cascade_generate"), ("muse", "muse_generate")):
+        with pytest.raises(EmuError, match=f"40x24: this architecture draws square images only: .*{why}"):
+            get_arch(name).generate(None, None, None, None, None, [0], (24, 40), 5.0, 2, "ddim", 0.0)

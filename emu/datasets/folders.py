@@ -133,13 +133,19 @@ def load_image(path, size, max_pixels=MAX_PIXELS, data=None):
 def square_tensor(im, size):
     """An RGB PIL image -> (3, size, size) float tensor in [-1, 1]: the shorter side resized to `size`
     (bicubic), the centre square cropped."""
+    return crop_tensor(im, size, size)
+
+
+def crop_tensor(im, width, height):
+    """An RGB PIL image -> (3, height, width) float tensor in [-1, 1]: resized (bicubic) just enough to
+    cover width x height, keeping its aspect ratio, and the centre cropped to that size."""
     w, h = im.size
-    scale = size / min(w, h)
+    scale = max(width / w, height / h)
     if scale != 1.0:
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        im = im.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return from_pil(im.crop((left, top, left + size, top + size)))
+    left, top = (w - width) // 2, (h - height) // 2
+    return from_pil(im.crop((left, top, left + width, top + height)))
 
 
 def from_pil(im):
