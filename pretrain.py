@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from emu import EmuError
-from emu.arch import ARCHS, resolve_arch_flags
+from emu.arch import ARCHS, resolve_arch_flags, training_buckets
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import SkipLog, read_prompts
 from emu.training.dist import (close_world, distribute, gather_objects, init_world, mean_over_ranks, replicas_agree,
@@ -148,7 +148,9 @@ def main(args):
         stage = stages[index]
         stage_start, stage_end = sum(s.steps for s in stages[:index]), sum(s.steps for s in stages[:index + 1])
         data = open_training_data(args.data, stage.image_size, args, world)  # image + caption folder, or tar shards
-        batches = training_batches(data, ae, text_encoder, args, stage.bs, step - stage_start, position, world)
+        buckets = training_buckets(arch, net, ae, stage.image_size) if args.buckets else None  # aspect ratios kept
+        batches = training_batches(data, ae, text_encoder, args, stage.bs, step - stage_start, position, world,
+                                   buckets=buckets)
         batches.skipped.update(skipped)  # files skipped before (a resume, an earlier stage) still count
         position = None  # a later stage starts its data afresh
         log(f"stage {index + 1}/{len(stages)}: {stage.image_size} px, batch {stage.bs}, steps {stage_start}-{stage_end}, "

@@ -23,7 +23,7 @@ import time
 import torch
 
 from emu import EmuError
-from emu.arch import ARCHS, get_arch
+from emu.arch import ARCHS, get_arch, training_buckets
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import (close_world, distribute, gather_objects, init_world, mean_over_ranks, replicas_agree,
@@ -235,7 +235,9 @@ def main(args):
         + (", sharded" if args.fsdp else ""))
     log(f"held-out loss before quality-tuning: {stop['best']:.4f}")
     # the paper's batch of 64 even for a set of 100 images: a set smaller than a batch fills it with repeats
-    batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, world, repeat=True)
+    buckets = training_buckets(arch, net, ae, args.image_size) if args.buckets else None  # aspect ratios kept
+    batches = training_batches(train_data, ae, text_encoder, args, args.bs, step, position, world, repeat=True,
+                               buckets=buckets)
     log(f"training data: {batches.describe()}")
     if not isinstance(train_data, ShardDataset) and len(train_data) < args.bs:
         log(f"{len(train_data)} training images for batch size {args.bs}: each batch repeats them")

@@ -30,13 +30,14 @@ import dataclasses
 
 from emu import EmuError
 from emu.checkpoint import config_from_dict, config_to_dict
+from emu.datasets.buckets import make_buckets
 from emu.diffusion import GaussianDiffusion, guided_images
 from emu.models.unet import PRESETS, UNet, UNetConfig
 from emu.variants.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
 from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig,
                                muse_generate)
 from emu.variants.pixel import (BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config,
-                                cascade_generate)
+                                cascade_generate, size_multiple)
 
 
 class LatentDiffusion:
@@ -159,6 +160,14 @@ class KandinskyDecoder(LatentDiffusion):
         size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else hw(image_size)
         diffusion = getattr(objective, "diffusion", objective)
         return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint)
+
+
+def training_buckets(arch, model, first_stage, image_size):
+    """The aspect buckets of --buckets at `image_size`: sizes whose sides the model's U-Net can halve at
+    every level, in latents (emu.datasets.buckets.make_buckets). The latent models only."""
+    if arch.name not in ("ldm", "kandinsky"):
+        raise EmuError(f"--buckets is for the latent models (--arch ldm, kandinsky); --arch {arch.name} trains on squares")
+    return make_buckets(image_size, size_multiple(model) * first_stage.downsample_factor)
 
 
 def hw(image_size):

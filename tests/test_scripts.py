@@ -481,3 +481,34 @@ def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_dra
     for name, why in (("pixel", "cascade_generate"), ("muse", "muse_generate")):
         with pytest.raises(EmuError, match=f"40x24: this architecture draws square images only: .*{why}"):
             get_arch(name).generate(None, None, None, None, None, [0], (24, 40), 5.0, 2, "ddim", 0.0)
+
+
+def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path):
+    """--buckets: a folder of images at five aspect ratios trains in batches of one bucket each (the
+    toy sizes: 24x40, 32x32, 40x24); 2 steps + resume + 2 equal 4 in one go, and qtune.py tunes on the same folder."""
+    w, frozen = world
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = [(64, 36), (36, 64), (32, 32), (48, 32), (32, 48)]
+    for i in range(20):
+        image = Image.open(f"{w}/haystack/{i:06d}.png").resize(sizes[i % 5], Image.BICUBIC)
+        image.save(folder / f"{i:03d}.png")
+        shutil.copy(f"{w}/haystack/{i:06d}.txt", folder / f"{i:03d}.txt")
+    common = ["pretrain.py", "--data", str(folder), "--buckets", "--bs", "4", "--save-every", "2", "--sample-every", "0", *frozen]
+    out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
+    # at 32 pixels 9:16 and 2:3 are both 24x40, 3:2 and 16:9 both 40x24: an image goes to the first of equals
+    assert "20 images in aspect buckets (9:16 24x40: 8, 1:1 32x32: 4, 3:2 40x24: 8)" in out
+    run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
+    run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    a, b = (torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True) for name in ("straight", "split"))
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    out = run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", str(folder), "--curate-top", "0",
+              "--caption-field", "", "--buckets", "--holdout", "4", "--bs", "4", "--iters", "2", "--eval-every", "2",
+              "--out", f"{tmp_path}/qt")
+    assert "in aspect buckets" in out and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 2
+    proc = script("pretrain.py", "--arch", "pixel", "--data", str(folder), "--buckets", "--steps", "1", "--bs", "4",
+                  "--sample-every", "0", *frozen[2:], "--out", f"{tmp_path}/pixel")
+    assert proc.returncode != 0 and proc.stderr.strip() == \
+        "error: --buckets is for the latent models (--arch ldm, kandinsky); --arch pixel trains on squares"

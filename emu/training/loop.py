@@ -15,6 +15,7 @@ import torch
 from emu import EmuError
 from emu.checkpoint import (checkpoint_problem, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint,
                             set_rng_state)
+from emu.datasets.buckets import BucketBatches, BucketedFolder
 from emu.datasets.folders import EpochBatches, ImageCaptionFolder, SkipLog, collate
 from emu.datasets.shards import ShardDataset, collate_stream
 from emu.text.encoder import Conditioning, drop_captions
@@ -181,6 +182,43 @@ class LatentBatches:
         return f"{len(self.data)} images, encoded batch by batch; a cache would take {self.cache_mb:.0f} MB (> --cache-mb)"
 
 
+class BucketLatentBatches:
+    """What the U-Net trains on with --buckets: (latents, text embedding) batch after batch from a
+    BucketedFolder (emu/datasets/buckets.py), every batch one bucket's size, in BucketBatches order, so
+    the model learns every aspect ratio it is asked to draw. Encoded as they come: a cache would need
+    one tensor per bucket, and real sets do not fit one anyway. The order follows from (seed, step) alone.
+    """
+
+    def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, workers=0, rank=0, world_size=1):
+        self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
+        self.device = module_device(ae)
+        self.skipped = SkipLog()
+        self.empty = text_encoder.encode([""]).to(self.device)
+        self.sampler = BucketBatches(data.bucket_of, batch_size, seed, start_step, rank, world_size)
+
+    encode = LatentBatches.encode
+
+    def __iter__(self):
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.workers,
+                                             collate_fn=collate)
+        for batch in loader:
+            self.skipped.note(batch.skipped)
+            if batch[1]:  # a batch whose every image is unusable is passed over (the next one keeps the shape rule)
+                yield self.encode(*batch)
+
+    def position(self):
+        """Nothing to keep: the batch order follows from (seed, step) alone."""
+        return None
+
+    def describe(self):
+        counts = {}
+        for b in self.data.bucket_of:
+            counts[b] = counts.get(b, 0) + 1
+        return (f"{len(self.data)} images in aspect buckets ("
+                + ", ".join(f"{self.data.buckets[b].name} {self.data.buckets[b].width}x{self.data.buckets[b].height}: {n}"
+                            for b, n in sorted(counts.items())) + "), encoded batch by batch")
+
+
 class ShardBatches:
     """What the U-Net trains on when the data is tar shards (emu/datasets/shards.py): (latents, text embedding)
     batch by batch, epoch after epoch, encoded as they come (a web-scale set is never cached).
@@ -275,12 +313,18 @@ def open_training_data(path, image_size, args, world, caption_field=None, exclud
     return ImageCaptionFolder(str(path), image_size, caption_field=caption_field, skip_bad=True)  # a broken file is counted
 
 
-def training_batches(data, ae, text_encoder, args, bs, step, position, world, repeat=False):
+def training_batches(data, ae, text_encoder, args, bs, step, position, world, repeat=False, buckets=None):
     """This rank's share of each global batch of `bs`: LatentBatches for a folder (starting at `step`;
     with `repeat`, a folder smaller than a batch fills it with repeats), ShardBatches for shards
-    (continuing at `position`, this rank's from a checkpoint)."""
+    (continuing at `position`, this rank's from a checkpoint). With `buckets` (emu.datasets.buckets.make_buckets),
+    a folder's images keep their aspect ratios: BucketLatentBatches."""
     if bs % world.world_size:
         raise EmuError(f"batch size {bs} does not split over {world.world_size} ranks")
+    if buckets is not None:
+        if isinstance(data, ShardDataset):
+            raise EmuError("--buckets reads a folder of image + caption pairs; tar shards are cropped square")
+        return BucketLatentBatches(BucketedFolder(data, buckets), ae, text_encoder, bs, args.seed, step, args.workers,
+                                   world.rank, world.world_size)
     if isinstance(data, ShardDataset):
         return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position)
     return LatentBatches(data, ae, text_encoder, bs, args.seed, step, args.cache_mb, args.workers,
@@ -476,6 +520,10 @@ def add_training_flags(p):
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/training/fsdp.py); "
                         "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
+    p.add_argument("--buckets", action="store_true",
+                   help="train on the folder's images at their own aspect ratios: each goes to the nearest of 9:16, 2:3, "
+                        "1:1, 3:2, 16:9 at about the training resolution's pixel count, each batch from one bucket "
+                        "(emu/datasets/buckets.py; the latent models)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and timesteps")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
