@@ -19,9 +19,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from emu.datasets import toyworld  # noqa: E402
-from emu.datasets.folders import from_uint8  # noqa: E402
+from emu.datasets.folders import from_uint8, square_tensor, to_uint8  # noqa: E402
 from emu.evaluation.accuracy import clip_zero_shot, mclip_retrieval  # noqa: E402
 from emu.evaluation.judges import appeal_score  # noqa: E402
 from emu.text.encoder import make_toy_towers  # noqa: E402
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4000, help="haystack size")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--aspect-share", type=float, default=0.0,
+                   help="share of the haystack drawn at 9:16, 2:3, 3:2 or 16:9 (about --size squared pixels) instead of "
+                        "square, for pretrain.py --buckets")
     p.add_argument("--needles", type=float, default=0.05, help="fraction of photogenic needles in the haystack")
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
@@ -56,17 +60,26 @@ def write_ratings(folder, images, n, seed):
     return len(rated)
 
 
+def square_views(images, size):
+    """The images as they are, but those that are not square centre-cropped to size x size (as CLIP's own
+    preprocessing crops them): the toy judges and the CLIP pretraining read squares."""
+    return [im if im.shape[:2] == (size, size) else to_uint8(square_tensor(Image.fromarray(im), size)[None])[0]
+            for im in images]
+
+
 def main(args):
-    examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles)
+    examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles,
+                                      aspect_share=args.aspect_share)
     toyworld.write_folder(args.out, examples)
     print(f"wrote {len(examples)} images ({sum(m['needle'] for _, _, m in examples)} needles) to {args.out}")
+    square = square_views([image for image, _, _ in examples], args.size)  # what the judges and CLIP read
     if args.ratings:
-        n = write_ratings(args.out, [image for image, _, _ in examples], args.ratings, args.seed)
+        n = write_ratings(args.out, square, args.ratings, args.seed)
         print(f"wrote simulated aesthetic ratings of {n} images to {args.out}/ratings.csv")
     # CLIP learns from the images and their web captions, as the real one learned from alt-text; T5 reads
     # the accurate captions too, so that the towers know every phrase a toy prompt can use
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
-    images = from_uint8([image for image, _, _ in examples])
+    images = from_uint8(square)
     # the XLM-R learns every scene's caption in English and Russian, as M-CLIP learned translated captions
     translated = [(toyworld.caption(s, "en"), toyworld.caption(s, "ru")) for s in toyworld.every_scene()]
     clip_dir, t5_dir, xlmr_dir = make_toy_towers(captions, args.towers, seed=args.seed, images=images,

@@ -115,3 +115,36 @@ def test_the_russian_toy_prompts_are_the_english_ones_translated():
     for (en, category), (ru, category_ru) in zip(english, russian):
         assert category == category_ru and toyworld.parse_caption(ru) == toyworld.parse_caption(en)
         assert ru == toyworld.caption(toyworld.Scene(**toyworld.parse_caption(en)), "ru")
+
+
+def test_a_scene_keeps_its_layout_and_round_shapes_at_other_aspect_ratios():
+    """render at (width, height): positions are fractions of the frame, sizes of its geometric mean side,
+    so "on the left" stays at 30% of the width and a circle stays round; a square size is the old render."""
+    perfect = dict.fromkeys(toyworld.QUALITIES, 1.0)
+    for position, (w, h), axis, expected in [("left", (43, 24), 0, 0.30), ("top", (24, 43), 1, 0.30),
+                                             ("right", (39, 26), 0, 0.70), ("bottom", (26, 39), 1, 0.70)]:
+        scene = toyworld.Scene("circle", "red", 1, position, "white", qualities=perfect)
+        image = toyworld.render(scene, (w, h), np.random.default_rng(0)).astype(int)
+        assert image.shape == (h, w, 3)
+        red = (image[..., 0] > 150) & (image[..., 1] < 100)
+        ys, xs = np.nonzero(red)
+        centre = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+        assert abs(centre[axis] - expected) < 0.04 and abs(centre[1 - axis] - 0.5) < 0.06, (position, centre)
+        assert abs((xs.max() - xs.min()) - (ys.max() - ys.min())) <= 1  # as wide as it is high
+    scene = toyworld.sample_scene(np.random.default_rng(3), photogenic=False)
+    assert np.array_equal(toyworld.render(scene, 32, np.random.default_rng(1)),
+                          toyworld.render(scene, (32, 32), np.random.default_rng(1)))
+
+
+def test_a_share_of_the_haystack_at_other_ratios_keeps_its_scenes():
+    """make_haystack(aspect_share=...): the same scenes, some drawn at the other four ratios; the square ones unchanged."""
+    square = toyworld.make_haystack(60, seed=2)
+    mixed = toyworld.make_haystack(60, seed=2, aspect_share=0.5)
+    aspects = [m.get("aspect", "1:1") for _, _, m in mixed]
+    assert 20 <= sum(a != "1:1" for a in aspects) <= 40 and set(aspects) == {"1:1", "9:16", "2:3", "3:2", "16:9"}
+    sizes = {"9:16": (24, 43), "2:3": (26, 39), "3:2": (39, 26), "16:9": (43, 24), "1:1": (32, 32)}
+    for (a_image, a_text, a_meta), (b_image, b_text, b_meta), aspect in zip(square, mixed, aspects):
+        assert b_image.shape[1::-1] == sizes[aspect]  # (width, height), about 32 x 32 pixels
+        assert a_meta["attributes"] == b_meta["attributes"] and a_meta["true_caption"] == b_meta["true_caption"]
+        if aspect == "1:1":  # the same draws: the same picture and web caption (a larger image draws more pixel noise)
+            assert np.array_equal(a_image, b_image) and a_text == b_text and a_meta == b_meta

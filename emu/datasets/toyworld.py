@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from emu.datasets.buckets import RATIOS
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {  # object colours, RGB in [0, 1]
     "red": (0.86, 0.12, 0.12),
@@ -255,17 +257,22 @@ def _gaussian_blur(img, sigma):
 
 
 def render(scene, size, rng, supersample=4):
-    """Draw a scene as an (size, size, 3) uint8 image. Shapes are antialiased by supersampling."""
+    """Draw a scene as an (H, W, 3) uint8 image: `size` is one side (a square) or (width, height). Shapes
+    are antialiased by supersampling. Positions are fractions of the frame's width and height, and sizes
+    fractions of its geometric mean side, so a scene keeps its layout at any aspect ratio and its circles
+    stay round."""
     q = scene.qualities
-    S = size * supersample
-    ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
+    W, H = (size, size) if np.isscalar(size) else size
+    Sw, Sh = W * supersample, H * supersample
+    S = float(np.sqrt(Sw * Sh))  # the side of a square of the same area: what object sizes are fractions of
+    ys, xs = np.mgrid[0:Sh, 0:Sw].astype(np.float32) + 0.5
     # background with a soft light from the top left
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
-    light = 1.0 + 0.10 * (1.0 - (xs + ys) / S)
+    light = 1.0 + 0.10 * (1.0 - (xs / Sw + ys / Sh))
     img = np.clip(bg[None, None, :] * light[..., None], 0, 1)
     # clutter: small objects of random shapes and colours scattered behind the subject
     for _ in range(int(round((1.0 - q["clutter"]) * 8))):
-        cx, cy = rng.uniform(0, S, size=2)
+        cx, cy = rng.uniform(0, 1, size=2) * (Sw, Sh)
         rr = S * rng.uniform(0.03, 0.05)
         mask = _shape_mask(str(rng.choice(SHAPES)), xs, ys, cx, cy, rr)
         img[mask] = rng.uniform(0.1, 0.95, size=3)
@@ -275,12 +282,12 @@ def render(scene, size, rng, supersample=4):
     ax, ay = POSITIONS[scene.position]
     out = np.array([ax - 0.5, ay - 0.5])
     out = out / np.linalg.norm(out) if np.linalg.norm(out) > 0 else rng.normal(size=2) / np.sqrt(2)
-    cx, cy = (np.array([ax, ay]) + out * 0.25 * bad + rng.normal(0, 0.02, size=2)) * S
+    cx, cy = (np.array([ax, ay]) + out * 0.25 * bad + rng.normal(0, 0.02, size=2)) * (Sw, Sh)
     color = np.array(COLORS[scene.color], dtype=np.float32)
     for ox, oy in _group_offsets(scene.count, scene.position, r):
         mask = _shape_mask(scene.shape, xs, ys, cx + ox, cy + oy, r)
         img[mask] = color
-    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))  # antialias
+    img = img.reshape(H, supersample, W, supersample, 3).mean(axis=(1, 3))  # antialias
     # photographic degradations, in the order a camera and its processing would apply them
     img = _gaussian_blur(img, 1.1 * (1.0 - q["sharpness"]))
     grey = img.mean(axis=2, keepdims=True)
@@ -295,23 +302,32 @@ def render(scene, size, rng, supersample=4):
 # -----------------------------------------------------------------------------
 # data sets
 
-def make_example(index, seed, size, photogenic):
-    """One image with its web caption and metadata; fully determined by (seed, index)."""
+def make_example(index, seed, size, photogenic, aspect="1:1"):
+    """One image with its web caption and metadata; fully determined by (seed, index, aspect). `aspect`
+    is one of emu.datasets.buckets.RATIOS: the image has about size x size pixels in that ratio."""
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, photogenic)
-    image = render(scene, size, rng)
+    w, h = next((w, h) for name, w, h in RATIOS if name == aspect)
+    image = render(scene, (round(size * np.sqrt(w / h)), round(size * np.sqrt(h / w))), rng)
     likes = int(np.exp(2.0 + 3.0 * scene.photogenic_score + rng.normal(0, 0.5)))
     meta = {"attributes": {a: getattr(scene, a) for a in ATTRIBUTES}, "qualities": scene.qualities,
             "photogenic_score": scene.photogenic_score, "needle": bool(photogenic), "likes": likes,
-            "true_caption": caption(scene)}
+            "true_caption": caption(scene), **({"aspect": aspect} if aspect != "1:1" else {})}
     return image, web_caption(scene, rng), meta
 
 
-def make_haystack(n, seed=0, size=32, needle_fraction=0.05):
-    """`n` examples, a `needle_fraction` of them photogenic, the rest mediocre, in shuffled order."""
+def make_haystack(n, seed=0, size=32, needle_fraction=0.05, aspect_share=0.0):
+    """`n` examples, a `needle_fraction` of them photogenic, the rest mediocre, in shuffled order. An
+    `aspect_share` of them, drawn at random, are at one of the four other ratios of emu.datasets.buckets.RATIOS
+    (9:16, 2:3, 3:2, 16:9), the rest square. The choice has its own generator, so the scenes stay the same
+    and the square images are the ones aspect_share=0 gives; a non-square one draws more pixel noise, so
+    its web caption's noise differs."""
     order = np.random.default_rng(seed).permutation(n)
     n_needles = int(round(n * needle_fraction))
-    return [make_example(i, seed, size, photogenic=bool(order[i] < n_needles)) for i in range(n)]
+    others = [name for name, w, h in RATIOS if w != h]
+    shapes = np.random.default_rng([seed, 104723])
+    aspects = ["1:1" if shapes.random() >= aspect_share else others[shapes.integers(len(others))] for _ in range(n)]
+    return [make_example(i, seed, size, photogenic=bool(order[i] < n_needles), aspect=aspects[i]) for i in range(n)]
 
 
 def write_folder(root, examples):
