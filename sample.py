@@ -99,6 +99,8 @@ def main(args):
     if args.mode != "text" and model.arch.name != "kandinsky":
         raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
     size = image_size(args, model)  # (width, height), or None for the training resolution
+    if classifier is not None and size and min(size) < classifier.size // 2:
+        raise EmuError(f"--size {size[0]}x{size[1]}: the attribute classifier reads sides of at least {classifier.size // 2}")
     # every mode comes down to prompts, and for the image modes one image embedding or inpainting input per prompt
     prompts, image_embeds, inpaint = mode_inputs(args, model, prompts)
     rows = [i for i in range(len(prompts)) for _ in range(args.n)]  # each prompt n times, seeds seed, seed+1, ...
@@ -133,8 +135,6 @@ def image_size(args, model):
         return None
     if args.mode in ("inpaint", "outpaint"):
         raise EmuError(f"--size and --aspect are for drawing new images; --mode {args.mode} keeps its image's size")
-    if args.accuracy:
-        raise EmuError("--accuracy reads square toy images; leave out --size and --aspect to measure it")
     if model.arch.name not in ("ldm", "kandinsky"):
         raise EmuError(f"--size and --aspect are for the latent models (--arch ldm, kandinsky): --arch {model.arch.name} "
                        f"draws square images only")

@@ -459,8 +459,8 @@ def test_kandinsky_movq_prior_decoder_inpainting_and_every_sample_mode(world, tm
 
 def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_draw(world, tmp_path):
     """--aspect and --size: the latent model draws non-square images (its U-Net is convolutional), each
-    PNG recording its size; a side its U-Net cannot halve, both flags at once, an image mode, the
-    accuracy measure, and the architectures that draw squares only are one-line errors."""
+    PNG recording its size, and --accuracy reads them; a side its U-Net cannot halve, both flags at once,
+    a side too small for the classifier, and the architectures that draw squares only are one-line errors."""
     w, _ = world
     ckpt = f"{w}/pre/ckpt.pt"
     run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle on the left", "--aspect", "9:16", "--n", "1", "--steps", "2",
@@ -471,10 +471,14 @@ def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_dra
         "--out", f"{tmp_path}/wide")
     assert Image.open(f"{tmp_path}/wide/0001.png").size == (64, 16)
     assert Image.open(f"{tmp_path}/wide/grid.png").size == (128, 16)
+    out = run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle on the left", "--aspect", "16:9", "--n", "2", "--steps", "2",
+              "--accuracy", f"{w}/judge.pt", "--out", f"{tmp_path}/measured")  # read relative to the 40 x 24 frame
+    assert "prompt accuracy, read by" in out and "| shape | color | count | position | background | all |" in out
     for argv, message in [(["--size", "60x16"], "--size 60x16: each side must be a positive multiple of 8 pixels"),
                           (["--size", "wide"], "--size wide: give WIDTHxHEIGHT"),
                           (["--size", "64x16", "--aspect", "16:9"], "give --size or --aspect, not both"),
-                          (["--aspect", "16:9", "--accuracy", f"{w}/judge.pt"], "--accuracy reads square toy images")]:
+                          (["--size", "8x8", "--accuracy", f"{w}/judge.pt"],
+                           "--size 8x8: the attribute classifier reads sides of at least 16")]:
         proc = script("sample.py", "--ckpt", ckpt, "--steps", "2", "--out", f"{tmp_path}/bad", *argv)
         err = proc.stderr.strip()
         assert proc.returncode != 0 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err

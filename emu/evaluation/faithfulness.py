@@ -54,15 +54,20 @@ class AttributeClassifier(nn.Module):
     def forward(self, x):
         """x: (B, 6, H, W) from `prepare` -> {attribute: (B, n_classes) logits}."""
         h = self.features(x)  # (B, 4w, H/4, W/4)
-        h = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3)), F.avg_pool2d(h, 2).flatten(1)], dim=1)
+        # the position map: a fixed grid over the frame (size // 8 cells a side; at 32 x 32, 2 x 2 averages), so
+        # an image of another size or aspect ratio is read with positions relative to its frame
+        grid = F.adaptive_avg_pool2d(h, self.size // 8)
+        h = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3)), grid.flatten(1)], dim=1)
         return {a: head(h) for a, head in self.heads.items()}
 
     @torch.no_grad()
     def probabilities(self, images, batch_size=256):
-        """(B, H, W, 3) uint8 images -> {attribute: (B, n_classes) numpy probabilities}."""
+        """(B, H, W, 3) uint8 images -> {attribute: (B, n_classes) numpy probabilities}. Trained on
+        size x size squares; other sizes of about as many pixels (the toy world's other aspect ratios)
+        are read with positions relative to their frame."""
         first = np.asarray(images[:1])
-        if first.dtype != np.uint8 or first.shape[1:] != (self.size, self.size, 3):
-            raise ValueError(f"AttributeClassifier wants ({self.size}, {self.size}, 3) uint8 images, "
+        if first.dtype != np.uint8 or first.ndim != 4 or first.shape[3] != 3 or min(first.shape[1:3]) < self.size // 2:
+            raise ValueError(f"AttributeClassifier wants (H, W, 3) uint8 images with sides of at least {self.size // 2}, "
                              f"got {first.dtype} {first.shape[1:]}")
         self.eval()
         device = next(self.parameters()).device
