@@ -501,7 +501,7 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
     common = ["pretrain.py", "--data", str(folder), "--buckets", "--bs", "4", "--save-every", "2", "--sample-every", "0", *frozen]
     out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
     # at 32 pixels 9:16 and 2:3 are both 24x40, 3:2 and 16:9 both 40x24: an image goes to the first of equals
-    assert "20 images in aspect buckets (9:16 24x40: 8, 1:1 32x32: 4, 3:2 40x24: 8)" in out
+    assert "20 images in aspect buckets (9:16 24x40: 8, 1:1 32x32: 4, 3:2 40x24: 8), encoded once, up front" in out
     run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
     run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
     a, b = (torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True) for name in ("straight", "split"))
@@ -512,6 +512,11 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
               "--caption-field", "", "--buckets", "--holdout", "4", "--bs", "4", "--iters", "2", "--eval-every", "2",
               "--out", f"{tmp_path}/qt")
     assert "in aspect buckets" in out and torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 2
+    out = run(*common, "--steps", "2", "--cache-mb", "0", "--out", f"{tmp_path}/streamed")  # the same batches, encoded as they come
+    assert "encoded batch by batch" in out
+    streamed = torch.load(f"{tmp_path}/streamed/ckpt.pt", weights_only=True)["model"]
+    cached = torch.load(f"{tmp_path}/split/ckpt-000000002.pt", weights_only=True)["model"]
+    assert all(torch.allclose(streamed[k], cached[k], atol=1e-5) for k in cached)
     proc = script("pretrain.py", "--arch", "pixel", "--data", str(folder), "--buckets", "--steps", "1", "--bs", "4",
                   "--sample-every", "0", *frozen[2:], "--out", f"{tmp_path}/pixel")
     assert proc.returncode != 0 and proc.stderr.strip() == \

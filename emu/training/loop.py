@@ -16,7 +16,7 @@ from emu import EmuError
 from emu.checkpoint import (checkpoint_problem, load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint,
                             set_rng_state)
 from emu.datasets.buckets import BucketBatches, BucketedFolder
-from emu.datasets.folders import EpochBatches, ImageCaptionFolder, SkipLog, collate
+from emu.datasets.folders import EpochBatches, ImageCaptionFolder, Skipped, SkipLog, collate
 from emu.datasets.shards import ShardDataset, collate_stream
 from emu.text.encoder import Conditioning, drop_captions
 
@@ -185,20 +185,53 @@ class LatentBatches:
 class BucketLatentBatches:
     """What the U-Net trains on with --buckets: (latents, text embedding) batch after batch from a
     BucketedFolder (emu/datasets/buckets.py), every batch one bucket's size, in BucketBatches order, so
-    the model learns every aspect ratio it is asked to draw. Encoded as they come: a cache would need
-    one tensor per bucket, and real sets do not fit one anyway. The order follows from (seed, step) alone.
+    the model learns every aspect ratio it is asked to draw. The order follows from (seed, step) alone.
+
+    As LatentBatches does, it encodes every image once, up front, when all of them fit in `cache_mb`
+    megabytes (one tensor per bucket), and otherwise batch by batch; the unusable images are then left
+    out of the cache's order. When every image is usable, both ways give the same batches.
     """
 
-    def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, workers=0, rank=0, world_size=1):
+    def __init__(self, data, ae, text_encoder, batch_size, seed, start_step=0, cache_mb=1024, workers=0, rank=0,
+                 world_size=1):
         self.data, self.ae, self.text_encoder, self.workers = data, ae, text_encoder, workers
         self.device = module_device(ae)
         self.skipped = SkipLog()
         self.empty = text_encoder.encode([""]).to(self.device)
-        self.sampler = BucketBatches(data.bucket_of, batch_size, seed, start_step, rank, world_size)
+        first = [data[i] for i in range(min(len(data), 8))]  # of several buckets: read one at a time
+        usable = [item for item in first if not isinstance(item, Skipped)]
+        if not usable:
+            raise EmuError(f"none of the first {len(first)} samples could be used, e.g. {first[0].path}: {first[0].reason}")
+        probe = collate(usable[:1])
+        latent, text = self.encode(*probe)  # one sample's bytes; the buckets have about as many pixels
+        self.cache_mb = len(data) * (_nbytes(latent) + _nbytes(text)) / 2**20
+        self.cache, self.rows, bucket_of = None, [], data.bucket_of
+        if self.cache_mb <= cache_mb:  # (latents, text) per bucket; each usable image's (cache entry, row) in self.rows
+            self.cache, bucket_of = [], []
+            for b in sorted(set(data.bucket_of)):
+                members = [i for i, bi in enumerate(data.bucket_of) if bi == b]
+                chunks = []
+                for start in range(0, len(members), 256):
+                    batch = collate([data[i] for i in members[start:start + 256]])
+                    self.skipped.note(batch.skipped)
+                    if batch[1]:
+                        chunks.append(self.encode(*batch))
+                if chunks:
+                    latents, texts = torch.cat([c[0] for c in chunks]), Conditioning.cat([c[1] for c in chunks])
+                    self.cache.append((latents, texts.without_padding()))
+                    self.rows += [(len(self.cache) - 1, r) for r in range(len(latents))]
+                    bucket_of += [b] * len(latents)
+        self.sampler = BucketBatches(bucket_of, batch_size, seed, start_step, rank, world_size)
 
     encode = LatentBatches.encode
 
     def __iter__(self):
+        if self.cache is not None:
+            for idx in self.sampler:
+                latents, text = self.cache[self.rows[idx[0]][0]]
+                rows = torch.tensor([self.rows[i][1] for i in idx])
+                yield latents[rows], text[rows]
+            return
         loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.sampler, num_workers=self.workers,
                                              collate_fn=collate)
         for batch in loader:
@@ -216,7 +249,9 @@ class BucketLatentBatches:
             counts[b] = counts.get(b, 0) + 1
         return (f"{len(self.data)} images in aspect buckets ("
                 + ", ".join(f"{self.data.buckets[b].name} {self.data.buckets[b].width}x{self.data.buckets[b].height}: {n}"
-                            for b, n in sorted(counts.items())) + "), encoded batch by batch")
+                            for b, n in sorted(counts.items())) + "), "
+                + (f"encoded once, up front; the cache takes {self.cache_mb:.0f} MB" if self.cache is not None
+                   else f"encoded batch by batch; a cache would take {self.cache_mb:.0f} MB (> --cache-mb)"))
 
 
 class ShardBatches:
@@ -323,8 +358,8 @@ def training_batches(data, ae, text_encoder, args, bs, step, position, world, re
     if buckets is not None:
         if isinstance(data, ShardDataset):
             raise EmuError("--buckets reads a folder of image + caption pairs; tar shards are cropped square")
-        return BucketLatentBatches(BucketedFolder(data, buckets), ae, text_encoder, bs, args.seed, step, args.workers,
-                                   world.rank, world.world_size)
+        return BucketLatentBatches(BucketedFolder(data, buckets), ae, text_encoder, bs, args.seed, step, args.cache_mb,
+                                   args.workers, world.rank, world.world_size)
     if isinstance(data, ShardDataset):
         return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position)
     return LatentBatches(data, ae, text_encoder, bs, args.seed, step, args.cache_mb, args.workers,
