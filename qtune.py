@@ -23,13 +23,12 @@ import time
 import torch
 
 from emu import EmuError
-from emu.arch import ARCHS, get_arch, training_buckets
+from emu.arch import ARCHS, get_arch, image_multiple, training_buckets
 from emu.checkpoint import append_metrics
 from emu.datasets.folders import ImageCaptionFolder, to_uint8
 from emu.training.dist import (close_world, distribute, gather_objects, init_world, mean_over_ranks, replicas_agree,
                                save_resumable)
 from emu.training.fsdp import save_whole
-from emu.variants.pixel import size_multiple
 from emu.variants.stable_diffusion import export_stable_diffusion
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
@@ -185,7 +184,7 @@ def main(args):
         arch = get_arch("ldm")
         net, ae, text_encoder, objective, native = load_base(args.base, device)
         args.arch, args.image_size = arch.name, args.image_size or native
-        multiple = size_multiple(net) * ae.downsample_factor  # every U-Net level halves the latents
+        multiple = image_multiple(net, ae)
         if args.image_size % multiple:
             raise EmuError(f"--image-size {args.image_size}: {args.base}'s U-Net needs a multiple of {multiple} pixels")
         for key in ("ae", "clip", "t5", "prior", "xlmr"):

@@ -33,7 +33,7 @@ import os
 import torch
 
 from emu import EmuError
-from emu.arch import ARCHS
+from emu.arch import ARCHS, LATENT_ARCHS, image_multiple
 from emu.datasets.buckets import RATIOS, bucket_by_name, make_buckets
 from emu.datasets.folders import BadFile, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
 from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
@@ -42,7 +42,6 @@ from emu.evaluation.metrics import seed_variety
 from emu.pipeline import TextToImage
 from emu.variants.inpaint import box_mask, mask_from_image, outpaint_canvas
 from emu.variants.kandinsky import fuse_embeddings
-from emu.variants.pixel import size_multiple
 
 MODES = ("text", "variations", "fusion", "inpaint", "outpaint")
 
@@ -135,10 +134,10 @@ def image_size(args, model):
         return None
     if args.mode in ("inpaint", "outpaint"):
         raise EmuError(f"--size and --aspect are for drawing new images; --mode {args.mode} keeps its image's size")
-    if model.arch.name not in ("ldm", "kandinsky"):
+    if model.arch.name not in LATENT_ARCHS:
         raise EmuError(f"--size and --aspect are for the latent models (--arch ldm, kandinsky): --arch {model.arch.name} "
                        f"draws square images only")
-    multiple = size_multiple(model.model) * model.ae.downsample_factor  # every U-Net level halves the latents
+    multiple = image_multiple(model.model, model.ae)
     if args.aspect:
         bucket = bucket_by_name(args.aspect, make_buckets(model.image_size, multiple))
         return bucket.width, bucket.height
@@ -228,7 +227,7 @@ def mode_inputs(args, model, prompts):
         if min(top, bottom, left, right) < 0:
             raise EmuError(f"--extend {args.extend}: pixels to add cannot be negative")
         canvas, mask = outpaint_canvas(images, top, bottom, left, right)
-        multiple = size_multiple(model.model) * model.ae.downsample_factor
+        multiple = image_multiple(model.model, model.ae)
         if canvas.shape[-2] % multiple or canvas.shape[-1] % multiple:
             raise EmuError(f"--extend {args.extend}: the canvas {canvas.shape[-1]}x{canvas.shape[-2]} must have sides "
                            f"that are multiples of {multiple}")

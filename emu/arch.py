@@ -162,12 +162,21 @@ class KandinskyDecoder(LatentDiffusion):
         return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint)
 
 
+LATENT_ARCHS = ("ldm", "kandinsky")  # convolutional U-Nets on latents: they draw, and train on, any size they can halve
+
+
+def image_multiple(model, first_stage):
+    """What an image side must be a multiple of for a latent model: the first stage's downsampling
+    times the U-Net's, whose every level halves the latents."""
+    return size_multiple(model) * first_stage.downsample_factor
+
+
 def training_buckets(arch, model, first_stage, image_size):
     """The aspect buckets of --buckets at `image_size`: sizes whose sides the model's U-Net can halve at
     every level, in latents (emu.datasets.buckets.make_buckets). The latent models only."""
-    if arch.name not in ("ldm", "kandinsky"):
+    if arch.name not in LATENT_ARCHS:
         raise EmuError(f"--buckets is for the latent models (--arch ldm, kandinsky); --arch {arch.name} trains on squares")
-    return make_buckets(image_size, size_multiple(model) * first_stage.downsample_factor)
+    return make_buckets(image_size, image_multiple(model, first_stage))
 
 
 def hw(image_size):

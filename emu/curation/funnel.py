@@ -289,15 +289,16 @@ class Measurer:
 def decide_offensive(keys, cfg, m, captions):
     words = {w.lower() for w in (cfg.blocklist or ())}
     head = load_head(cfg.unsafe_head) if cfg.unsafe_head else None
-    unsafe = (m.head_scores(f"unsafe {head_fingerprint(cfg.unsafe_head)}", keys, head,
-                            squash=not getattr(head, "gives_probability", False)) if head is not None else {})
+    checker = getattr(head, "gives_probability", False)  # Stable Diffusion's safety checker: a verdict, not a logit
+    unsafe = (m.head_scores(f"unsafe {head_fingerprint(cfg.unsafe_head)}", keys, head, squash=not checker)
+              if head is not None else {})
     out = {}
     for k in keys:
         hit = sorted(words & set(clip_clean(captions[k]).lower().replace(",", " ").replace(".", " ").split()))
         if hit:
             out[k] = (False, f"caption has blocklisted word {hit[0]!r}")
         elif cfg.unsafe_head and k in unsafe and unsafe[k] > cfg.unsafe_max:
-            out[k] = (False, "flagged by the safety checker's concepts" if getattr(head, "gives_probability", False)
+            out[k] = (False, "flagged by the safety checker's concepts" if checker
                       else f"unsafe probability {unsafe[k]:.2f} > {cfg.unsafe_max}")
         else:
             out[k] = (True, "caption clean" + (f", unsafe probability {unsafe[k]:.2f}" if k in unsafe else ""))

@@ -85,8 +85,10 @@ def hash_tower(digest, tower, tokenizer=True):
     if not tower.is_dir():
         raise EmuError(f"{tower}: text tower directory not found")
     files, source = find_weight_files(tower)  # the single file, or the index and its shards
-    tokenizer = [tower / "tokenizer.json"] if tokenizer or (tower / "tokenizer.json").is_file() else []
-    for path in (tower / "config.json", *tokenizer, source):
+    hashed = [tower / "config.json", source]
+    if tokenizer or (tower / "tokenizer.json").is_file():
+        hashed.insert(1, tower / "tokenizer.json")
+    for path in hashed:
         if not path.is_file():
             raise EmuError(f"{path}: not found")
         digest.update(f"{path.name} ".encode() + path.read_bytes())

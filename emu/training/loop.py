@@ -2,6 +2,7 @@
 training step, EMA, the learning-rate warm-up, caption dropout, and the training checkpoint with
 everything needed to resume exactly.
 """
+import collections
 import contextlib
 import copy
 import glob
@@ -141,13 +142,7 @@ class LatentBatches:
         self.cache_mb = len(data) * (_nbytes(latent) + _nbytes(text)) / len(probe[1]) / 2**20  # text before its padding is cut
         self.cache = None
         if self.cache_mb <= cache_mb:
-            chunks = []
-            for start in range(0, len(data), 256):
-                batch = collate([data[i] for i in range(start, min(start + 256, len(data)))])
-                self.skipped.note(batch.skipped)
-                if batch[1]:
-                    chunks.append(self.encode(*batch))
-            self.cache = torch.cat([c[0] for c in chunks]), Conditioning.cat([c[1] for c in chunks]).without_padding()
+            self.cache = self.encode_all(range(len(data)))  # the probe found a usable sample: never None
         self.sampler = EpochBatches(len(self.cache[0]) if self.cache else len(data), batch_size, seed, start_step,
                                     rank, world_size, repeat)
 
@@ -155,6 +150,19 @@ class LatentBatches:
     def encode(self, images, captions):
         images = images.to(self.device)
         return self.ae.encode(images), conditioning(self.text_encoder, captions, images).to(self.device)
+
+    def encode_all(self, indices):
+        """(latents, text embeddings without their padding) of the usable samples among `indices`, in order,
+        encoded 256 at a time: a cache. The unusable ones go to `skipped`; None when none is usable."""
+        chunks = []
+        for start in range(0, len(indices), 256):
+            batch = collate([self.data[i] for i in indices[start:start + 256]])
+            self.skipped.note(batch.skipped)
+            if batch[1]:
+                chunks.append(self.encode(*batch))
+        if not chunks:
+            return None
+        return torch.cat([c[0] for c in chunks]), Conditioning.cat([c[1] for c in chunks]).without_padding()
 
     def __iter__(self):
         if self.cache is not None:
@@ -209,21 +217,14 @@ class BucketLatentBatches:
         if self.cache_mb <= cache_mb:  # (latents, text) per bucket; each usable image's (cache entry, row) in self.rows
             self.cache, bucket_of = [], []
             for b in sorted(set(data.bucket_of)):
-                members = [i for i, bi in enumerate(data.bucket_of) if bi == b]
-                chunks = []
-                for start in range(0, len(members), 256):
-                    batch = collate([data[i] for i in members[start:start + 256]])
-                    self.skipped.note(batch.skipped)
-                    if batch[1]:
-                        chunks.append(self.encode(*batch))
-                if chunks:
-                    latents, texts = torch.cat([c[0] for c in chunks]), Conditioning.cat([c[1] for c in chunks])
-                    self.cache.append((latents, texts.without_padding()))
-                    self.rows += [(len(self.cache) - 1, r) for r in range(len(latents))]
-                    bucket_of += [b] * len(latents)
+                cached = self.encode_all([i for i, bi in enumerate(data.bucket_of) if bi == b])
+                if cached is not None:
+                    self.cache.append(cached)
+                    self.rows += [(len(self.cache) - 1, r) for r in range(len(cached[0]))]
+                    bucket_of += [b] * len(cached[0])
         self.sampler = BucketBatches(bucket_of, batch_size, seed, start_step, rank, world_size)
 
-    encode = LatentBatches.encode
+    encode, encode_all = LatentBatches.encode, LatentBatches.encode_all
 
     def __iter__(self):
         if self.cache is not None:
@@ -244,9 +245,7 @@ class BucketLatentBatches:
         return None
 
     def describe(self):
-        counts = {}
-        for b in self.data.bucket_of:
-            counts[b] = counts.get(b, 0) + 1
+        counts = collections.Counter(self.data.bucket_of)
         return (f"{len(self.data)} images in aspect buckets ("
                 + ", ".join(f"{self.data.buckets[b].name} {self.data.buckets[b].width}x{self.data.buckets[b].height}: {n}"
                             for b, n in sorted(counts.items())) + "), "
