@@ -69,9 +69,10 @@ class LatentDiffusion:
         toy model follow its prompts")."""
         return ("scaled_linear", "v", 5.0) if preset == "toy" else ("scaled_linear", "eps", 0.0)
 
-    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
-        """Images of `image_size`: one side (a square), or (height, width)."""
-        return guided_images(model, ae, objective, text, uncond, seeds, hw(image_size), cfg_scale, steps, sampler, eta)
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, callback=None):
+        """Images of `image_size`: one side (a square), or (height, width). `callback` is guided_images'."""
+        return guided_images(model, ae, objective, text, uncond, seeds, hw(image_size), cfg_scale, steps, sampler, eta,
+                             callback=callback)
 
 
 class PixelDiffusion(LatentDiffusion):
@@ -156,10 +157,12 @@ class KandinskyDecoder(LatentDiffusion):
         reason: on 8x8 latents a noise-predicting model does not learn to read its conditioning."""
         return super().diffusion_defaults(preset.removesuffix(INPAINT))
 
-    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None):
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None,
+                 callback=None):
         size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else hw(image_size)
         diffusion = getattr(objective, "diffusion", objective)
-        return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint)
+        return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint,
+                                callback)
 
 
 LATENT_ARCHS = ("ldm", "kandinsky")  # convolutional U-Nets on latents: they draw, and train on, any size they can halve

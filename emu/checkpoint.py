@@ -29,7 +29,7 @@ from emu import EmuError
 TMP_PREFIX = ".tmp-"
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Call write(tmp_path), fsync it, then rename it to `path` (and fsync the directory).
 
     Temporary files that a killed earlier write of the same `path` left behind are removed first.
@@ -68,7 +68,7 @@ def save_checkpoint(path, obj):
     def write(tmp):
         with open(tmp, "wb") as f:  # a Python file, so that a failed write surfaces as the OSError it is
             torch.save(obj, f)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -93,7 +93,7 @@ def save_weights(path, state_dict, metadata=None):
     """Atomically write a state dict as safetensors (tensors only, contiguous copies)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     data = safetensors_bytes(tensors, metadata=metadata)
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def checkpoint_problem(path):

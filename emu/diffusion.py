@@ -197,7 +197,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model_fn, noise, steps=50, sampler="ddim", eta=0.0, generator=None, clip_x0=None,
-               threshold_percentile=None):
+               threshold_percentile=None, callback=None):
         """Run the reverse process from `noise` (B, C, H, W) and return the final x_0.
 
         :param model_fn: called as model_fn(x_t, t) -> model output (guidance already applied).
@@ -205,12 +205,14 @@ class GaussianDiffusion:
         :param clip_x0: clamp the x0 estimate to [-clip_x0, clip_x0] at every step (None: off).
         :param threshold_percentile: dynamically threshold the x0 estimate at every step with this
             percentile (dynamic_threshold; Imagen's 0.995), for data in [-1, 1] such as pixels (None: off).
+        :param callback: called after every step as callback(step, steps, x0), with the step's estimate
+            of the clean sample (the editor's preview); an exception it raises stops sampling (cancel).
         """
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r} (choose ddim or ddpm)")
         x = noise
         ts = self.timesteps(steps).to(noise.device)
-        for t_now, t_next in zip(ts[:-1], ts[1:]):
+        for i, (t_now, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             t = t_now.expand(x.shape[0])
             s = t_next.expand(x.shape[0])
             x0, eps = self.predict_x0_eps(model_fn(x, t), x, t)
@@ -222,6 +224,8 @@ class GaussianDiffusion:
                 x = self.ddpm_step(x0, x, t, s, generator)
             else:
                 x = self.ddim_step(x0, eps, x, t, s, eta, generator)
+            if callback is not None:
+                callback(i + 1, len(ts) - 1, x0)
         return x
 
 
@@ -244,13 +248,15 @@ def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None
 
 @torch.no_grad()
 def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta,
-                  model_kwargs=None):
+                  model_kwargs=None, callback=None):
     """Images from a latent model: one noise tensor per seed (drawn on the CPU from that seed alone, so
     the same seed gives the same start in any model and on any device), sampled with classifier-free
     guidance, then decoded by the first stage.
 
     :param size: the images' (height, width) in pixels; the latents are first_stage.downsample_factor smaller.
     :param model_kwargs: other inputs of the model (classifier_free_guidance's).
+    :param callback: GaussianDiffusion.sample's, given the latents' clean estimate and the first stage,
+        as callback(step, steps, x0, first_stage), so that it can decode a preview.
     :return: (B, 3, H, W).
     """
     f, device = first_stage.downsample_factor, text.pooled.device
@@ -258,5 +264,7 @@ def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     gen = torch.Generator(device).manual_seed(int(seeds[0]))
     model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale, model_kwargs)
-    latents = diffusion.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen)
+    each_step = None if callback is None else (lambda i, n, x0: callback(i, n, x0, first_stage))
+    latents = diffusion.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen,
+                               callback=each_step)
     return first_stage.decode(latents)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from emu import EmuError
-from emu.arch import get_arch
+from emu.arch import LATENT_ARCHS, get_arch
 from emu.checkpoint import load_checkpoint, load_state_dict_checked
 from emu.datasets.folders import from_pil, make_grid, save_png, to_uint8
 from emu.models.first_stage import load_autoencoder
@@ -137,14 +137,17 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64,
-                 image_embeds=None, inpaint=None, size=None):
+                 image_embeds=None, inpaint=None, size=None, callback=None):
         """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1], at the
         training resolution or at `size`, (width, height) (the latent models; the others draw squares).
         `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone.
 
         Kandinsky's decoder also takes, one row per prompt, `image_embeds` (B, E): the CLIP image
         embeddings to decode (variations, fusion) instead of the prior's; and `inpaint`, (images
-        (B, 3, H, W), masks (B, 1, H, W)) for an inpainting decoder: the holes are filled, the rest kept."""
+        (B, 3, H, W), masks (B, 1, H, W)) for an inpainting decoder: the holes are filled, the rest kept.
+
+        `callback(step, steps, x0, first_stage)` is called after every sampling step of the latent models
+        (emu.diffusion.guided_images); an exception it raises stops the generation."""
         if (image_embeds is not None or inpaint is not None) and self.arch.name != "kandinsky":
             raise EmuError(f"image embeddings and inpainting are for Kandinsky's decoder, not --arch {self.arch.name}")
         out = []
@@ -154,6 +157,10 @@ class TextToImage:
             text = self.text_encoder.encode(list(chunk), **given).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
             extra = {} if inpaint is None else {"inpaint": (inpaint[0][rows], inpaint[1][rows])}
+            if callback is not None:
+                if self.arch.name not in LATENT_ARCHS:
+                    raise EmuError(f"step-by-step progress is for the latent models (--arch ldm, kandinsky), not --arch {self.arch.name}")
+                extra["callback"] = callback
             images = self.arch.generate(self.model, self.ae, self.objective, text, uncond, chunk_seeds,
                                         self.image_size if size is None else (size[1], size[0]), cfg_scale, steps, sampler,
                                         eta, **extra)

@@ -186,6 +186,12 @@ class Browser:
 
     def click(self, selector):
         """Really click the element: move the mouse to its centre, press and release."""
+        x, y = self.center(selector)
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1})
+
+    def center(self, selector):
+        """The centre of the element in the viewport, after scrolling it into view: (x, y)."""
         box = self.evaluate(f"""(() => {{
             const el = document.querySelector({json.dumps(selector)});
             if (!el) return null;
@@ -195,9 +201,26 @@ class Browser:
         }})()""")
         if not box or not box["w"] or not box["h"]:
             raise RuntimeError(f"no visible element matches {selector!r}")
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box["x"], "y": box["y"],
-                                                   "button": "left", "clickCount": 1})
+        return box["x"], box["y"]
+
+    def drag(self, points):
+        """Press the left button at the first (x, y) of `points`, move through the others, release at the last."""
+        mouse = lambda kind, x, y, buttons: self.send("Input.dispatchMouseEvent", {
+            "type": kind, "x": x, "y": y, "button": "left", "buttons": buttons, "clickCount": 1})
+        (x, y), rest = points[0], points[1:]
+        mouse("mouseMoved", x, y, 0)
+        mouse("mousePressed", x, y, 1)
+        for x, y in rest:
+            mouse("mouseMoved", x, y, 1)
+        mouse("mouseReleased", x, y, 0)
+
+    def set_files(self, selector, paths):
+        """Choose files in an <input type=file>, as a person picking them in the file dialog does."""
+        root = self.send("DOM.getDocument")["root"]["nodeId"]
+        node = self.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        if not node:
+            raise RuntimeError(f"no element matches {selector!r}")
+        self.send("DOM.setFileInputFiles", {"nodeId": node, "files": [os.path.abspath(p) for p in paths]})
 
     def press(self, key):
         """Press and release one key: a single character ('a', 'Z', '2', ' ') or one

@@ -93,3 +93,21 @@ def toy_world(tmp_path_factory):
     w, made = build_once(tmp_path_factory, "toy-world", _build_world)
     yield w, ["--ae", f"{w}/ae", "--clip", f"{w}/towers/clip", "--t5", f"{w}/towers/t5"]
     assert_unchanged(w, made)
+
+
+def _build_kandinsky(w, world):
+    towers = ["--clip", f"{world}/towers/clip", "--t5", f"{world}/towers/t5"]
+    run("train_ae.py", "--arch", "kandinsky", "--data", f"{world}/haystack", "--out", f"{w}/movq", "--steps", "2", "--bs", "8",
+        "--holdout", "8")
+    run("train_prior.py", "--kind", "linear", "--data", f"{world}/haystack", *towers[:2], "--holdout", "16", "--out", f"{w}/prior")
+    run("pretrain.py", "--arch", "kandinsky", "--preset", "toy-inpaint", "--data", f"{world}/haystack", "--out", f"{w}/inpaint",
+        "--steps", "2", "--bs", "8", "--sample-every", "0", "--ae", f"{w}/movq", "--prior", f"{w}/prior/prior.pt", *towers)
+
+
+@pytest.fixture(scope="session")
+def kandinsky_world(tmp_path_factory, toy_world):
+    """The toy world's Kandinsky parts: MoVQ (movq/, 2 steps), the linear prior (prior/prior.pt) and a
+    2-step inpainting decoder (inpaint/ckpt.pt), which has every mode of the demo. Read only."""
+    w, made = build_once(tmp_path_factory, "kandinsky-world", lambda folder: _build_kandinsky(folder, toy_world[0]))
+    yield w
+    assert_unchanged(w, made)

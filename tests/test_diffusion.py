@@ -153,6 +153,25 @@ def test_sampling_without_thresholding_is_bitwise_the_plain_loop(sampler):
     assert torch.equal(out, ref)
 
 
+def test_the_sampling_callback_sees_every_step_changes_nothing_and_can_stop_it():
+    d = GaussianDiffusion("scaled_linear", 1000, "eps")
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    model_fn = lambda x, t: torch.tanh(x @ w)
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    seen = []
+    out = d.sample(model_fn, noise, steps=5, callback=lambda i, n, x0: seen.append((i, n, x0.shape)))
+    assert seen == [(i, 5, (4, 3)) for i in range(1, 6)] and torch.equal(out, d.sample(model_fn, noise, steps=5))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(i, n, x0):
+        if i == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        d.sample(model_fn, noise, steps=5, callback=stop_at_two)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sampler_thresholds_dynamically_only_when_estimates_leave_the_range(sampler):
     d = GaussianDiffusion("cosine", 1000, "eps")

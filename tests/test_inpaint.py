@@ -1,8 +1,8 @@
 """Masks for inpainting and outpainting (emu/variants/inpaint.py)."""
 import torch
 
-from emu.variants.inpaint import (hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, paste_known,
-                                  random_masks, segment_distance)
+from emu.variants.inpaint import (crop_window, hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, outpaint_window,
+                                  paste_known, place_window, random_masks, segment_distance)
 
 
 def test_training_masks_are_binary_seeded_and_varied():
@@ -43,3 +43,17 @@ def test_the_known_region_is_kept_exactly_and_the_hole_blanked_in_the_condition(
     # at latent resolution, a latent pixel touching the hole is hole
     assert torch.equal(latent_mask(mask, 4)[0, 0], torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
     assert latent_mask(mask[:, :, :4, :4] * 0, 4).sum() == 0
+
+
+def test_an_outpaint_window_off_a_corner_grows_the_canvas_and_marks_only_the_new_pixels_as_hole():
+    images = torch.rand(2, 3, 4, 6) * 2 - 1
+    canvas, hole, window = outpaint_window(images, left=-2, top=2, width=4, height=4)
+    assert canvas.shape == (2, 3, 6, 8) and hole.shape == (2, 1, 6, 8) and window == (0, 2, 4, 4)
+    assert torch.equal(canvas[..., :4, 2:], images) and torch.equal(hole[..., :4, 2:], torch.zeros(2, 1, 4, 6))
+    assert hole.sum() == 2 * (6 * 8 - 4 * 6) and (canvas * hole).abs().sum() == 0  # grey (0) wherever nothing was
+    drawn = torch.full((2, 3, 4, 4), 0.5)
+    placed = place_window(canvas, drawn, window)
+    assert torch.equal(crop_window(placed, window), drawn) and torch.equal(placed[..., :2, :], canvas[..., :2, :])
+    wide, border = outpaint_canvas(images, 1, 2, 3, 4)  # --extend: the window is the whole grown canvas
+    same, hole2, whole = outpaint_window(images, -3, -1, 13, 7)
+    assert torch.equal(wide, same) and torch.equal(border, hole2) and whole == (0, 0, 13, 7)

@@ -8,13 +8,14 @@ EMU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # Lower layers first; a module may import its own package and the layers below its own.
 LAYERS = [
     {"emu"},                                # EmuError
-    {"emu.checkpoint"},                     # atomic checkpoints, safetensors files
+    {"emu.checkpoint", "emu.web"},          # atomic checkpoints, safetensors files; the local web pages' plumbing
     {"emu.models"},                         # the networks
     {"emu.text", "emu.datasets"},           # the frozen towers; the data
     {"emu.diffusion", "emu.evaluation"},    # the DDPM maths; judges, statistics, the rating study
     {"emu.variants", "emu.training", "emu.curation"},
     {"emu.arch"},                           # how the parts are put together: what differs by --arch,
     {"emu.pipeline"},                       # then text to image from a checkpoint
+    {"emu.demo"},                           # the demo's editor, which sample.py serves
 ]
 
 

@@ -521,3 +521,23 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
                   "--sample-every", "0", *frozen[2:], "--out", f"{tmp_path}/pixel")
     assert proc.returncode != 0 and proc.stderr.strip() == \
         "error: --buckets is for the latent models (--arch ldm, kandinsky); --arch pixel trains on squares"
+
+
+def test_sample_outpaints_a_window_slid_off_the_image_and_refuses_windows_it_cannot_draw(world, kandinsky_world, tmp_path):
+    """--window left,top,width,height: the image grows to cover the window, which is drawn where the image
+    is not; a window inside the image, off it, or of a size the model cannot draw is a one-line error."""
+    w, _ = world
+    ckpt, image = f"{kandinsky_world}/inpaint/ckpt.pt", f"{w}/haystack/000003.png"
+    run("sample.py", "--ckpt", ckpt, "--mode", "outpaint", "--image", image, "--window=-8,16,24,40", "--n", "1", "--steps", "2",
+        "--out", f"{tmp_path}/grown")
+    grown = Image.open(f"{tmp_path}/grown/0000.png")
+    assert grown.size == (40, 56) and grown.text["window"] == "-8,16,24,40"
+    pixels, original = np.asarray(grown), np.asarray(Image.open(image).convert("RGB"))
+    assert np.array_equal(pixels[:32, 8:], original) and (pixels[:16, :8] == 128).all()  # off the window: grey
+    for window, problem in [("0,0,16,16", "lies inside the picture; outpainting draws past its edges"),
+                            ("32,0,16,16", "must overlap the picture, or nothing guides what it draws"),
+                            ("-4,0,12,16", "must have sides that are positive multiples of 8 (it is 12x16)")]:
+        proc = script("sample.py", "--ckpt", ckpt, "--mode", "outpaint", "--image", image, f"--window={window}")
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == f"error: --window {window}: the window {problem}"
+    proc = script("sample.py", "--ckpt", ckpt, "--mode", "outpaint", "--image", image, "--window=-8,0,16,16", "--extend", "0,0,8,0")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --mode outpaint needs either --extend or --window"

@@ -8,16 +8,15 @@ form POST, stored at once (emu/evaluation/study.py), and answered with a redirec
 (post/redirect/get), so reloading the page never votes twice. A rater who comes back continues at
 their first pair without a vote.
 
-What the server does not trust:
+What the server does not trust (the checks every page shares are in emu/web.py):
 - the path: only the fixed routes below exist; images are found through the rater's own
   assignment in the database, never through a file name in the request, and must lie inside the
   study folder;
-- the Host header: on a loopback address only localhost names are served (DNS rebinding);
-- the origin of a vote: a POST needs the rater's token and an Origin (or Referer) of this server;
-- the text: prompts are user data and are HTML-escaped; a Content-Security-Policy allows only this
-  server's own images, style sheet and script, so even a missed escape could not run a script;
-- malformed requests: they get a 4xx with a short message; an unexpected error gets a 500 and one
-  line in the log, never a traceback sent to the browser.
+- the Host header, and the origin of a vote: a POST needs the rater's token and an Origin (or
+  Referer) of this server;
+- the text: prompts are user data and are HTML-escaped, under a Content-Security-Policy that allows
+  only this server's own images, style sheet and script;
+- malformed requests: a 4xx with a short message; a bug: a 500 and one line in the log.
 
 Routes:
     GET  /rate?t=TOKEN                      the rater's next pair, or the done page
@@ -26,32 +25,17 @@ Routes:
     POST /vote                              t, item, choice (form-encoded)
 """
 import html
-import ipaddress
 import os
 import re
-import sys
 import threading
 from contextlib import closing
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 from emu.evaluation.study import (STUDY_FILE, TASKS, VoteError, connect, image_of, next_item, progress, rater_of,
                                   record_vote)
+from emu.web import BadRequest, LocalServer, SafeHandler
 
 MAX_FORM_BYTES = 8192  # a caption of up to 1000 characters, percent-encoded, fits
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    # The token is in the URL: send it to no other site. ("no-referrer" would also make the browser
-    # send "Origin: null" with our own form posts, and the origin check below needs the real one.)
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
 
 # -----------------------------------------------------------------------------
 # the page
@@ -159,79 +143,24 @@ class PairStudy:
         record_vote(conn, rater, int(form["item"]), form.get("choice", ""))
 
 
-class RatingServer(ThreadingHTTPServer):
+class RatingServer(LocalServer):
     """Serves one folder through a backend (PairStudy, or the curation funnel's human stages)."""
-    daemon_threads = True
 
     def __init__(self, folder, host="127.0.0.1", port=8000, backend=None):
         self.folder = os.path.realpath(folder)
         self.backend = backend or PairStudy(self.folder)
-        super().__init__((host, port), RatingHandler)
-        port = self.server_address[1]
-        self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
-        self.allowed_hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
-        self.base_url = f"http://{'127.0.0.1' if self.loopback else host}:{port}"
+        super().__init__(host, port, RatingHandler)
         self.lock = threading.Lock()  # one writer at a time; sqlite would also serialise, but slower
 
     def link(self, token):
         return f"{self.base_url}/rate?t={token}"
 
 
-class BadRequest(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-class RatingHandler(BaseHTTPRequestHandler):
+class RatingHandler(SafeHandler):
     server_version = "emu-rating"
-    default_request_version = "HTTP/1.0"  # so that even a malformed request line gets a status line back
 
-    def version_string(self):
-        return self.server_version
-
-    # -- plumbing ---------------------------------------------------------------
-
-    def send(self, status, body, content_type="text/html; charset=utf-8", headers=None):
-        data = body.encode("utf-8") if isinstance(body, str) else body
-        self.send_response(status)
-        for k, v in {**SECURITY_HEADERS, "Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {})}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_error(self, code, message=None, explain=None):
-        """The base class's errors (malformed request line, unknown method) in our plain form."""
-        self.close_connection = True
-        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method nobody implements is still the client's mistake
-            code, message = HTTPStatus.METHOD_NOT_ALLOWED, None
-        self.send(code, f"{code} {message or HTTPStatus(code).phrase}\n", "text/plain; charset=utf-8")
-
-    def log_message(self, format, *args):
-        # the query string holds the rater's token: keep it out of the log
-        sys.stderr.write(f"{self.address_string()} {re.sub(r't=[^ &]*', 't=...', format % args)}\n")
-
-    def handle_safely(self, route):
-        try:
-            self.check_host()
-            route()
-        except BadRequest as e:
-            self.send(e.status, f"{e.status} {e}\n", "text/plain; charset=utf-8")
-        except Exception as e:  # a bug: answer 500, keep serving, one line in the log
-            sys.stderr.write(f"error: {self.command} {urlsplit(self.path).path}: {type(e).__name__}: {e}\n")
-            self.send(500, "500 internal error\n", "text/plain; charset=utf-8")
-
-    def check_host(self):
-        host = self.headers.get("Host", "")
-        if self.server.loopback and host not in self.server.allowed_hosts:
-            raise BadRequest(400, "unknown Host")
-
-    def query(self):
-        try:
-            return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, strict_parsing=False).items()}
-        except ValueError:
-            raise BadRequest(400, "bad query string") from None
+    def redact(self, line):
+        return re.sub(r't=[^ &]*', 't=...', line)  # the query string holds the rater's token: keep it out of the log
 
     def rater(self, conn, token):
         name = self.server.backend.rater(conn, token) if token else None
@@ -240,25 +169,6 @@ class RatingHandler(BaseHTTPRequestHandler):
         return name
 
     # -- routes -----------------------------------------------------------------
-
-    def do_GET(self):
-        routes = {"/": self.get_index, "/rate": self.get_rate, "/image": self.get_image,
-                  "/static/rate.css": lambda: self.send(200, CSS, "text/css; charset=utf-8"),
-                  "/static/rate.js": lambda: self.send(200, JS, "text/javascript; charset=utf-8")}
-        path = urlsplit(self.path).path
-        self.handle_safely(routes.get(path, self.not_found))
-
-    def do_POST(self):
-        path = urlsplit(self.path).path
-        self.handle_safely(self.post_vote if path == "/vote" else self.not_found)
-
-    def refuse_method(self):
-        self.handle_safely(lambda: self.send(405, "405 method not allowed\n", "text/plain; charset=utf-8", {"Allow": "GET, POST"}))
-
-    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse_method
-
-    def not_found(self):
-        raise BadRequest(404, "not found")
 
     def get_index(self):
         self.send(200, page("emu rating", "<h1>emu rating</h1><p>Open the personal link you were given.</p>"))
@@ -287,8 +197,7 @@ class RatingHandler(BaseHTTPRequestHandler):
         self.send(200, data, IMAGE_TYPES[os.path.splitext(path)[1].lower()], {"Cache-Control": "private, max-age=3600"})
 
     def post_vote(self):
-        self.check_origin()
-        form = self.read_form()
+        form = self.read_form(MAX_FORM_BYTES)
         token = form.get("t", "")
         with self.server.lock, closing(self.server.backend.connect()) as conn:
             rater = self.rater(conn, token)
@@ -298,27 +207,7 @@ class RatingHandler(BaseHTTPRequestHandler):
                 raise BadRequest(400, str(e)) from None
         self.send(303, "", "text/plain; charset=utf-8", {"Location": f"/rate?t={token}"})
 
-    def check_origin(self):
-        """A vote must come from a page of this server (no cross-site form posts)."""
-        own = f"http://{self.headers.get('Host', '')}"
-        origin = self.headers.get("Origin")
-        if origin is None and self.headers.get("Referer"):
-            parts = urlsplit(self.headers["Referer"])
-            origin = f"{parts.scheme}://{parts.netloc}"
-        if origin != own:
-            raise BadRequest(403, "cross-origin or origin-less vote refused")
-
-    def read_form(self):
-        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-            raise BadRequest(415, "votes are form-encoded")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise BadRequest(411, "Content-Length required") from None
-        if not 0 <= length <= MAX_FORM_BYTES:
-            raise BadRequest(413, "form too large")
-        try:
-            body = self.rfile.read(length).decode("ascii")
-            return {k: v[0] for k, v in parse_qs(body, strict_parsing=True, keep_blank_values=True).items()}
-        except (UnicodeDecodeError, ValueError):
-            raise BadRequest(400, "malformed form") from None
+    get_routes = {"/": get_index, "/rate": get_rate, "/image": get_image,
+                  "/static/rate.css": lambda self: self.send(200, CSS, "text/css; charset=utf-8"),
+                  "/static/rate.js": lambda self: self.send(200, JS, "text/javascript; charset=utf-8")}
+    post_routes = {"/vote": post_vote}

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from emu import EmuError
-from emu.checkpoint import SafetensorsFile, _atomic_write, save_weights
+from emu.checkpoint import SafetensorsFile, atomic_write, save_weights
 from emu.text.encoder import TEXT_DTYPES, MultilingualTextEncoder, TextEmbedding, TextEncoder
 from emu.text.hf import find_weight_files
 from emu.text.t5 import T5_LENGTH
@@ -300,7 +300,7 @@ def write_text_cache(path, captions, clip_dir, t5_dir, dtype=torch.bfloat16, dev
             save_weights(path / name, tensors)
             manifest["shards"].append(name)
             manifest["captions"] += len(chunk)
-            _atomic_write(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+            atomic_write(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     return len(todo)
 
 

@@ -60,16 +60,63 @@ def border_free(height, width, top, bottom, left, right, device="cpu"):
     return inside
 
 
+def outpaint_window(images, left, top, width, height):
+    """Place a window of width x height pixels with its top-left corner at (left, top), in the images'
+    own pixel coordinates: it may reach past their edges or lie partly off them. The images grow to a
+    canvas that covers them and the window; the window is what a model draws, its part off the images
+    the hole (Kandinsky's demo outpaints by sliding such a window along the picture).
+
+    :param images: (B, 3, H, W) in [-1, 1].
+    :return: (canvas (B, 3, H', W') with the images in place and grey (0) everywhere else,
+              hole (B, 1, H', W'), 1 where the images are not,
+              the window (x, y, width, height) in the canvas's coordinates).
+    """
+    H, W = images.shape[-2:]
+    x0, y0 = min(0, left), min(0, top)  # the canvas's corners, in the images' coordinates
+    x1, y1 = max(W, left + width), max(H, top + height)
+    pad = (-x0, x1 - W, -y0, y1 - H)  # left, right, top, bottom
+    canvas = F.pad(images, pad, value=0.0)
+    hole = F.pad(torch.zeros_like(images[:, :1]), pad, value=1.0)
+    return canvas, hole, (left - x0, top - y0, width, height)
+
+
+def window_problem(image_width, image_height, left, top, width, height, multiple):
+    """Why an outpaint window cannot be drawn on an image of that size, as what the window "must" or "does"
+    ("must overlap the picture..."); None if it can."""
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        return f"must have sides that are positive multiples of {multiple} (it is {width}x{height})"
+    if left >= image_width or top >= image_height or left + width <= 0 or top + height <= 0:
+        return "must overlap the picture, or nothing guides what it draws"
+    if 0 <= left and 0 <= top and left + width <= image_width and top + height <= image_height:
+        return "lies inside the picture; outpainting draws past its edges"
+    return None
+
+
+def crop_window(images, window):
+    """(B, C, H, W) -> (B, C, height, width): the window (x, y, width, height) of outpaint_window."""
+    x, y, width, height = window
+    return images[..., y:y + height, x:x + width]
+
+
+def place_window(canvas, drawn, window):
+    """The canvas (B, 3, H', W') with the window's pixels replaced by `drawn` (B, 3, height, width)."""
+    x, y, width, height = window
+    out = canvas.clone()
+    out[..., y:y + height, x:x + width] = drawn
+    return out
+
+
 def outpaint_canvas(images, top, bottom, left, right):
-    """Extend images by borders of the given sizes in pixels, for outpainting.
+    """Extend images by borders of the given sizes in pixels: outpaint_window with a window that is the
+    whole grown canvas.
 
     :param images: (B, 3, H, W) in [-1, 1].
     :return: (canvas (B, 3, H + top + bottom, W + left + right) with the images in place and grey
               (0) borders, mask (B, 1, ...) with 1 on the borders).
     """
-    canvas = F.pad(images, (left, right, top, bottom), value=0.0)
-    mask = F.pad(torch.zeros_like(images[:, :1]), (left, right, top, bottom), value=1.0)
-    return canvas, mask
+    H, W = images.shape[-2:]
+    canvas, hole, _ = outpaint_window(images, -left, -top, W + left + right, H + top + bottom)
+    return canvas, hole
 
 
 def latent_mask(mask, factor):
@@ -101,19 +148,22 @@ def hole_fraction(mask):
 
 
 def box_mask(size, box):
-    """(1, 1, size, size) mask of a box given as fractions of the image, (left, top, right, bottom)."""
+    """(1, 1, H, W) mask of a box given as fractions of the image, (left, top, right, bottom); `size` is
+    one side (a square) or (height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
     left, top, right, bottom = box
     if not 0 <= left < right <= 1 or not 0 <= top < bottom <= 1:
         raise ValueError(f"a box is left,top,right,bottom with 0 <= left < right <= 1 and 0 <= top < bottom <= 1, not {box}")
-    mask = torch.zeros(1, 1, size, size)
-    mask[..., round(top * size):max(round(bottom * size), round(top * size) + 1),
-         round(left * size):max(round(right * size), round(left * size) + 1)] = 1
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., round(top * height):max(round(bottom * height), round(top * height) + 1),
+         round(left * width):max(round(right * width), round(left * width) + 1)] = 1
     return mask
 
 
 def mask_from_image(gray, size):
     """A mask drawn as an image (a PIL image; white, or any pixel brighter than mid-grey, is the hole)
-    -> (1, 1, size, size), resized with the nearest pixel so it stays binary."""
+    -> (1, 1, H, W), resized with the nearest pixel so it stays binary; `size` is one side or (height, width)."""
     from PIL import Image  # only here: the rest of this module is tensors
-    small = np.asarray(gray.convert("L").resize((size, size), Image.NEAREST))
-    return torch.from_numpy(small > 127).float().view(1, 1, size, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    small = np.asarray(gray.convert("L").resize((width, height), Image.NEAREST))
+    return torch.from_numpy(small > 127).float().view(1, 1, height, width)
