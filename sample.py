@@ -29,6 +29,11 @@ Inpainting and outpainting keep the image's size when the model can draw it. Out
 canvas by --extend top,bottom,left,right pixels and fills the new border, or draws a --window
 left,top,width,height placed partly off the image (as the demo's sliding window does) and grows the
 image to cover it.
+
+The demo's editor puts every mode on a local page, for one model (emu/demo/editor.py; each image it draws
+records the sample.py command that draws it again, bit for bit):
+
+    python sample.py serve --ckpt runs/kandinsky/inpaint/ckpt.pt    # then open http://127.0.0.1:8001
 """
 import argparse
 import os

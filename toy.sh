@@ -2,7 +2,7 @@
 # The whole Emu recipe on the toy world, end to end, on a CPU:
 # data -> autoencoder -> pretraining -> curation funnel -> quality-tuning -> sampling -> pairwise evaluation.
 # Creates .venv with the pinned requirements (and the test-only ones) on first use. Extra arguments are not passed on:
-# run the scripts one by one to change their flags (each has --help).
+# run the scripts one by one to change their flags (each has --help). Then `bash toy.sh editor` opens the demo's editor.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
@@ -11,6 +11,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 py=.venv/bin/python
 step() { echo; echo "== $*"; local t0=$SECONDS; "$py" "$@"; echo "   ($((SECONDS - t0)) s)"; }
+if [ "${1:-}" = "editor" ]; then
+  # After the pipeline: Kandinsky's toy parts, once (MoVQ, the linear prior, the inpainting decoder, which
+  # draws every mode of the demo), then the editor on http://127.0.0.1:8001 until Ctrl-C.
+  [ -f runs/movq/ckpt.pt ] || step train_ae.py --arch kandinsky
+  [ -f runs/prior/prior.pt ] || step train_prior.py --kind linear
+  [ -f runs/kandinsky/inpaint/ckpt.pt ] || step pretrain.py --arch kandinsky --preset toy-inpaint --out runs/kandinsky/inpaint
+  exec "$py" sample.py serve
+fi
 start=$SECONDS
 step data/make_toy.py
 step train_ae.py

@@ -419,3 +419,16 @@ def test_inpainting_experiment_fills_holes_and_keeps_the_rest(tuning_world, tmp_
     result = script("experiments/inpainting.py", "--ckpt", f"{w}/pre48/ckpt.pt", "--prompts", prompts, "--judge",
                     f"{w}/judge.pt", "--out", tmp_path / "exp2", timeout=120)
     assert result.returncode != 0 and "not an inpainting decoder" in result.stderr
+
+
+def test_aspect_grid_draws_one_prompt_at_the_five_ratios_as_sample_draws_them(toy_world, tmp_path):
+    w, _ = toy_world
+    ckpt = f"{w}/pre/ckpt.pt"
+    out = run("experiments/aspect_grid.py", "--ckpt", ckpt, "--seeds", "1", "--scale", "1", "--prompt", "a red circle",
+              "--out", tmp_path / "grid.png")
+    assert "9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, 16:9 40x24" in out
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (40, 24 + 24 + 32 + 40 + 40 + 4 * 4, 3)
+    run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--aspect", "16:9", "--n", "1", "--out", tmp_path / "wide")
+    wide = np.asarray(Image.open(tmp_path / "wide" / "0000.png"))
+    assert np.array_equal(grid[:24, -40:], wide) and (grid[24:, -40:] == 255).all()

@@ -373,7 +373,7 @@ async function loadHistory() {
     img.src = `/api/image?id=${item.id}`;
     img.title = `#${item.id} ${item.mode}: ${item.prompt}`;
     img.dataset.id = item.id;
-    img.addEventListener('click', () => show({id: item.id, width: img.naturalWidth, height: img.naturalHeight}));
+    img.addEventListener('click', async () => show({id: item.id, ...await imageSize(item.id)}));
     box.appendChild(img);
   }
   for (const id of pending) track(id);
