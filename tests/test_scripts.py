@@ -487,17 +487,23 @@ def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_dra
             get_arch(name).generate(None, None, None, None, None, [0], (24, 40), 5.0, 2, "ddim", 0.0)
 
 
-def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path):
-    """--buckets: a folder of images at five aspect ratios trains in batches of one bucket each (the
-    toy sizes: 24x40, 32x32, 40x24); 2 steps + resume + 2 equal 4 in one go, and qtune.py tunes on the same folder."""
-    w, frozen = world
-    folder = tmp_path / "mixed"
+def mixed_folder(w, folder):
+    """The toy world's first 20 images resized to five aspect ratios in turn (16:9, 9:16, 1:1, 3:2, 2:3),
+    with their captions, in `folder`."""
     folder.mkdir()
     sizes = [(64, 36), (36, 64), (32, 32), (48, 32), (32, 48)]
     for i in range(20):
         image = Image.open(f"{w}/haystack/{i:06d}.png").resize(sizes[i % 5], Image.BICUBIC)
         image.save(folder / f"{i:03d}.png")
         shutil.copy(f"{w}/haystack/{i:06d}.txt", folder / f"{i:03d}.txt")
+    return folder
+
+
+def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path):
+    """--buckets: a folder of images at five aspect ratios trains in batches of one bucket each (the
+    toy sizes: 24x40, 32x32, 40x24); 2 steps + resume + 2 equal 4 in one go, and qtune.py tunes on the same folder."""
+    w, frozen = world
+    folder = mixed_folder(w, tmp_path / "mixed")
     common = ["pretrain.py", "--data", str(folder), "--buckets", "--bs", "4", "--save-every", "2", "--sample-every", "0", *frozen]
     out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
     # at 32 pixels 9:16 and 2:3 are both 24x40, 3:2 and 16:9 both 40x24: an image goes to the first of equals
@@ -521,6 +527,37 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
                   "--sample-every", "0", *frozen[2:], "--out", f"{tmp_path}/pixel")
     assert proc.returncode != 0 and proc.stderr.strip() == \
         "error: --buckets is for the latent models (--arch ldm, kandinsky); --arch pixel trains on squares"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path, ranks):
+    """--buckets on tar shards of images at five aspect ratios, in one process and in two (torchrun over
+    gloo, each rank its own shards): each stream batches its samples by bucket. The checkpoint after 2
+    steps holds samples still waiting in a bucket; 2 steps + resume + 2 equal 4 in one go, bit for bit,
+    with the same data positions; and qtune.py tunes on the same shards."""
+    w, frozen = world
+    shards = tmp_path / "shards"
+    pack_folder(mixed_folder(w, tmp_path / "mixed"), shards, samples_per_shard=5)
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
+    common = [*launch, "pretrain.py", "--data", str(shards), "--buckets", "--bs", "4", "--shuffle-buffer", "4",
+              "--save-every", "2", "--sample-every", "0", *frozen]
+    out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
+    assert f"{ranks} rank(s)" in out and ("4 tar shards in aspect buckets (9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, "
+                                          "16:9 40x24), read and encoded batch by batch") in out
+    run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
+    halfway = torch.load(f"{tmp_path}/split/ckpt-000000002.pt", weights_only=True)["data_position"]
+    assert len(halfway) == ranks and any(where["waiting"] for rank in halfway for where in rank["consumed"].values())
+    run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
+    a, b = (torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True) for name in ("straight", "split"))
+    assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    if ranks == 1:  # qtune.py opens its data as pretrain.py does: once is enough
+        out = run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", str(shards), "--curate-top", "0",
+                  "--caption-field", "", "--buckets", "--holdout", "4", "--bs", "4", "--iters", "2", "--eval-every", "2",
+                  "--out", f"{tmp_path}/qt")
+        assert "training data: 4 tar shards in aspect buckets" in out
+        assert torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_sample_outpaints_a_window_slid_off_the_image_and_refuses_windows_it_cannot_draw(world, kandinsky_world, tmp_path):

@@ -1,6 +1,9 @@
 """Tests for emu/datasets/shards.py: tar shards read in memory, hostile members refused, every sample once
-per epoch across ranks and workers, and a resumed stream that continues where it stopped."""
+per epoch across ranks and workers, a resumed stream that continues where it stopped, and the same for
+streams in aspect-ratio buckets."""
+import copy
 import io
+import itertools
 import os
 import pickle
 import tarfile
@@ -10,9 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from emu import EmuError
 from emu.datasets import shards as shards_module
+from emu.datasets.buckets import make_buckets, nearest_bucket
 from emu.datasets.folders import Skipped, load_image
-from emu.datasets.shards import ShardDataset, collate_stream, decode_sample, read_shard
+from emu.datasets.shards import BucketedShards, ShardDataset, collate_stream, decode_sample, read_shard
+from emu.training.loop import ShardBatches
 
 
 def png_bytes(seed, size=(12, 12)):
@@ -148,3 +154,89 @@ def test_size_and_aspect_filters(tmp_path):
     got = [decode_sample(raw, 8, min_size=8, max_aspect=2.0) for raw in read_shard(shard)]
     assert got[0][0].shape == (3, 8, 8)
     assert [g.reason for g in got[1:]] == ["image too small", "extreme aspect ratio"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets over streamed shards (BucketedShards)
+
+BUCKETS = make_buckets(64, 8)  # five sizes: 9:16 48x88, 2:3 56x80, 1:1 64x64, 3:2 80x56, 16:9 88x48
+SHAPES = [(64, 36), (36, 64), (48, 48), (60, 40), (40, 60)]  # (width, height): one of each ratio
+
+
+def size_of(key):
+    """The image size of sample `key`: every ratio, 16:9 most often, so the buckets fill unevenly."""
+    return SHAPES[key % 5] if key % 3 else SHAPES[0]
+
+
+@pytest.fixture
+def mixed_shards(tmp_path):
+    """5 shards of 9 samples, keys 0..44 at the sizes of size_of; sample 13 has no caption."""
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"shard-{i}.tar")
+        with tarfile.open(paths[-1], "w") as tar:
+            for key in range(i * 9, i * 9 + 9):
+                add(tar, f"{key:06d}.png", png_bytes(key, size_of(key)))
+                if key != 13:
+                    add(tar, f"{key:06d}.txt", f"caption {key:06d}".encode())
+    return paths
+
+
+def test_bucketed_streams_give_batches_of_one_bucket_and_every_usable_sample_once_an_epoch(mixed_shards):
+    """Two ranks of two workers each: every batch holds images of one bucket, the one nearest each image's
+    ratio; the usable samples are seen once an epoch; a stream's only short batches are its buckets' last."""
+    batches = []
+    for rank in (0, 1):
+        data = ShardDataset(mixed_shards, 64, shuffle_buffer=4, rank=rank, world_size=2)
+        batches += list(torch.utils.data.DataLoader(BucketedShards(data, BUCKETS, batch_size=3), batch_size=None,
+                                                    num_workers=2, collate_fn=collate_stream))
+    keys = [int(c.split()[1]) for b in batches for c in b[1]]
+    assert sorted(keys) == [k for k in range(45) if k != 13]
+    assert [s.reason for b in batches for s in b.skipped] == ["caption file not found"]
+    last = {}
+    for images, captions, stream in ((b[0], b[1], b.source[0]) for b in batches if b[1]):
+        for caption in captions:
+            bucket = BUCKETS[nearest_bucket(*size_of(int(caption.split()[1])), BUCKETS)]
+            assert images.shape[1:] == (3, bucket.height, bucket.width)
+        group = (stream, tuple(images.shape[2:]))
+        assert last.get(group, 3) == 3  # a short batch is the last of its stream's bucket
+        last[group] = len(captions)
+    assert {s for s, _ in last} == {0, 1, 2, 3} and len({shape for _, shape in last}) == 5
+
+
+class Identity(torch.nn.Module):
+    """The first stage and the text towers as identities, so that ShardBatches gives the batches as read:
+    (images, the captions' keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("device_probe", torch.zeros(()))
+
+    def encode(self, x):
+        if isinstance(x, list):  # captions: "caption 000012" -> 12, the empty caption -> -1
+            return torch.tensor([int(c.split()[1]) if c else -1 for c in x])
+        return x
+
+
+@pytest.mark.parametrize("stop", [4, 11, 15, 21])
+def test_bucketed_shard_batches_resume_exactly_where_they_stopped(mixed_shards, stop):
+    """ShardBatches built with the position after `stop` batches (samples still waiting in buckets among
+    it) gives what an unbroken one gives from there, across the epoch's end, with two workers. The stops:
+    early; while one stream gives its partly filled buckets at its end; once it has run out; in the
+    second epoch. A bucketed position does not resume a run without --buckets."""
+    def batches(n, position=None):
+        data = ShardDataset(mixed_shards, 64, shuffle_buffer=4)
+        shard_batches = ShardBatches(data, Identity(), Identity(), 3, workers=2, position=position, buckets=BUCKETS)
+        got, positions = [], []
+        for batch in itertools.islice(shard_batches, n):
+            got.append(batch)
+            positions.append(copy.deepcopy(shard_batches.position()))
+        return got, positions
+    unbroken, positions = batches(28)
+    assert positions[-1]["epoch"] == 1 and positions[stop - 1]["epoch"] == (stop > 18)
+    assert any(where["waiting"] for where in positions[stop - 1]["consumed"].values())
+    resumed, _ = batches(28 - stop, positions[stop - 1])
+    for (images_a, keys_a), (images_b, keys_b) in zip(unbroken[stop:], resumed, strict=True):
+        assert torch.equal(keys_a, keys_b) and torch.equal(images_a, images_b)
+    with pytest.raises(EmuError, match="written with --buckets; resume with the flags it was written with"):
+        ShardBatches(ShardDataset(mixed_shards, 64), Identity(), Identity(), 3, position=positions[stop - 1])

@@ -198,6 +198,11 @@ def test_gradient_accumulation_takes_the_same_step_as_the_whole_batch():
     grad_3 = torch.cat([(before[k] - weights_3[k]).flatten() for k in before])
     assert grad_1.abs().max() > 1e-3
     torch.testing.assert_close(grad_3, grad_1, rtol=1e-4, atol=1e-4 * grad_1.abs().max().item())
+    # a batch shorter than --grad-accum (a stream's last, a bucket's last) takes the same step, not a NaN
+    loss_8, weights_8 = _one_step(nontrivial_unet().train(), latents, text, sgd=True, grad_accum=8)
+    assert abs(loss_1 - loss_8) < 1e-6 * loss_1
+    torch.testing.assert_close(torch.cat([(before[k] - weights_8[k]).flatten() for k in before]), grad_1,
+                               rtol=1e-4, atol=1e-4 * grad_1.abs().max().item())
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

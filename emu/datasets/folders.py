@@ -363,7 +363,8 @@ class Skipped(NamedTuple):
 
 class Batch(tuple):
     """(images (B, 3, H, W), captions) and, as `.skipped`, the Skipped items left out of it; `.source`
-    is (stream, items read) for a batch from a ShardDataset stream (emu/datasets/shards.py), else None."""
+    is (stream, where that stream stands after it) for a batch of a tar-shard stream (emu/datasets/shards.py),
+    else None."""
 
     def __new__(cls, images, captions, skipped=(), source=None):
         batch = super().__new__(cls, (images, captions))

@@ -16,6 +16,8 @@ A shard is data from strangers, so reading one does nothing but read bytes:
 ShardDataset splits the shards of an epoch over ranks and data-loader workers, so that every sample
 is read exactly once per epoch, shuffles within each stream through a buffer, and can start each
 stream at a saved position, so that a resumed run reads what an unbroken run would have.
+BucketedShards makes each stream's samples into batches of one aspect-ratio bucket each, and resumes
+as exactly.
 """
 import posixpath
 import random
@@ -26,8 +28,9 @@ from typing import NamedTuple
 import torch
 
 from emu import EmuError
-from emu.datasets.folders import (BadFile, Skipped, caption_from_metadata, collate, decode_caption, decode_metadata,
-                                  open_rgb, square_tensor)
+from emu.datasets.buckets import nearest_bucket
+from emu.datasets.folders import (BadFile, Skipped, caption_from_metadata, collate, crop_tensor, decode_caption,
+                                  decode_metadata, open_rgb, square_tensor)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 32 * 2**20  # larger than any image a text-to-image set keeps; a caption is far smaller
@@ -95,12 +98,14 @@ def read_shard(path):
         yield RawSample(f"{path}:{current}", **parts)
 
 
-def decode_sample(raw, image_size, caption_field=None, min_size=0, max_aspect=0.0):
+def decode_sample(raw, image_size, caption_field=None, min_size=0, max_aspect=0.0, buckets=None):
     """A RawSample -> (image (3, S, S) in [-1, 1], caption), or Skipped(name, reason).
 
     :param caption_field: take the caption from this metadata field instead of key.txt.
     :param min_size: skip images whose shorter side is below this many pixels (0: no limit).
     :param max_aspect: skip images whose long side exceeds max_aspect times the short one (0: no limit).
+    :param buckets: aspect buckets (emu.datasets.buckets.make_buckets): the image is cropped to the size of
+        the one nearest its aspect ratio, (3, its height, its width), instead of to a square of image_size.
     """
     if raw.problem:
         return Skipped(raw.name, raw.problem)
@@ -120,6 +125,9 @@ def decode_sample(raw, image_size, caption_field=None, min_size=0, max_aspect=0.
             return Skipped(raw.name, "image too small")
         if max_aspect and max(w, h) > max_aspect * min(w, h):
             return Skipped(raw.name, "extreme aspect ratio")
+        if buckets:
+            bucket = buckets[nearest_bucket(w, h, buckets)]
+            return crop_tensor(im, bucket.width, bucket.height), caption
         return square_tensor(im, image_size), caption
     except BadFile as e:
         return Skipped(raw.name, e.reason)
@@ -147,15 +155,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
     Epoch e orders the shards by a permutation seeded with (seed, e) and deals them to
     world_size x num_workers streams; rank r's loader worker w reads stream r * num_workers + w.
     Every sample of the epoch is read by exactly one stream. Each stream shuffles its samples through
-    a buffer seeded with (seed, e, stream) and yields (stream, item) pairs, item being
-    (image, caption) or Skipped: collate_stream makes them batches that remember their stream.
+    a buffer seeded with (seed, e, stream) and yields (stream, read, item) triples, item being
+    (image, caption) or Skipped and read the number of items the stream has given with this one:
+    collate_stream makes them batches that remember where their stream stands.
 
     `exclude` names samples ("shard.tar:key") that are never read: a held-out set (first_samples).
 
-    `position` maps a stream to how many of its items were already consumed this epoch: a resumed
-    run sets it (and `epoch`) from its checkpoint and each stream starts past them. `rotation`
-    turns which worker reads which stream, so that a resumed loader's round robin over its workers
-    continues at the stream the stopped run would have read next.
+    `position` maps a stream to where it stands this epoch, how many of its items were already
+    consumed (BucketedShards keeps its own form of it here): a resumed run sets it (and `epoch`) from
+    its checkpoint and each stream starts past them. `rotation` turns which worker reads which
+    stream, so that a resumed loader's round robin over its workers continues at the stream the
+    stopped run would have read next.
     """
 
     def __init__(self, shards, image_size, caption_field=None, seed=0, shuffle_buffer=1000, rank=0,
@@ -175,17 +185,87 @@ class ShardDataset(torch.utils.data.IterableDataset):
         random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
         return order[stream::num_streams]
 
-    def __iter__(self):
+    def stream(self):
+        """(stream, its RawSamples) for the loader worker that calls it: the stream's index, and its
+        samples of this epoch in their shuffled order, read lazily."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         stream = self.rank * workers + (worker + self.rotation) % workers
         raw = (sample for shard in self.stream_shards(stream, self.world_size * workers) for sample in read_shard(shard)
                if sample.name not in self.exclude)
         rng = random.Random(f"{self.seed}-{self.epoch}-{stream}")
+        return stream, shuffled(raw, self.shuffle_buffer, rng)
+
+    def decode(self, raw, buckets=None):
+        """decode_sample with this set's size, caption field and filters."""
+        return decode_sample(raw, self.image_size, self.caption_field, self.min_size, self.max_aspect, buckets)
+
+    def __iter__(self):
+        stream, samples = self.stream()
         start = self.position.get(stream, 0)
-        for i, sample in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
+        for i, sample in enumerate(samples):
             if i >= start:  # the samples before `start` were trained on before a resume: read, not decoded
-                yield stream, decode_sample(sample, self.image_size, self.caption_field, self.min_size, self.max_aspect)
+                yield stream, i + 1, self.decode(sample)
+
+
+class BucketedShards(torch.utils.data.IterableDataset):
+    """A ShardDataset's streams as batches of one aspect-ratio bucket each (emu/datasets/buckets.py), as
+    SDXL and Kandinsky 2.2 train on web-scale sets: every image keeps about its own aspect ratio.
+
+    Each stream crops every usable sample to the bucket nearest its aspect ratio and puts it in that
+    bucket's buffer (one buffer per bucket size); a buffer that holds `batch_size` samples becomes a
+    batch. When the stream ends (its share of the epoch is read), its partly filled buffers become
+    batches as they are, smaller ones, in bucket order: every usable sample is trained on exactly once
+    an epoch. (Filling them up would repeat samples that the stream has already let go.) Unusable
+    samples travel in the `.skipped` of the stream's next batch, or of an empty batch at its end.
+
+    Iterating gives, per batch, a list of (stream, where, item) triples that collate_stream makes a
+    Batch (a DataLoader with batch_size=None). `where` is where the stream stands after the batch:
+    {"read": how many items of its shuffled order were read, "waiting": the places in that order of the
+    samples read but still in a buffer}. A checkpoint keeps it as the ShardDataset's `position` of the
+    stream. A resumed stream reads its first `read` items again without decoding them, except the
+    waiting ones, which go back into their buffers in the order they were first read: the buffers are
+    what they were, and the stream goes on to give the batches an unbroken one gives. Fewer than
+    batch_size samples wait per bucket, so the position stays small.
+    """
+
+    def __init__(self, data, buckets, batch_size):
+        super().__init__()
+        self.data, self.buckets, self.batch_size = data, buckets, batch_size
+
+    def __iter__(self):
+        stream, samples = self.data.stream()
+        where = self.data.position.get(stream, {"read": 0, "waiting": []})
+        start, waiting = where["read"], set(where["waiting"])
+        buffers = {(b.height, b.width): [] for b in self.buckets}  # bucket size -> [(place, (image, caption))]
+        skipped, read = [], 0  # the unusable samples not yet reported; the items read
+        for i, raw in enumerate(samples):
+            read = i + 1
+            if i < start and i not in waiting:
+                continue  # trained on before a resume: read, not decoded
+            item = self.data.decode(raw, self.buckets)
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            buffer = buffers[tuple(item[0].shape[1:])]
+            buffer.append((i, item))
+            if len(buffer) == self.batch_size:  # never while the waiting samples are put back: each was short of it
+                yield self.batch(stream, read, buffers, buffer, skipped)
+        for buffer in buffers.values():  # the stream's end: what is left, bucket by bucket
+            if buffer:
+                yield self.batch(stream, read, buffers, buffer, skipped)
+        if skipped:
+            yield self.batch(stream, read, buffers, [], skipped)
+
+    @staticmethod
+    def batch(stream, read, buffers, buffer, skipped):
+        """The (stream, where, item) triples of a batch of `buffer`'s samples, after the unusable ones met
+        since the stream's last batch; empties both."""
+        items = skipped + [item for _, item in buffer]
+        buffer.clear()
+        skipped.clear()
+        where = {"read": read, "waiting": sorted(i for rest in buffers.values() for i, _ in rest)}
+        return [(stream, where, item) for item in items]
 
 
 def first_samples(shards, n, image_size, caption_field=None):
@@ -204,10 +284,11 @@ def first_samples(shards, n, image_size, caption_field=None):
     raise EmuError(f"{shards[0]}: the shards hold {len(names)} usable samples, fewer than the {n} to hold out")
 
 
-def collate_stream(pairs):
-    """(stream, item) pairs from one ShardDataset stream -> a Batch whose `.source` is (stream, n)."""
-    batch = collate([item for _, item in pairs])
-    batch.source = (pairs[0][0], len(pairs))
+def collate_stream(triples):
+    """(stream, where, item) triples from one stream of a ShardDataset or BucketedShards -> a Batch whose
+    `.source` is (stream, where the stream stands after the batch: the last triple's `where`)."""
+    batch = collate([item for _, _, item in triples])
+    batch.source = triples[-1][:2]
     return batch
 
 

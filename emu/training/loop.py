@@ -18,7 +18,7 @@ from emu.checkpoint import (checkpoint_problem, load_checkpoint, load_state_dict
                             set_rng_state)
 from emu.datasets.buckets import BucketBatches, BucketedFolder
 from emu.datasets.folders import EpochBatches, ImageCaptionFolder, Skipped, SkipLog, collate
-from emu.datasets.shards import ShardDataset, collate_stream
+from emu.datasets.shards import BucketedShards, ShardDataset, collate_stream
 from emu.text.encoder import Conditioning, drop_captions
 
 
@@ -74,7 +74,9 @@ def train_step(model, objective, latents, text, empty, opt, sched, gen, args, no
     noise_offset = args.noise_offset if noise_offset is None else noise_offset
     draws = objective.training_noise(latents, noise_offset, gen)  # {"t": timesteps, "noise": ...} for diffusion
     opt.zero_grad(set_to_none=True)
-    micro_batches = torch.arange(len(latents), device=latents.device).tensor_split(getattr(args, "grad_accum", 1))
+    # a batch shorter than --grad-accum (a stream's or a bucket's last) has no empty micro-batches: their mean is NaN
+    micro_batches = [idx for idx in torch.arange(len(latents), device=latents.device).tensor_split(getattr(args, "grad_accum", 1))
+                     if len(idx)]
     total = torch.zeros((), device=latents.device)
     for i, idx in enumerate(micro_batches):
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
@@ -255,25 +257,34 @@ class BucketLatentBatches:
 
 class ShardBatches:
     """What the U-Net trains on when the data is tar shards (emu/datasets/shards.py): (latents, text embedding)
-    batch by batch, epoch after epoch, encoded as they come (a web-scale set is never cached).
+    batch by batch, epoch after epoch, encoded as they come (a web-scale set is never cached). With
+    `buckets` (--buckets) every batch is one aspect bucket's (BucketedShards); else images are square.
 
-    `position()` is where the streams stand: the epoch, how many items each stream has given, and
-    which stream the loader's round robin reaches next. A checkpoint keeps it; ShardBatches built with
-    it continues exactly there, so a resumed run trains on the batches an unbroken run would have.
+    `position()` is where the streams stand: {"epoch", "consumed": {stream: where it stands}, "next":
+    which stream the loader's round robin reaches next}. Where a stream stands is how many items it has
+    given, or with buckets BucketedShards' {"read", "waiting"}. A checkpoint keeps it; ShardBatches built
+    with it continues exactly there, so a resumed run trains on the batches an unbroken run would have.
     A batch whose every sample is unusable is counted in `skipped` and passed over.
     """
 
-    def __init__(self, data, ae, text_encoder, batch_size, workers=0, position=None):
-        self.data, self.ae, self.text_encoder = data, ae, text_encoder
+    def __init__(self, data, ae, text_encoder, batch_size, workers=0, position=None, buckets=None):
+        self.data, self.ae, self.text_encoder, self.buckets = data, ae, text_encoder, buckets
         self.device = module_device(ae)
         self.skipped = SkipLog()
         self.empty = text_encoder.encode([""]).to(self.device)
-        self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
-                                                  collate_fn=collate_stream)
+        if buckets is None:
+            self.loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                                      collate_fn=collate_stream)
+        else:  # each stream makes its own batches, one bucket each
+            self.loader = torch.utils.data.DataLoader(BucketedShards(data, buckets, batch_size), batch_size=None,
+                                                      num_workers=workers, collate_fn=collate_stream)
         self.workers = max(1, workers)
         position = position or {"epoch": 0, "consumed": {}, "next": 0}
         self.epoch, self.next = position["epoch"], position["next"]
-        self.consumed = {int(stream): n for stream, n in position["consumed"].items()}
+        self.consumed = {int(stream): where for stream, where in position["consumed"].items()}
+        if any(isinstance(where, dict) != (buckets is not None) for where in self.consumed.values()):
+            raise EmuError(f"the checkpoint's place in the tar shards was written {'with' if buckets is None else 'without'} "
+                           f"--buckets; resume with the flags it was written with")
 
     encode = LatentBatches.encode
 
@@ -282,8 +293,8 @@ class ShardBatches:
             self.data.epoch, self.data.position, self.data.rotation = self.epoch, dict(self.consumed), self.next
             from_start, used = not self.consumed, 0
             for batch in self.loader:  # the workers get the dataset, with these settings, here
-                stream, n = batch.source
-                self.consumed[stream] = self.consumed.get(stream, 0) + n
+                stream, where = batch.source
+                self.consumed[stream] = where
                 self.next = (stream - self.data.rank * self.workers + 1) % self.workers
                 self.skipped.note(batch.skipped)
                 if batch[1]:
@@ -298,7 +309,9 @@ class ShardBatches:
         return {"epoch": self.epoch, "consumed": dict(self.consumed), "next": self.next}
 
     def describe(self):
-        return f"{len(self.data.shards)} tar shards, read and encoded batch by batch; epoch {self.epoch}"
+        buckets = "" if self.buckets is None else (
+            " in aspect buckets (" + ", ".join(f"{b.name} {b.width}x{b.height}" for b in self.buckets) + ")")
+        return f"{len(self.data.shards)} tar shards{buckets}, read and encoded batch by batch; epoch {self.epoch}"
 
 
 def conditioning(text_encoder, captions, images):
@@ -351,16 +364,14 @@ def training_batches(data, ae, text_encoder, args, bs, step, position, world, re
     """This rank's share of each global batch of `bs`: LatentBatches for a folder (starting at `step`;
     with `repeat`, a folder smaller than a batch fills it with repeats), ShardBatches for shards
     (continuing at `position`, this rank's from a checkpoint). With `buckets` (emu.datasets.buckets.make_buckets),
-    a folder's images keep their aspect ratios: BucketLatentBatches."""
+    the images keep their aspect ratios: BucketLatentBatches for a folder, ShardBatches' bucketed streams for shards."""
     if bs % world.world_size:
         raise EmuError(f"batch size {bs} does not split over {world.world_size} ranks")
+    if isinstance(data, ShardDataset):
+        return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position, buckets)
     if buckets is not None:
-        if isinstance(data, ShardDataset):
-            raise EmuError("--buckets reads a folder of image + caption pairs; tar shards are cropped square")
         return BucketLatentBatches(BucketedFolder(data, buckets), ae, text_encoder, bs, args.seed, step, args.cache_mb,
                                    args.workers, world.rank, world.world_size)
-    if isinstance(data, ShardDataset):
-        return ShardBatches(data, ae, text_encoder, bs // world.world_size, args.workers, position)
     return LatentBatches(data, ae, text_encoder, bs, args.seed, step, args.cache_mb, args.workers,
                          world.rank, world.world_size, repeat)
 
@@ -555,9 +566,9 @@ def add_training_flags(p):
                    help="under torchrun: shard the weights, gradients, AdamW state and EMA over the ranks (emu/training/fsdp.py); "
                         "checkpoints become ckpt-<step>/ directories, and a plain ckpt.pt is written at the end")
     p.add_argument("--buckets", action="store_true",
-                   help="train on the folder's images at their own aspect ratios: each goes to the nearest of 9:16, 2:3, "
-                        "1:1, 3:2, 16:9 at about the training resolution's pixel count, each batch from one bucket "
-                        "(emu/datasets/buckets.py; the latent models)")
+                   help="train on the images at their own aspect ratios (a folder or tar shards): each goes to the nearest "
+                        "of 9:16, 2:3, 1:1, 3:2, 16:9 at about the training resolution's pixel count, each batch from one "
+                        "bucket (emu/datasets/buckets.py; the latent models)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and timesteps")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--text-dtype", default="bfloat16", choices=["bfloat16", "float32"],
