@@ -264,6 +264,26 @@ def test_sample_py_draws_from_a_published_folder(tmp_path):
     assert np.abs(np.asarray(image, dtype=np.float64) - np.round(theirs * 255)).max() <= 1  # the same picture
 
 
+def test_the_editor_serves_a_published_folder_and_its_commands_redraw_bit_for_bit(tmp_path):
+    """`sample.py serve --base DIR`: text to image at 16:9 on Stable Diffusion's published layout, drawn
+    as the `sample.py --base` command it records draws it."""
+    from test_editor import Editor, redraw
+    published_folder(tmp_path / "sd")
+    editor = Editor("unused", tmp_path / "editor", "--base", f"{tmp_path}/sd")
+    try:
+        _, _, data = editor.request("GET", "/api/config")
+        config = json.loads(data)
+        assert config["modes"] == ["text"] and config["aspects"]["16:9"] == [80, 48]  # 64-pixel squares, sides in 16s
+        image_id = editor.post("/api/generate", {"mode": "text", "prompt": "a red circle", "aspect": "16:9", "seed": 3,
+                                                 "steps": 4})["id"]
+        assert editor.wait(image_id)["state"] == "done"
+        image = editor.image(image_id)
+        assert image.size == (80, 48) and f"--base {tmp_path}/sd" in image.text["command"]
+        assert np.array_equal(np.asarray(image), redraw(image.text["command"], tmp_path / "redraw"))
+    finally:
+        editor.stop()
+
+
 def write_needles(folder, n=10, size=64):
     """`n` smooth image + caption pairs: a curated set to quality-tune on."""
     folder.mkdir(parents=True)
