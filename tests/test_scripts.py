@@ -531,8 +531,8 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path, ranks):
-    """--buckets on tar shards of images at five aspect ratios, in one process and in two (torchrun over
-    gloo, each rank its own shards): each stream batches its samples by bucket. The checkpoint after 2
+    """--buckets on tar shards of images at five aspect ratios, in one process and in two under FSDP (torchrun
+    over gloo, each rank its own shards): each stream batches its samples by bucket. The checkpoint after 2
     steps holds samples still waiting in a bucket; 2 steps + resume + 2 equal 4 in one go, bit for bit,
     with the same data positions; and qtune.py tunes on the same shards."""
     w, frozen = world
@@ -540,15 +540,16 @@ def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_to
     pack_folder(mixed_folder(w, tmp_path / "mixed"), shards, samples_per_shard=5)
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
     common = [*launch, "pretrain.py", "--data", str(shards), "--buckets", "--bs", "4", "--shuffle-buffer", "4",
-              "--save-every", "2", "--sample-every", "0", *frozen]
+              "--save-every", "2", "--sample-every", "0", *frozen, *(["--fsdp"] if ranks == 2 else [])]
     out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
     assert f"{ranks} rank(s)" in out and ("4 tar shards in aspect buckets (9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, "
                                           "16:9 40x24), read and encoded batch by batch") in out
     run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
-    halfway = torch.load(f"{tmp_path}/split/ckpt-000000002.pt", weights_only=True)["data_position"]
+    suffix = "" if ranks == 2 else ".pt"  # FSDP saves each rank's pieces in a directory
+    halfway = read_training_checkpoint(f"{tmp_path}/split/ckpt-000000002{suffix}")["data_position"]
     assert len(halfway) == ranks and any(where["waiting"] for rank in halfway for where in rank["consumed"].values())
     run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
-    a, b = (torch.load(f"{tmp_path}/{name}/ckpt.pt", weights_only=True) for name in ("straight", "split"))
+    a, b = (read_training_checkpoint(f"{tmp_path}/{name}/ckpt-000000004{suffix}") for name in ("straight", "split"))
     assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
