@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--needles", type=float, default=0.05, help="fraction of photogenic needles in the haystack")
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
-    p.add_argument("--towers", default="runs/towers", help="where to write the toy text towers")
+    p.add_argument("--towers", default="runs/towers", help="where to write the toy text towers; 'none': write the haystack "
+                                                         "only (another haystack of the same world, read by the towers of "
+                                                         "an earlier run)")
     p.add_argument("--tower-steps", type=int, default=200,
                    help="pretraining steps of each toy tower (CLIP contrastive on the haystack, T5 span corruption on its "
                         "captions; the XLM-R's distillation from CLIP twice as many, an eighth the size); 0 leaves "
@@ -76,6 +78,8 @@ def main(args):
     if args.ratings:
         n = write_ratings(args.out, square, args.ratings, args.seed)
         print(f"wrote simulated aesthetic ratings of {n} images to {args.out}/ratings.csv")
+    if args.towers == "none":
+        return
     # CLIP learns from the images and their web captions, as the real one learned from alt-text; T5 reads
     # the accurate captions too, so that the towers know every phrase a toy prompt can use
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]

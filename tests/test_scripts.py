@@ -579,3 +579,16 @@ def test_sample_outpaints_a_window_slid_off_the_image_and_refuses_windows_it_can
         assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == f"error: --window {window}: the window {problem}"
     proc = script("sample.py", "--ckpt", ckpt, "--mode", "outpaint", "--image", image, "--window=-8,0,16,16", "--extend", "0,0,8,0")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --mode outpaint needs either --extend or --window"
+
+
+def test_make_toy_writes_another_haystack_of_the_same_world_without_touching_the_towers(world, tmp_path):
+    """--towers none: a haystack only, here with a share at other ratios; its square images are the world's own."""
+    w, _ = world
+    out = run("data/make_toy.py", "--n", "96", "--aspect-share", "0.5", "--towers", "none", "--ratings", "0", "--out",
+              tmp_path / "ratios")
+    assert "wrote 96 images" in out and "towers" not in out
+    assert sorted(os.listdir(tmp_path)) == ["ratios"]
+    sizes = {Image.open(p).size for p in (tmp_path / "ratios").glob("*.png")}
+    assert (32, 32) in sizes and len(sizes) > 2
+    square = [p.name for p in (tmp_path / "ratios").glob("*.png") if Image.open(p).size == (32, 32)]
+    assert square and all((tmp_path / "ratios" / n).read_bytes() == open(f"{w}/haystack/{n}", "rb").read() for n in square)
