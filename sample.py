@@ -33,7 +33,7 @@ image to cover it.
 The demo's editor puts every mode on a local page, for one model (emu/demo/editor.py; each image it draws
 records the sample.py command that draws it again, bit for bit):
 
-    python sample.py serve --ckpt runs/kandinsky/inpaint/ckpt.pt    # then open http://127.0.0.1:8001
+    python sample.py serve --ckpt runs/kandinsky/editor/ckpt.pt    # then open http://127.0.0.1:8001
 """
 import argparse
 import os
@@ -105,7 +105,7 @@ def parse_args(argv=None):
 def parse_serve_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py serve", description="The demo's image editor in the browser "
                                 "(emu/demo/editor.py): every mode of sample.py on one page, for one model.")
-    add_model_flags(p, ckpt="runs/kandinsky/inpaint/ckpt.pt")
+    add_model_flags(p, ckpt="runs/kandinsky/editor/ckpt.pt")  # what `bash toy.sh editor` trains
     p.add_argument("--out", default="runs/editor", help="where every image and job is written, as soon as it exists")
     p.add_argument("--styles", default="data/styles.tsv", help="the style selector's file: name<TAB>prompt suffix per line")
     p.add_argument("--cfg", type=float, default=5.0, help="the page's default guidance scale")

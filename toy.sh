@@ -12,12 +12,15 @@ fi
 py=.venv/bin/python
 step() { echo; echo "== $*"; local t0=$SECONDS; "$py" "$@"; echo "   ($((SECONDS - t0)) s)"; }
 if [ "${1:-}" = "editor" ]; then
-  # After the pipeline: Kandinsky's toy parts, once (MoVQ, the linear prior, the inpainting decoder, which
-  # draws every mode of the demo), then the editor on http://127.0.0.1:8001 until Ctrl-C.
+  # After the pipeline: Kandinsky's toy parts, once (MoVQ, the linear prior, and the inpainting decoder, which
+  # draws every mode of the demo, trained in aspect buckets on a haystack with 40% of its scenes at the other
+  # four ratios), then the editor on http://127.0.0.1:8001 until Ctrl-C.
+  [ -d runs/toy/haystack-ratios ] || step data/make_toy.py --aspect-share 0.4 --towers none --out runs/toy/haystack-ratios
   [ -f runs/movq/ckpt.pt ] || step train_ae.py --arch kandinsky
   [ -f runs/prior/prior.pt ] || step train_prior.py --kind linear
-  [ -f runs/kandinsky/inpaint/ckpt.pt ] || step pretrain.py --arch kandinsky --preset toy-inpaint --out runs/kandinsky/inpaint
-  exec "$py" sample.py serve
+  [ -f runs/kandinsky/editor/ckpt.pt ] || step pretrain.py --arch kandinsky --preset toy-inpaint --buckets \
+    --data runs/toy/haystack-ratios --steps 2100 --out runs/kandinsky/editor
+  exec "$py" sample.py serve --ckpt runs/kandinsky/editor/ckpt.pt
 fi
 start=$SECONDS
 step data/make_toy.py
