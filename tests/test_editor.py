@@ -292,6 +292,13 @@ def test_uploads_are_checked_by_content_and_the_window_must_reach_off_the_pictur
     assert (grown[:8, :16] == 128).all()
 
 
+def test_a_second_editor_on_the_same_folder_is_refused_in_one_line(served):
+    proc = subprocess.run([*served.argv, "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    folder = served.argv[served.argv.index("--out") + 1]
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {folder}: another editor is serving this folder (give it another --out)")
+
+
 def test_the_editor_warns_off_loopback_and_refuses_the_architectures_it_cannot_drive(kandinsky_world, toy_world, tmp_path):
     proc = subprocess.run([sys.executable, "sample.py", "serve", "--ckpt", f"{kandinsky_world}/inpaint/ckpt.pt", "--out",
                            str(tmp_path / "e"), "--styles", str(tmp_path / "missing.tsv")], cwd=ROOT, capture_output=True, text=True)

@@ -6,11 +6,13 @@ drawn, uploaded, or is a mask a person painted. A generation is a job that will 
 It is written down (`0007.json`: the request, the sample.py command that draws it, its state) the
 moment it is queued, and its PNG is written the moment it is drawn, both atomically (write, then
 rename). So a closed tab loses nothing, and a server that is stopped or killed and started again
-finds every image and resumes the jobs that had not finished, in their order.
+finds every image and resumes the jobs that had not finished, in their order. One server at a time
+serves a folder (a lock file, released by the system however the server ends).
 
 The drawing itself is not here: the queue is given `draw(argv, callback) -> (image (H, W, 3) uint8,
 metadata)`, which sample.py supplies, drawing exactly as `python sample.py ARGV` does.
 """
+import fcntl
 import io
 import json
 import os
@@ -42,6 +44,11 @@ class JobQueue:
     def __init__(self, folder, draw, command_prefix="python sample.py"):
         self.folder, self.draw, self.command_prefix = folder, draw, command_prefix
         os.makedirs(folder, exist_ok=True)
+        self.lock = open(os.path.join(folder, ".lock"), "w")  # held while this server lives: one writer per folder
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmuError(f"{folder}: another editor is serving this folder (give it another --out)") from None
         self.changed = threading.Condition()
         self.images = {}  # id -> metadata of every finished image (PNG text chunks)
         self.jobs = {}  # id -> job record (dict), every job ever queued
