@@ -143,9 +143,12 @@ def test_the_multilingual_decoder_reads_xlmr_in_place_of_clip_and_t5_tokens():
     torch.testing.assert_close(cond.xlmr, states)
     torch.testing.assert_close(cond.pooled, vector)
     assert torch.equal(cond.xlmr_mask, mask)
-    # text alone: the prior still reads CLIP's text tower, and the empty caption gets a zero image embedding
+    # text alone: the linear prior reads M-CLIP's vector in place of CLIP's pooled one (so a Russian prompt
+    # reaches it), and the empty caption gets a zero image embedding
     alone = encoder.encode(captions)
-    torch.testing.assert_close(alone.image[:2], prior(towers.encode(captions[:2])))
+    through_mclip = prior(dataclasses.replace(towers.encode(captions[:2]), pooled=vector[:2]))
+    torch.testing.assert_close(alone.image[:2], through_mclip)
+    assert (through_mclip - prior(towers.encode(captions[:2]))).abs().max() > 1e-3
     assert torch.equal(alone.image[2], torch.zeros(6)) and torch.equal(alone.xlmr, cond.xlmr)
     # caption dropout swaps in the empty caption's row, cut to the batch's length
     dropped = cond.where(torch.tensor([True, False, True]), encoder.encode([""]))

@@ -151,6 +151,8 @@ class ImageTextEncoder(nn.Module):
         text = None  # CLIP's and T5's embeddings, computed only where something reads them
         if self.xlmr is None or (image_embeds is None and images is None):
             text = self.text_encoder.encode(captions)
+        if self.xlmr is not None:
+            states, mask, vector = self.xlmr.encode(captions)
         if image_embeds is None and images is not None:
             image_embeds = self.embed_images(images)
         elif image_embeds is None:  # text alone: the prior's prediction, and zeros for the empty caption
@@ -162,13 +164,23 @@ class ImageTextEncoder(nn.Module):
                     raise EmuError("text to image with Kandinsky's decoder needs an image prior (train_prior.py; --prior PATH)")
                 uncond = self.text_encoder.encode([""] * len(captions))
                 gen = torch.Generator(device).manual_seed(self.seed)
-                predicted = self.prior.generate(text, uncond, steps=self.prior_steps, cfg_scale=self.prior_cfg, generator=gen)
+                predicted = self.prior.generate(self.prior_input(text, vector if self.xlmr is not None else None), uncond,
+                                                steps=self.prior_steps, cfg_scale=self.prior_cfg, generator=gen)
                 image_embeds = torch.where(empty[:, None], image_embeds, predicted.float())
         if self.xlmr is None:
             return TextImageEmbedding(**vars(text), image=image_embeds.float().to(text.pooled.device))
-        states, mask, vector = self.xlmr.encode(captions)
         return MultilingualImageEmbedding(xlmr=states, xlmr_mask=mask, pooled=vector,
                                           image=image_embeds.float().to(vector.device))
+
+    def prior_input(self, text, vector=None):
+        """What the image prior reads of the captions: CLIP's text embedding; or, with the multilingual tower
+        and a linear prior (which reads the pooled vector alone), M-CLIP's `vector` in its place. M-CLIP
+        was trained to put a caption in any language where CLIP's text tower puts the English one, so a
+        prompt in Russian reaches the prior too, where CLIP's tokenizer would read it as unknown pieces.
+        A diffusion prior also reads CLIP's token states, which M-CLIP does not give: it keeps CLIP's."""
+        if vector is None or getattr(self.prior, "kind", None) != "linear" or vector.shape[-1] != self.prior.cfg_dims()[0]:
+            return text
+        return dataclasses.replace(text, pooled=vector.to(text.pooled.device, text.pooled.dtype))
 
 
 def load_kandinsky_parts(tokenizer, text_encoder, clip_dir, prior_path, device, dtype, xlmr=None):
