@@ -16,7 +16,7 @@ const state = {
   jobs: new Map(),    // id -> last status, for the jobs this page waits for
   uploads: [],        // {id, width, height} of images added for fusion
 };
-const ZOOMS = [1, 2, 3, 4, 6, 8, 12, 16, 24];
+const ZOOMS = [0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24];  // below 1 for real models' 512 to 1024-pixel pictures
 
 // -- talking to the server -------------------------------------------------------
 
@@ -153,7 +153,7 @@ async function showCommand(id) {
 
 function fitZoom(picture) {
   const fits = ZOOMS.filter((z) => picture.width * z <= 640 && picture.height * z <= 400);
-  return fits.length ? fits[fits.length - 1] : 1;
+  return fits.length ? fits[fits.length - 1] : ZOOMS[0];
 }
 
 function margin() {
