@@ -126,10 +126,20 @@ def test_pretrain_on_tar_shards_resumes_where_the_streams_stopped(world, tmp_pat
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
+def resume_from_copy(checkpoint, out):
+    """A run folder `out` holding only a copy of another run's rolling checkpoint (a file, or FSDP's
+    directory): what a run stopped right after writing it leaves, for `--resume auto` to continue.
+    A run's checkpoint at step s does not depend on how many steps it was asked for (a constant rate
+    after warmup, the same data order), so continuing it must give the unbroken run's later steps."""
+    os.makedirs(out)
+    target = os.path.join(out, os.path.basename(checkpoint))
+    (shutil.copytree if os.path.isdir(checkpoint) else shutil.copy)(checkpoint, target)
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_ranks_train_and_resume_bitwise(world, tmp_path, engine):
-    """torchrun, 2 processes over gloo on tar shards: 3 steps + resume + 3 steps equals 6 steps in one
-    go (model, EMA and each rank's data position). DDP: the replicas agree at the end. FSDP: each rank
+    """torchrun, 2 processes over gloo on tar shards: resuming from the step-3 checkpoint and going on to
+    step 6 equals 6 steps in one go (model, EMA and each rank's data position). DDP: the replicas agree at the end. FSDP: each rank
     saves its pieces into ckpt-<step>/ directories, and the whole weights are exported as ckpt.pt."""
     w, frozen = world
     pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=12)
@@ -138,9 +148,10 @@ def test_two_ranks_train_and_resume_bitwise(world, tmp_path, engine):
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain.py"]
     out = run(*launch, *common, "--out", f"{tmp_path}/straight", "--steps", "6")
     assert "2 rank(s)" in out and ("the replicas' weights agree" in out) == (engine == "ddp")
-    run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "3")
+    suffix = ".pt" if engine == "ddp" else ""
+    resume_from_copy(f"{tmp_path}/straight/ckpt-000000003{suffix}", f"{tmp_path}/split")  # as if stopped at step 3
     run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "6", "--resume", "auto")
-    newest = "ckpt-000000006" + (".pt" if engine == "ddp" else "")
+    newest = "ckpt-000000006" + suffix
     assert os.path.isdir(f"{tmp_path}/split/{newest}") == (engine == "fsdp")
     a, b = (read_training_checkpoint(f"{tmp_path}/{run_}/{newest}") for run_ in ("straight", "split"))
     assert len(a["data_position"]) == 2 and a["data_position"] == b["data_position"] and a["step"] == 6
@@ -533,8 +544,8 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
 def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path, ranks):
     """--buckets on tar shards of images at five aspect ratios, in one process and in two under FSDP (torchrun
     over gloo, each rank its own shards): each stream batches its samples by bucket. The checkpoint after 2
-    steps holds samples still waiting in a bucket; 2 steps + resume + 2 equal 4 in one go, bit for bit,
-    with the same data positions; and qtune.py tunes on the same shards."""
+    steps holds samples still waiting in a bucket; resuming from it to step 4 equals 4 steps in one go, bit
+    for bit, with the same data positions; and qtune.py tunes on the same shards."""
     w, frozen = world
     shards = tmp_path / "shards"
     pack_folder(mixed_folder(w, tmp_path / "mixed"), shards, samples_per_shard=5)
@@ -544,10 +555,10 @@ def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_to
     out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
     assert f"{ranks} rank(s)" in out and ("4 tar shards in aspect buckets (9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, "
                                           "16:9 40x24), read and encoded batch by batch") in out
-    run(*common, "--steps", "2", "--out", f"{tmp_path}/split")
     suffix = "" if ranks == 2 else ".pt"  # FSDP saves each rank's pieces in a directory
-    halfway = read_training_checkpoint(f"{tmp_path}/split/ckpt-000000002{suffix}")["data_position"]
+    halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000002{suffix}")["data_position"]
     assert len(halfway) == ranks and any(where["waiting"] for rank in halfway for where in rank["consumed"].values())
+    resume_from_copy(f"{tmp_path}/straight/ckpt-000000002{suffix}", f"{tmp_path}/split")  # as if stopped at step 2
     run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
     a, b = (read_training_checkpoint(f"{tmp_path}/{name}/ckpt-000000004{suffix}") for name in ("straight", "split"))
     assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"]
