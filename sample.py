@@ -43,8 +43,8 @@ import torch
 
 from emu import EmuError
 from emu.arch import ARCHS, LATENT_ARCHS, image_multiple
-from emu.datasets.buckets import RATIOS, bucket_by_name, make_buckets, nearest_bucket
-from emu.datasets.folders import BadFile, crop_tensor, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
+from emu.datasets.buckets import RATIOS, bucket_by_name, fit_to_bucket, make_buckets
+from emu.datasets.folders import BadFile, from_pil, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
 from emu.demo.editor import EditorServer, read_styles
 from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
 from emu.evaluation.faithfulness import load_classifier
@@ -99,7 +99,9 @@ def parse_args(argv=None):
                    help="toy world: also print how often the images show what their prompts state, read by this attribute "
                         "classifier (eval_pairs.py's --judge file, e.g. runs/judges/attributes.pt)")
     p.add_argument("--out", default="runs/samples", help="output directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_mode_flags(args)  # before any model is loaded
+    return args
 
 
 def parse_serve_args(argv=None):
@@ -155,7 +157,6 @@ def draw(args, model, callback=None):
     prompts = list(args.prompt or []) + ([p for p, _ in read_prompts(args.prompts)] if args.prompts else [])
     if not prompts and args.mode == "text":
         prompts = ["two red circles on the left on a teal background", "a yellow square in the center on a black background"]
-    check_mode_flags(args)
     if args.mode != "text" and model.arch.name != "kandinsky":
         raise EmuError(f"--mode {args.mode} needs Kandinsky's decoder (pretrain.py --arch kandinsky); {args.ckpt} is --arch {model.arch.name}")
     size = image_size(args, model)  # (width, height), or None for the training resolution
@@ -258,10 +259,8 @@ def read_canvas(path, model):
         raise EmuError(f"--image {e}") from None
     width, height = im.size
     if width % multiple or height % multiple:
-        buckets = make_buckets(model.image_size, multiple)
-        bucket = buckets[nearest_bucket(width, height, buckets)]
-        width, height = bucket.width, bucket.height
-    return crop_tensor(im, width, height)[None]
+        return fit_to_bucket(im, make_buckets(model.image_size, multiple))[None]
+    return from_pil(im)[None]
 
 
 def mode_inputs(args, model, prompts):

@@ -1,8 +1,8 @@
 """Masks for inpainting and outpainting (emu/variants/inpaint.py)."""
 import torch
 
-from emu.variants.inpaint import (crop_window, hole_fraction, inpaint_condition, latent_mask, outpaint_canvas, outpaint_window,
-                                  paste_known, place_window, random_masks, segment_distance)
+from emu.variants.inpaint import (crop_window, hole_fraction, inpaint_condition, latent_mask, outpaint_window, paste_known,
+                                  place_window, random_masks, segment_distance)
 
 
 def test_training_masks_are_binary_seeded_and_varied():
@@ -25,8 +25,8 @@ def test_a_stroke_is_the_pixels_near_its_segment():
 
 def test_outpainting_extends_the_canvas_around_the_image():
     images = torch.rand(2, 3, 8, 8) * 2 - 1
-    canvas, mask = outpaint_canvas(images, top=2, bottom=0, left=4, right=4)
-    assert canvas.shape == (2, 3, 10, 16) and mask.shape == (2, 1, 10, 16)
+    canvas, mask, window = outpaint_window(images, left=-4, top=-2, width=16, height=10)  # 2 rows on top, 4 columns a side
+    assert window == (0, 0, 16, 10) and canvas.shape == (2, 3, 10, 16) and mask.shape == (2, 1, 10, 16)
     assert torch.equal(canvas[:, :, 2:, 4:12], images) and mask[:, :, 2:, 4:12].eq(0).all()
     assert mask.sum().item() == 2 * (10 * 16 - 8 * 8) and canvas[mask.expand_as(canvas) == 1].eq(0).all()
 
@@ -54,6 +54,7 @@ def test_an_outpaint_window_off_a_corner_grows_the_canvas_and_marks_only_the_new
     drawn = torch.full((2, 3, 4, 4), 0.5)
     placed = place_window(canvas, drawn, window)
     assert torch.equal(crop_window(placed, window), drawn) and torch.equal(placed[..., :2, :], canvas[..., :2, :])
-    wide, border = outpaint_canvas(images, 1, 2, 3, 4)  # --extend: the window is the whole grown canvas
-    same, hole2, whole = outpaint_window(images, -3, -1, 13, 7)
-    assert torch.equal(wide, same) and torch.equal(border, hole2) and whole == (0, 0, 13, 7)
+    # --extend 1,2,3,4 (top, bottom, left, right): the window is the whole grown canvas, the image in its place
+    wide, border, whole = outpaint_window(images, -3, -1, 13, 7)
+    assert whole == (0, 0, 13, 7) and torch.equal(wide[..., 1:5, 3:9], images) and border[..., 1:5, 3:9].eq(0).all()
+    assert border.sum() == 2 * (7 * 13 - 4 * 6)

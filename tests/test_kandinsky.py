@@ -10,7 +10,7 @@ from emu import EmuError
 from emu.arch import get_arch
 from emu.text.clip import CLIP_VISION_PRESETS, CLIPVisionModel, clip_preprocess
 from emu.diffusion import GaussianDiffusion
-from emu.variants.inpaint import box_mask, outpaint_canvas
+from emu.variants.inpaint import box_mask, outpaint_window
 from emu.variants.kandinsky import (KANDINSKY_PRESETS, ImageTextEncoder, InpaintingDiffusion, MoVQLatents,
                                     decoder_config, decoder_generate, fuse_embeddings)
 from emu.models.vq import VQ_PRESETS, VQTokenizer
@@ -218,7 +218,7 @@ def test_inpainting_keeps_the_known_region_and_outpainting_extends_the_canvas():
     assert torch.equal(out, decoder_generate(unet, movq, diffusion, text, uncond, [0, 1], (32, 32), 3.0, 3, "ddim", 0.0,
                                              (other.clamp(-1, 1), mask)))
     # outpainting: a canvas 16 pixels wider on each side, the image in its middle
-    canvas, border = outpaint_canvas(images, 0, 0, 16, 16)
+    canvas, border, _ = outpaint_window(images, -16, 0, 64, 32)
     wide = decoder_generate(unet, movq, diffusion, text, uncond, [0, 1], (32, 64), 3.0, 3, "ddim", 0.0, (canvas, border))
     assert wide.shape == (2, 3, 32, 64) and torch.equal(wide[..., 16:48], images)
     assert (wide[..., :16] != 0).float().mean() > 0.9  # the grey border was painted

@@ -51,6 +51,13 @@ def nearest_bucket(width, height, buckets):
     return min(range(len(buckets)), key=lambda i: abs(math.log(width / height) - math.log(buckets[i].width / buckets[i].height)))
 
 
+def fit_to_bucket(im, buckets):
+    """An RGB PIL image resized and centre-cropped (crop_tensor) to the bucket nearest its aspect ratio:
+    (3, height, width) in [-1, 1]."""
+    bucket = buckets[nearest_bucket(*im.size, buckets)]
+    return crop_tensor(im, bucket.width, bucket.height)
+
+
 def bucket_by_name(name, buckets):
     """The bucket called `name` ("16:9"), or a one-line EmuError listing the others."""
     for bucket in buckets:

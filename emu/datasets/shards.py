@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 
 from emu import EmuError
-from emu.datasets.buckets import nearest_bucket
-from emu.datasets.folders import (BadFile, Skipped, caption_from_metadata, collate, crop_tensor, decode_caption,
-                                  decode_metadata, open_rgb, square_tensor)
+from emu.datasets.buckets import fit_to_bucket
+from emu.datasets.folders import (BadFile, Skipped, caption_from_metadata, collate, decode_caption, decode_metadata,
+                                  open_rgb, square_tensor)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 32 * 2**20  # larger than any image a text-to-image set keeps; a caption is far smaller
@@ -125,10 +125,7 @@ def decode_sample(raw, image_size, caption_field=None, min_size=0, max_aspect=0.
             return Skipped(raw.name, "image too small")
         if max_aspect and max(w, h) > max_aspect * min(w, h):
             return Skipped(raw.name, "extreme aspect ratio")
-        if buckets:
-            bucket = buckets[nearest_bucket(w, h, buckets)]
-            return crop_tensor(im, bucket.width, bucket.height), caption
-        return square_tensor(im, image_size), caption
+        return (fit_to_bucket(im, buckets) if buckets else square_tensor(im, image_size)), caption
     except BadFile as e:
         return Skipped(raw.name, e.reason)
 

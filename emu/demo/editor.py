@@ -31,10 +31,11 @@ import json
 import os
 import random
 
+import numpy as np
 from PIL import Image
 
-from emu.datasets.buckets import make_buckets, nearest_bucket
-from emu.datasets.folders import BadFile, crop_tensor, open_rgb, to_uint8
+from emu.datasets.buckets import fit_to_bucket, make_buckets
+from emu.datasets.folders import BadFile, open_rgb, to_uint8
 from emu.demo.jobs import JobQueue
 from emu.variants.inpaint import window_problem
 from emu.web import BadRequest, LocalServer, SafeHandler
@@ -170,11 +171,9 @@ class EditorServer(LocalServer):
             status = 413 if e.reason == "too many pixels" else 400
             raise BadRequest(status, str(e)) from None
         if kind == "image":
-            buckets = list(self.buckets.values())
-            bucket = buckets[nearest_bucket(*im.size, buckets)]
-            pixels = to_uint8(crop_tensor(im, bucket.width, bucket.height)[None])[0]
+            pixels = to_uint8(fit_to_bucket(im, list(self.buckets.values()))[None])[0]
         else:
-            pixels = to_uint8(crop_tensor(im, *im.size)[None])[0]
+            pixels = np.asarray(im)
         image_id = self.queue.add_image(pixels, {"kind": kind})
         return image_id, pixels.shape[1], pixels.shape[0]
 

@@ -106,19 +106,6 @@ def place_window(canvas, drawn, window):
     return out
 
 
-def outpaint_canvas(images, top, bottom, left, right):
-    """Extend images by borders of the given sizes in pixels: outpaint_window with a window that is the
-    whole grown canvas.
-
-    :param images: (B, 3, H, W) in [-1, 1].
-    :return: (canvas (B, 3, H + top + bottom, W + left + right) with the images in place and grey
-              (0) borders, mask (B, 1, ...) with 1 on the borders).
-    """
-    H, W = images.shape[-2:]
-    canvas, hole, _ = outpaint_window(images, -left, -top, W + left + right, H + top + bottom)
-    return canvas, hole
-
-
 def latent_mask(mask, factor):
     """A pixel mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): a latent pixel is in the hole
     if any pixel it covers is (max pooling), so nothing of the hole is treated as known."""
