@@ -129,6 +129,8 @@ def test_a_person_uses_every_mode_of_the_editor_and_a_restart_loses_nothing(kand
             b.wait_for("document.body.dataset.ready")
             shown = b.evaluate("Array.from(document.querySelectorAll('#history img')).map(i => Number(i.dataset.id))")
             assert shown == sorted([text, inpainted, outpainted, varied, fused, first, first + 1, first + 2], reverse=True)
+            # the thumbnails must have loaded first: until then the row's layout still moves under the mouse
+            b.wait_for("Array.from(document.querySelectorAll('#history img')).every(i => i.complete && i.naturalWidth > 0)")
             b.click(f"#history img[data-id='{outpainted}']")
             b.wait_for(f"state.current.id === {outpainted} && picture.complete")
             b.screenshot(str(tmp_path / "editor.png"))
