@@ -7,8 +7,10 @@ The haystack is written as key.png + key.txt (the web caption) + key.json (hidde
 the accurate caption), the layout every script reads. The towers' tokenizers are trained on the toy
 captions, and the towers are pretrained briefly as the real ones were (CLIP contrastively on the
 haystack's image-caption pairs, T5 by span corruption on its captions), then frozen. A third tower,
-the toy XLM-R of Kandinsky 2.1, reads English and Russian: it is distilled from the trained toy CLIP
-as M-CLIP was, on every toy scene's caption in both languages. Their files have the same names and
+the toy XLM-R of Kandinsky 2.1, reads English and Russian: it learns both languages from the haystack's
+web captions (and their Russian versions), then is distilled from the trained toy CLIP as M-CLIP was,
+on every toy scene's caption in both languages. `--russian-share` writes a share of the haystack's own
+captions in Russian, for Kandinsky's multilingual decoder. Their files have the same names and
 keys as the public CLIP ViT-L/14, T5 v1.1 and M-CLIP (kandinsky-2-1's text_encoder/) checkpoints, so
 the real ones load the same way.
 """
@@ -35,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--aspect-share", type=float, default=0.0,
                    help="share of the haystack drawn at 9:16, 2:3, 3:2 or 16:9 (about --size squared pixels) instead of "
                         "square, for pretrain.py --buckets")
+    p.add_argument("--russian-share", type=float, default=0.0,
+                   help="share of the web captions written in Russian (the same images), for Kandinsky's multilingual "
+                        "decoder (pretrain.py --arch kandinsky --xlmr)")
     p.add_argument("--needles", type=float, default=0.05, help="fraction of photogenic needles in the haystack")
     p.add_argument("--seed", type=int, default=0, help="world seed")
     p.add_argument("--out", default="runs/toy/haystack", help="haystack folder")
@@ -71,7 +76,7 @@ def square_views(images, size):
 
 def main(args):
     examples = toyworld.make_haystack(args.n, seed=args.seed, size=args.size, needle_fraction=args.needles,
-                                      aspect_share=args.aspect_share)
+                                      aspect_share=args.aspect_share, russian_share=args.russian_share)
     toyworld.write_folder(args.out, examples)
     print(f"wrote {len(examples)} images ({sum(m['needle'] for _, _, m in examples)} needles) to {args.out}")
     square = square_views([image for image, _, _ in examples], args.size)  # what the judges and CLIP read
@@ -84,10 +89,14 @@ def main(args):
     # the accurate captions too, so that the towers know every phrase a toy prompt can use
     captions = [text for _, text, _ in examples] + [m["true_caption"] for _, _, m in examples]
     images = from_uint8(square)
-    # the XLM-R learns every scene's caption in English and Russian, as M-CLIP learned translated captions
+    # the XLM-R reads a web of both languages (each image's web caption in Russian too, whatever the haystack's
+    # --russian-share), then learns every scene's caption in English and Russian, as M-CLIP learned translated ones
+    rng = np.random.default_rng([args.seed, 8831])
+    russian = [toyworld.web_caption(toyworld.scene_from_attributes(m["attributes"]), rng, "ru") for _, _, m in examples]
     translated = [(toyworld.caption(s, "en"), toyworld.caption(s, "ru")) for s in toyworld.every_scene()]
     clip_dir, t5_dir, xlmr_dir = make_toy_towers(captions, args.towers, seed=args.seed, images=images,
-                                                 steps=args.tower_steps, log=print, translated=translated)
+                                                 steps=args.tower_steps, log=print, translated=translated,
+                                                 multilingual=russian)
     print(f"wrote toy text towers to {clip_dir}, {t5_dir} and {xlmr_dir}")
     if args.tower_steps:  # on images CLIP never saw: a new world seed
         held_out = toyworld.make_haystack(min(500, args.n), seed=args.seed + 1, size=args.size, needle_fraction=args.needles)

@@ -15,6 +15,7 @@ from emu.arch import get_arch
 from emu.checkpoint import read_metrics
 from emu.evaluation.metrics import seed_variety
 from emu.pipeline import TextToImage, read_training_checkpoint
+from emu.datasets import toyworld
 from emu.datasets.shards import pack_folder
 from experiments.common import copy_examples
 from launch import run, script
@@ -593,13 +594,22 @@ def test_sample_outpaints_a_window_slid_off_the_image_and_refuses_windows_it_can
 
 
 def test_make_toy_writes_another_haystack_of_the_same_world_without_touching_the_towers(world, tmp_path):
-    """--towers none: a haystack only, here with a share at other ratios; its square images are the world's own."""
+    """--towers none: a haystack only, here with a share at other ratios and half its captions in Russian; its square
+    images are the world's own, and a square one's Russian caption says what the world's English one says."""
     w, _ = world
-    out = run("data/make_toy.py", "--n", "96", "--aspect-share", "0.5", "--towers", "none", "--ratings", "0", "--out",
-              tmp_path / "ratios")
+    out = run("data/make_toy.py", "--n", "96", "--aspect-share", "0.5", "--russian-share", "0.5", "--towers", "none",
+              "--ratings", "0", "--out", tmp_path / "ratios")
     assert "wrote 96 images" in out and "towers" not in out
     assert sorted(os.listdir(tmp_path)) == ["ratios"]
     sizes = {Image.open(p).size for p in (tmp_path / "ratios").glob("*.png")}
     assert (32, 32) in sizes and len(sizes) > 2
     square = [p.name for p in (tmp_path / "ratios").glob("*.png") if Image.open(p).size == (32, 32)]
     assert square and all((tmp_path / "ratios" / n).read_bytes() == open(f"{w}/haystack/{n}", "rb").read() for n in square)
+    russian = [p for p in (tmp_path / "ratios").glob("*.json") if json.loads(p.read_text()).get("language") == "ru"]
+    assert 30 <= len(russian) <= 66
+    for p in russian:
+        text = p.with_suffix(".txt").read_text()
+        assert any("а" <= ch <= "я" for ch in text), text
+        if p.stem + ".png" in square:  # the same draws as the world's English caption (a larger image draws more noise)
+            english = open(f"{w}/haystack/{p.stem}.txt").read()
+            assert toyworld.parse_caption(text) == toyworld.parse_caption(english), (text, english)

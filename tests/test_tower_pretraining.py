@@ -12,7 +12,8 @@ from emu.evaluation.accuracy import clip_zero_shot, every_caption, mclip_retriev
 from emu.text.clip import load_clip_text
 from emu.text.encoder import make_toy_towers
 from emu.text.hf import tokenize
-from emu.text.pretraining import clip_text_embeddings, contrastive_loss, span_corruption, train_mclip, train_t5
+from emu.text.pretraining import (clip_text_embeddings, contrastive_loss, span_corruption, train_mclip, train_t5, train_xlmr,
+                                  xlmr_span_corruption)
 from emu.text.t5 import T5_PRESETS, TOY_SENTINELS, T5Encoder, build_toy_t5_tokenizer, sentinel_ids
 from emu.text.xlmr import XLMR_UNK, load_xlmr, save_xlmr
 
@@ -98,6 +99,46 @@ def test_every_caption_covers_each_scene_once():
 
 # ----------------------------------------------------------------------------------------------------
 # M-CLIP: the multilingual XLM-R distilled from CLIP
+
+
+def test_xlmr_span_corruption_learns_both_languages_and_rehearsal_keeps_them_through_the_distillation(tmp_path):
+    """The toy XLM-R learns its captions by span corruption (every cut span is its <mask>): the loss falls
+    from about log(vocab) to a fraction of it. M-CLIP's distillation alone then pulls the tower towards
+    the teacher's vectors and it forgets the language (its span loss rises); rehearsing the language
+    task beside the distillation keeps it, while the distillation still fits the teacher."""
+    english, russian = [c for c, _ in every_caption("en")], [c for c, _ in every_caption("ru")]
+    clip_dir, _, xlmr_dir = make_toy_towers(english, tmp_path, translated=list(zip(english, russian)))
+    clip, clip_tokenizer = load_clip_text(clip_dir, dtype=torch.float32)
+    teacher = clip_text_embeddings(clip, clip_tokenizer, english)
+    order = torch.randperm(len(english), generator=torch.Generator().manual_seed(0)).tolist()
+    seen, unseen = order[360:], order[:360]  # the language loss is measured on captions it never trained on
+    both = lambda scenes: [english[i] for i in scenes] + [russian[i] for i in scenes]
+
+    def language_loss(probe):
+        probe.rng = np.random.default_rng(99)  # the same spans cut each time
+        with torch.no_grad():
+            return probe.loss(range(len(probe))).item()
+
+    xlmr, tokenizer = load_xlmr(xlmr_dir, dtype=torch.float32)
+    xlmr.requires_grad_(True)
+    task, probe = xlmr_span_corruption(xlmr, tokenizer, both(seen)), xlmr_span_corruption(xlmr, tokenizer, both(unseen))
+    probe.decoder = task.decoder
+    losses = train_xlmr(xlmr, task, steps=150, batch_size=64, lr=3e-3)
+    assert np.mean(losses[:5]) > 0.8 * np.log(tokenizer.get_vocab_size())
+    before = language_loss(probe)
+    assert before < 0.4 * np.mean(losses[:5]), (losses[:5], before)
+    learned = [{k: v.clone() for k, v in m.state_dict().items()} for m in (xlmr, task.decoder)]
+    results = {}
+    for rehearse in (False, True):  # each from the language model just learned
+        for m, state in zip((xlmr, task.decoder), learned):
+            m.load_state_dict(state)
+        distill = train_mclip(xlmr, tokenizer, torch.cat([teacher, teacher]), both(range(len(english))), steps=150, batch_size=32,
+                              lr=3e-3, rehearse=task if rehearse else None, rehearse_batch=32, rehearse_weight=1.0)
+        results[rehearse] = (language_loss(probe), np.mean(distill[-10:]) / np.mean(distill[:10]))
+    (forgot, fit), (kept, fit_r) = results[False], results[True]
+    assert forgot > 1.5 * before, (before, results)  # the distillation alone forgets the language
+    assert kept < 1.2 * before, (before, results)  # rehearsed, it keeps it (measured: 1.08, alone 2.20, rehearsed 0.52)
+    assert fit < 0.2 and fit_r < 0.3, results  # and both fit the teacher
 
 
 def test_toy_xlmr_tokenizer_knows_russian_and_the_tower_lands_in_clips_space(tmp_path):

@@ -148,3 +148,30 @@ def test_a_share_of_the_haystack_at_other_ratios_keeps_its_scenes():
         assert a_meta["attributes"] == b_meta["attributes"] and a_meta["true_caption"] == b_meta["true_caption"]
         if aspect == "1:1":  # the same draws: the same picture and web caption (a larger image draws more pixel noise)
             assert np.array_equal(a_image, b_image) and a_text == b_text and a_meta == b_meta
+
+
+def test_a_russian_web_caption_says_what_the_english_one_says_with_the_same_noise():
+    """web_caption(scene, rng, "ru") draws the same numbers as the English one: the same wrong colour, the
+    same parts left out, the same junk. So both parse to the same attributes, except the count where the
+    English says "some" (Russian "несколько")."""
+    for index in range(300):
+        scene = toyworld.sample_scene(np.random.default_rng([5, index]), photogenic=False)
+        en = toyworld.web_caption(scene, np.random.default_rng([6, index]), "en")
+        ru = toyworld.web_caption(scene, np.random.default_rng([6, index]), "ru")
+        assert toyworld.parse_caption(ru) == toyworld.parse_caption(en), (en, ru)
+        assert ("несколько" in ru) == (" some " in f" {en} "), (en, ru)
+        assert not any("a" <= ch <= "z" for ch in ru.replace("img", "")), ru  # Cyrillic, but for the "img " prefix
+    with pytest.raises(ValueError, match="web_caption: language 'de' is not one of"):
+        toyworld.web_caption(scene, np.random.default_rng(0), "de")
+
+
+def test_a_share_of_the_haystack_captioned_in_russian_keeps_its_images():
+    english = toyworld.make_haystack(80, seed=3)
+    mixed = toyworld.make_haystack(80, seed=3, russian_share=0.5)
+    russian = [m.get("language") == "ru" for _, _, m in mixed]
+    assert 25 <= sum(russian) <= 55
+    for (a_image, a_text, a_meta), (b_image, b_text, b_meta), ru in zip(english, mixed, russian):
+        assert np.array_equal(a_image, b_image)
+        assert {k: v for k, v in b_meta.items() if k != "language"} == a_meta
+        assert (b_text == a_text) != ru
+        assert toyworld.parse_caption(b_text) == toyworld.parse_caption(a_text)

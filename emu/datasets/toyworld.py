@@ -59,11 +59,11 @@ COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 # colour needs two forms only. One object is named in the nominative singular, with no numeral
 # ("красный круг", a red circle: Russian has no article); after два and три (2, 3) Russian puts the
 # adjective in the genitive plural and the noun in the genitive singular ("два красных круга").
-SHAPES_RU = {  # nominative singular, genitive singular
-    "circle": ("круг", "круга"),
-    "square": ("квадрат", "квадрата"),
-    "triangle": ("треугольник", "треугольника"),
-    "diamond": ("ромб", "ромба"),
+SHAPES_RU = {  # nominative singular, genitive singular, genitive plural (after "несколько", some)
+    "circle": ("круг", "круга", "кругов"),
+    "square": ("квадрат", "квадрата", "квадратов"),
+    "triangle": ("треугольник", "треугольника", "треугольников"),
+    "diamond": ("ромб", "ромба", "ромбов"),
 }
 COLORS_RU = {  # nominative singular masculine, genitive plural
     "red": ("красный", "красных"),
@@ -124,24 +124,40 @@ def caption(scene, language="en"):
 WEB_PREFIXES = ("", "", "", "photo of ", "stock image: ", "img ", "picture of ", "cheap ")
 
 
-def web_caption(scene, rng):
-    """A noisy alt-text caption, as scraped from the web: parts missing, sometimes a wrong colour,
-    sometimes junk around it. Pretraining sees these; quality-tuning uses accurate captions, as
-    the paper's curated set had handwritten ones."""
+WEB_PREFIXES_RU = ("", "", "", "фото: ", "стоковое изображение: ", "img ", "картинка: ", "дёшево ")
+
+
+def web_caption(scene, rng, language="en"):
+    """A noisy alt-text caption, as scraped from the web, in English ("en") or Russian ("ru"): parts
+    missing, sometimes a wrong colour, sometimes junk around it. Pretraining sees these; quality-tuning
+    uses accurate captions, as the paper's curated set had handwritten ones. Both languages draw the
+    same numbers from `rng`, so a scene's Russian caption is its English one's noise in other words."""
     color = scene.color
     if rng.random() < 0.15:  # a wrong colour word
         color = rng.choice([c for c in COLORS if c != scene.color])
-    noun = scene.shape + ("s" if scene.count > 1 else "")
-    count = COUNT_WORDS[scene.count] if rng.random() < 0.7 else ("some" if scene.count > 1 else "a")
-    parts = [f"{count} {color} {noun}"]
-    if rng.random() < 0.6:
-        parts.append(POSITION_PHRASES[scene.position])
-    if rng.random() < 0.6:
-        parts.append(f"on a {scene.background} background")
-    text = WEB_PREFIXES[rng.integers(len(WEB_PREFIXES))] + " ".join(parts)
-    if rng.random() < 0.2:
-        text += f" {rng.integers(100, 9999)}"
-    return text
+    exact = rng.random() < 0.7  # else "some" (несколько) for a group
+    position, background = rng.random() < 0.6, rng.random() < 0.6
+    prefix = int(rng.integers(len(WEB_PREFIXES)))
+    junk = f" {rng.integers(100, 9999)}" if rng.random() < 0.2 else ""
+    if language == "en":
+        noun = scene.shape + ("s" if scene.count > 1 else "")
+        count = COUNT_WORDS[scene.count] if exact else ("some" if scene.count > 1 else "a")
+        parts = [f"{count} {color} {noun}"]
+        parts += [POSITION_PHRASES[scene.position]] if position else []
+        parts += [f"on a {scene.background} background"] if background else []
+        return WEB_PREFIXES[prefix] + " ".join(parts) + junk
+    if language == "ru":
+        if scene.count == 1:
+            subject = f"{COLORS_RU[color][0]} {SHAPES_RU[scene.shape][0]}"
+        elif exact:
+            subject = f"{COUNT_WORDS_RU[scene.count]} {COLORS_RU[color][1]} {SHAPES_RU[scene.shape][1]}"
+        else:
+            subject = f"несколько {COLORS_RU[color][1]} {SHAPES_RU[scene.shape][2]}"
+        parts = [subject]
+        parts += [POSITION_PHRASES_RU[scene.position]] if position else []
+        parts += [BACKGROUND_PHRASES_RU[scene.background]] if background else []
+        return WEB_PREFIXES_RU[prefix] + " ".join(parts) + junk
+    raise ValueError(f"web_caption: language {language!r} is not one of {LANGUAGES}")
 
 
 def yo_as_ye(text):
@@ -302,9 +318,10 @@ def render(scene, size, rng, supersample=4):
 # -----------------------------------------------------------------------------
 # data sets
 
-def make_example(index, seed, size, photogenic, aspect="1:1"):
-    """One image with its web caption and metadata; fully determined by (seed, index, aspect). `aspect`
-    is one of emu.datasets.buckets.RATIOS: the image has about size x size pixels in that ratio."""
+def make_example(index, seed, size, photogenic, aspect="1:1", language="en"):
+    """One image with its web caption and metadata; fully determined by (seed, index, aspect, language).
+    `aspect` is one of emu.datasets.buckets.RATIOS: the image has about size x size pixels in that ratio.
+    `language` is the web caption's ("en" or "ru"); the image and the metadata do not depend on it."""
     rng = np.random.default_rng([seed, index])
     scene = sample_scene(rng, photogenic)
     w, h = next((w, h) for name, w, h in RATIOS if name == aspect)
@@ -312,22 +329,26 @@ def make_example(index, seed, size, photogenic, aspect="1:1"):
     likes = int(np.exp(2.0 + 3.0 * scene.photogenic_score + rng.normal(0, 0.5)))
     meta = {"attributes": {a: getattr(scene, a) for a in ATTRIBUTES}, "qualities": scene.qualities,
             "photogenic_score": scene.photogenic_score, "needle": bool(photogenic), "likes": likes,
-            "true_caption": caption(scene), **({"aspect": aspect} if aspect != "1:1" else {})}
-    return image, web_caption(scene, rng), meta
+            "true_caption": caption(scene), **({"aspect": aspect} if aspect != "1:1" else {}),
+            **({"language": language} if language != "en" else {})}
+    return image, web_caption(scene, rng, language), meta
 
 
-def make_haystack(n, seed=0, size=32, needle_fraction=0.05, aspect_share=0.0):
+def make_haystack(n, seed=0, size=32, needle_fraction=0.05, aspect_share=0.0, russian_share=0.0):
     """`n` examples, a `needle_fraction` of them photogenic, the rest mediocre, in shuffled order. An
     `aspect_share` of them, drawn at random, are at one of the four other ratios of emu.datasets.buckets.RATIOS
     (9:16, 2:3, 3:2, 16:9), the rest square. The choice has its own generator, so the scenes stay the same
     and the square images are the ones aspect_share=0 gives; a non-square one draws more pixel noise, so
-    its web caption's noise differs."""
+    its web caption's noise differs. A `russian_share` of the web captions, drawn at random with a
+    generator of its own, are in Russian (a multilingual web, for Kandinsky's XLM-R); the images are the same."""
     order = np.random.default_rng(seed).permutation(n)
     n_needles = int(round(n * needle_fraction))
     others = [name for name, w, h in RATIOS if w != h]
     shapes = np.random.default_rng([seed, 104723])
     aspects = ["1:1" if shapes.random() >= aspect_share else others[shapes.integers(len(others))] for _ in range(n)]
-    return [make_example(i, seed, size, photogenic=bool(order[i] < n_needles), aspect=aspects[i]) for i in range(n)]
+    languages = np.random.default_rng([seed, 130363]).random(n) < russian_share
+    return [make_example(i, seed, size, photogenic=bool(order[i] < n_needles), aspect=aspects[i],
+                         language="ru" if languages[i] else "en") for i in range(n)]
 
 
 def write_folder(root, examples):

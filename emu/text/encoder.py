@@ -21,7 +21,8 @@ import torch.nn as nn
 from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
                            clip_clean, load_clip_text, save_clip)
 from emu.text.hf import tokenize
-from emu.text.pretraining import clip_text_embeddings, train_clip, train_mclip, train_t5
+from emu.text.pretraining import (clip_text_embeddings, train_clip, train_mclip, train_t5, train_xlmr,
+                                  xlmr_span_corruption)
 from emu.text.t5 import T5_LENGTH, T5_PRESETS, T5Encoder, build_toy_t5_tokenizer, load_t5_encoder, save_t5_encoder
 from emu.text.xlmr import XLMR_PRESETS, XLMRTextModel, build_toy_xlmr_tokenizer, load_xlmr, save_xlmr
 
@@ -204,19 +205,25 @@ class MultilingualTextEncoder(nn.Module):
 # Toy towers
 
 
-def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None, translated=()):
+def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None, translated=(),
+                    multilingual=()):
     """Train toy tokenizers on `captions`, build seeded toy towers, save them in the HF layout.
 
     Beside Emu's two towers, a toy XLM-R (Kandinsky 2.1's multilingual tower, emu/text/xlmr.py) whose
-    tokenizer is trained on `captions` plus both sides of `translated`, (English caption, the same in
-    another language) pairs: data/make_toy.py gives every toy scene's caption in English and Russian.
+    tokenizer is trained on `captions`, `multilingual` (more captions, in other languages too) and both
+    sides of `translated`, (English caption, the same in another language) pairs: data/make_toy.py gives
+    the haystack's web captions in Russian and every toy scene's caption in English and Russian.
     With `steps` > 0 the towers are pretrained first, as the real ones were (emu/text/pretraining.py):
     CLIP's text and vision towers contrastively on `images` ((N, 3, H, W) in [-1, 1]) paired with the
     first N captions, T5 by span corruption on all the captions, `steps` steps of `batch_size` each at
-    peak learning rate `lr`. Then the XLM-R is distilled from the trained CLIP text tower as M-CLIP was,
-    on both sides of `translated` (or, without it, on `captions`): 2 * `steps` steps of `batch_size` // 8 captions,
-    since steps on text alone are cheap, and many small ones fit the teacher better than a few large
-    ones of the same cost.
+    peak learning rate `lr`. The XLM-R first learns the language of `captions` and `multilingual` (by span
+    corruption, emu.text.pretraining.train_xlmr), as the real one learned 100 languages from web text,
+    `steps` steps; then it is distilled from the trained CLIP text tower as M-CLIP was, on both sides of
+    `translated` (or, without it, on `captions`): 4 * `steps` steps of `batch_size` // 8 captions, since
+    steps on text alone are cheap, and many small ones fit the teacher better than a few large ones of
+    the same cost. Meanwhile it rehearses its language task, as many captions a step, at equal weight
+    (train_mclip's `rehearse`): distilled alone, its token states, which Kandinsky's decoder reads, fall
+    to what the toy CLIP's vector says, the background.
     With `steps` 0 they stay random.
     The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
     :return: (out_dir/"clip", out_dir/"t5", out_dir/"xlmr") as Paths; the first two are what
@@ -226,7 +233,8 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
     english, other = ([e for e, _ in translated], [o for _, o in translated]) if translated else (captions, [])
     clip_tokenizer = build_toy_clip_tokenizer(captions)
     t5_tokenizer = build_toy_t5_tokenizer(captions)
-    xlmr_tokenizer = build_toy_xlmr_tokenizer(captions + [c for pair in translated for c in pair])
+    text = captions + list(multilingual)  # what the XLM-R reads as a language model
+    xlmr_tokenizer = build_toy_xlmr_tokenizer(text + [c for pair in translated for c in pair])
     clip_config = replace(CLIP_PRESETS["toy"], vocab_size=clip_tokenizer.get_vocab_size())
     t5_config = replace(T5_PRESETS["toy"], vocab_size=t5_tokenizer.get_vocab_size())
     xlmr_config = replace(XLMR_PRESETS["toy"], vocab_size=xlmr_tokenizer.get_vocab_size(),
@@ -242,10 +250,13 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
             train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
         xlmr = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
         if steps:
+            language = xlmr_span_corruption(xlmr, xlmr_tokenizer, text, seed)
+            train_xlmr(xlmr, language, steps, batch_size, lr, seed, log)
             teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
             # both languages of a caption have the same target, the English caption's
-            train_mclip(xlmr, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 2 * steps,
-                        max(1, batch_size // 8), lr, seed, log)
+            small = max(1, batch_size // 8)
+            train_mclip(xlmr, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 4 * steps,
+                        small, lr, seed, log, rehearse=language, rehearse_batch=small, rehearse_weight=1.0)
     clip_dir, t5_dir, xlmr_dir = Path(out_dir) / "clip", Path(out_dir) / "t5", Path(out_dir) / "xlmr"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)

@@ -16,9 +16,11 @@ same two objectives, before they are frozen:
     the encoder's output and writes the cut spans after their sentinels. Only the encoder is kept:
     Emu, like Imagen, uses T5's encoder alone, so the small decoder here exists for training only.
 
-Kandinsky 2.1's multilingual tower was made differently, by distillation (M-CLIP, Carlsson et al. 2022):
+Kandinsky 2.1's multilingual tower was made in two stages:
 
-  * M-CLIP: CLIP stays frozen as the teacher. XLM-RoBERTa with a linear head, the student, reads a
+  * XLM-R: a language model of web text in 100 languages (Conneau et al. 2020); the toy one learns its two
+    languages by T5's span corruption instead of RoBERTa's masked tokens (train_xlmr says why).
+  * M-CLIP (Carlsson et al. 2022): CLIP stays frozen as the teacher. XLM-RoBERTa with a linear head, the student, reads a
     caption in any language (machine-translated from English) and is trained by mean squared error
     to put its projected vector where CLIP's text tower puts the English original. No images are
     needed: the student inherits CLIP's image-text alignment through the teacher's text space.
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from emu.text.clip import clip_clean, clip_preprocess
 from emu.text.hf import tokenize
 from emu.text.t5 import T5_EOS, T5_PAD, sentinel_ids
+from emu.text.xlmr import XLMR_BOS, XLMR_EOS, XLMR_MASK, XLMR_PAD
 
 # ----------------------------------------------------------------------------------------------------
 # CLIP: contrastive image-text pretraining
@@ -119,14 +122,43 @@ def pad_sequences(sequences, pad_id):
     return ids, ids != pad_id
 
 
-def span_corruption_batch(token_lists, sentinels, pad, eos, rng):
-    """Encoder input, decoder input (the target shifted right behind </pad>, T5's start token) and
-    decoder target for a batch of captions' token ids."""
+def span_corruption_batch(token_lists, sentinels, pad, eos, rng, bos=None):
+    """Encoder input (behind `bos` when given, as XLM-R's <s>), decoder input (the target shifted right
+    behind </pad>, T5's start token) and decoder target for a batch of captions' token ids."""
     pairs = [span_corruption(tokens, sentinels, rng) for tokens in token_lists]
-    enc, enc_mask = pad_sequences([p[0] + [eos] for p in pairs], pad)
+    start = [] if bos is None else [bos]
+    enc, enc_mask = pad_sequences([start + p[0] + [eos] for p in pairs], pad)
     target, target_mask = pad_sequences([p[1] + [eos] for p in pairs], pad)
     target_in = torch.cat([torch.full((len(pairs), 1), pad), target[:, :-1]], dim=1)
     return enc, enc_mask, target_in, target.masked_fill(~target_mask, -100)
+
+
+class SpanCorruption:
+    """T5's objective for any encoder: loss(idx) is its loss on those of `token_lists` (captions' token ids
+    without the tokenizer's start and end tokens), through a SpanDecoder tied to the encoder's word embeddings.
+
+    :param encode: (ids, mask) -> the encoder's last hidden states (B, L, D).
+    :param bos: a start token the encoder's input begins with (XLM-R's <s>); T5's has none.
+    """
+
+    def __init__(self, encode, embedding, token_lists, sentinels, pad, eos, bos=None, num_heads=4, seed=0):
+        self.encode, self.sentinels, self.pad, self.eos, self.bos = encode, sentinels, pad, eos, bos
+        self.token_lists = [t for t in token_lists if len(t) >= 2]  # a span and something left to read
+        self.decoder = SpanDecoder(embedding, num_heads=num_heads)
+        self.rng = np.random.default_rng([seed, 5])
+
+    def __len__(self):
+        return len(self.token_lists)
+
+    def parameters(self):
+        """The decoder's own parameters: not the word embeddings it shares with the encoder."""
+        return [p for p in self.decoder.parameters() if p is not self.decoder.embedding.weight]
+
+    def loss(self, idx):
+        enc, enc_mask, target_in, target = span_corruption_batch([self.token_lists[i] for i in idx], self.sentinels,
+                                                                 self.pad, self.eos, self.rng, self.bos)
+        logits = self.decoder(target_in, self.encode(enc, enc_mask), enc_mask)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 def train_t5(t5, tokenizer, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
@@ -134,20 +166,47 @@ def train_t5(t5, tokenizer, captions, steps=400, batch_size=256, lr=2e-3, seed=0
 
     :return: the training losses, one per step.
     """
-    pad, eos, sentinels = tokenizer.token_to_id(T5_PAD), tokenizer.token_to_id(T5_EOS), sentinel_ids(tokenizer)
+    pad, eos = tokenizer.token_to_id(T5_PAD), tokenizer.token_to_id(T5_EOS)
     ids, mask = tokenize(tokenizer, captions)
     token_lists = [row[m].tolist()[:-1] for row, m in zip(ids, mask)]  # drop the appended </s>
-    token_lists = [t for t in token_lists if len(t) >= 2]  # a span and something left to read
-    decoder = SpanDecoder(t5.token_embedding, num_heads=t5.config.num_heads)
-    rng = np.random.default_rng([seed, 5])
+    task = SpanCorruption(t5, t5.token_embedding, token_lists, sentinel_ids(tokenizer), pad, eos,
+                          num_heads=t5.config.num_heads, seed=seed)
+    return _train([*t5.parameters(), *task.parameters()], steps, lr, len(task), batch_size, seed, log,
+                  "T5 span corruption", task.loss)
 
-    def loss(idx):
-        enc, enc_mask, target_in, target = span_corruption_batch([token_lists[i] for i in idx], sentinels, pad, eos, rng)
-        logits = decoder(target_in, t5(enc, enc_mask), enc_mask)
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
-    params = list({id(p): p for p in [*t5.parameters(), *decoder.parameters()]}.values())  # the tied embedding once
-    return _train(params, steps, lr, len(token_lists), batch_size, seed, log, "T5 span corruption", loss)
+# ----------------------------------------------------------------------------------------------------
+# XLM-R: a language model first
+
+
+def xlmr_span_corruption(model, tokenizer, captions, seed=0):
+    """Span corruption for an XLMRTextModel on `captions`: every cut span becomes XLM-R's own <mask>
+    (its vocabulary has no sentinels), the encoder reads `<s> ... </s>`."""
+    ids, mask = tokenize(tokenizer, captions, trim=True)
+    token_lists = [row[m].tolist()[1:-1] for row, m in zip(ids, mask)]  # without <s> and </s>
+    ids_of = tokenizer.token_to_id
+    return SpanCorruption(lambda ids, mask: model(ids, mask)[1], model.token_embedding, token_lists,
+                          [ids_of(XLMR_MASK)] * 8, ids_of(XLMR_PAD), ids_of(XLMR_EOS), bos=ids_of(XLMR_BOS),
+                          num_heads=model.config.num_attention_heads, seed=seed)
+
+
+def train_xlmr(model, task, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
+    """Train an XLMRTextModel's encoder in place as a language model: `task` is its xlmr_span_corruption on
+    captions in any language, kept for train_mclip's rehearsal.
+
+    The real XLM-R learned its languages by masked language modelling on 2.5 TB of text (Conneau et al.
+    2020). The toy one gets 200 steps, and there RoBERTa's objective (15% of the tokens chosen; 80% of
+    those masked, 10% random, 10% kept; each predicted from its own position's state) left token states
+    that a Kandinsky decoder trained 1400 steps on them did not learn to read: it drew the background,
+    which M-CLIP's vector carries, and nothing the words alone say. T5's span corruption, the same family
+    of denoising objective but read back by a decoder's cross-attention, which is how the U-Net reads the
+    states too, gives states it does read (README, "The text towers"). So the toy XLM-R learns its
+    language by span corruption.
+
+    :return: the training losses, one per step.
+    """
+    return _train([*model.parameters(), *task.parameters()], steps, lr, len(task), batch_size, seed, log,
+                  "XLM-R span corruption", task.loss)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +220,8 @@ def clip_text_embeddings(text, tokenizer, captions):
     return text(ids)[1]
 
 
-def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None):
+def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_size=256, lr=2e-3, seed=0, log=None,
+                rehearse=None, rehearse_batch=0, rehearse_weight=1.0):
     """Train an XLMRTextModel in place so that its projected vector of each caption matches the frozen
     teacher's CLIP text embedding of that caption's English original, by mean squared error.
 
@@ -170,7 +230,12 @@ def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_s
     :param teacher_embeds: (N, P) the CLIP text tower's pooled, projected vector of each caption's
         English original, P = the student's numDims.
     :param captions: N strings, the i-th in any language, meaning what the i-th English original says.
-    :return: the training losses, one per step.
+    :param rehearse: the student's language task (xlmr_span_corruption, as train_xlmr trained it), which it
+        keeps learning beside the distillation, on `rehearse_batch` captions a step, that loss weighted by
+        `rehearse_weight` (not in M-CLIP). A small tower pulled towards one mean vector alone forgets its
+        language, and its token states collapse onto what the teacher encodes; Kandinsky's decoder reads
+        those states, so they must keep telling the words apart.
+    :return: the training losses (the distillation's), one per step.
     """
     # trained on ids cut to the longest caption: the padding is masked out of attention and of the mean
     ids, mask = tokenize(tokenizer, captions, trim=True)
@@ -180,8 +245,20 @@ def train_mclip(student, tokenizer, teacher_embeds, captions, steps=400, batch_s
         # common part and differ by little, and the differences are what tell captions apart; starting at
         # the common part, training spends its steps on them.
         student.projection.bias.copy_(targets.mean(dim=0))
-    return _train(list(student.parameters()), steps, lr, len(ids), batch_size, seed, log, "M-CLIP distillation",
-                  lambda idx: F.mse_loss(student(ids[idx], mask[idx])[0], targets[idx]))
+    params, losses = list(student.parameters()), []
+    if rehearse is not None:
+        params += rehearse.parameters()
+        gen = torch.Generator().manual_seed(seed + 13)
+
+    def loss(idx):
+        distill = F.mse_loss(student(ids[idx], mask[idx])[0], targets[idx])
+        losses.append(distill.item())
+        if rehearse is None:
+            return distill
+        return distill + rehearse_weight * rehearse.loss(torch.randint(len(rehearse), (rehearse_batch,), generator=gen))
+
+    _train(params, steps, lr, len(ids), batch_size, seed, log, "M-CLIP distillation", loss)
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------------

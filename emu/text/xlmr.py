@@ -49,9 +49,11 @@ class XLMRConfig:
     hidden_act: str = "gelu"  # the exact, erf-based GELU
 
 
-# The toy vocab size is a target: a toy tokenizer builder may fit fewer pieces from few captions.
+# The toy vocab size is a target: a toy tokenizer builder may fit fewer pieces from few captions. 1000 keeps
+# every word of the toy's English and Russian web captions whole; at 600 the inflected Russian words and
+# the English junk around them ("photo of") were cut into letters.
 XLMR_PRESETS = {
-    "toy": XLMRConfig(vocab_size=600, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    "toy": XLMRConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=256, transformerDimensions=64, numDims=64,
                       max_position_embeddings=XLMR_LENGTH + 2),
     "xlm-roberta-large-vit-l-14": XLMRConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24,
