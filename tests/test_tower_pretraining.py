@@ -1,7 +1,8 @@
 """The toy towers are pretrained as the real ones were: CLIP contrastively on image-caption pairs, T5 by
-span corruption, the multilingual XLM-R by M-CLIP's distillation from CLIP (emu/text/pretraining.py). A
-pretrained toy CLIP reads the toy world; a random one does not. A distilled XLM-R puts a Russian caption
-where CLIP puts the English one; a random one does not."""
+span corruption, the multilingual XLM-R as a language model (span corruption too) and then by M-CLIP's
+distillation from CLIP (emu/text/pretraining.py). A pretrained toy CLIP reads the toy world; a random one
+does not. A distilled XLM-R puts a Russian caption where CLIP puts the English one; a random one does not,
+and rehearsing its language through the distillation keeps it."""
 import numpy as np
 import pytest
 import torch

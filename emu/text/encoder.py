@@ -5,7 +5,8 @@ cross-attended with their padding masks) plus CLIP's pooled, projected caption v
 is trained. The towers live in emu/text/clip.py and emu/text/t5.py and are read from Hugging Face directories
 (emu/text/hf.py); make_toy_towers writes small ones in that same layout, pretrained for the toy world
 (emu/text/pretraining.py) or random for tests, and beside them a toy XLM-R, Kandinsky 2.1's multilingual
-tower (emu/text/xlmr.py), distilled from the toy CLIP.
+tower (emu/text/xlmr.py): a language model of the toy captions in English and Russian, then distilled
+from the toy CLIP.
 
 The batches of conditioning are dataclasses of tensors (Conditioning): TextEmbedding is Emu's,
 TextImageEmbedding adds the CLIP image embedding Kandinsky's decoder reads, and
