@@ -122,7 +122,8 @@ def test_a_person_uses_every_mode_of_the_editor_and_a_restart_loses_nothing(kand
             editor.stop(signal.SIGKILL)
             time.sleep(0.5)
             editor.start()  # the page keeps asking, and sees the other two finish
-            b.wait_for("document.getElementById('jobs').children.length === 0", 180)
+            # the queue empties a moment before the page has shown the last drawing: wait for both
+            b.wait_for(f"document.getElementById('jobs').children.length === 0 && state.current.id === {first + 2}", 180)
             assert (folder / f"{first:04d}.png").read_bytes() == finished
             assert current(b) == first + 2 and all((folder / f"{first + k:04d}.png").exists() for k in (1, 2))
             b.goto(editor.url + "/")  # a new tab finds every drawing in the history
