@@ -48,7 +48,8 @@ def parse_args(argv=None):
                                                          "an earlier run)")
     p.add_argument("--tower-steps", type=int, default=200,
                    help="pretraining steps of each toy tower (CLIP contrastive on the haystack, T5 span corruption on its "
-                        "captions; the XLM-R's distillation from CLIP twice as many, an eighth the size); 0 leaves "
+                        "captions, the XLM-R span corruption on them and their Russian versions, then its distillation "
+                        "from CLIP four times as many, an eighth the size); 0 leaves "
                         "them random")
     p.add_argument("--ratings", type=int, default=1000,
                    help="images of the haystack given a simulated human aesthetic rating (ratings.csv), for the curation funnel")

@@ -152,8 +152,8 @@ def test_a_share_of_the_haystack_at_other_ratios_keeps_its_scenes():
 
 def test_a_russian_web_caption_says_what_the_english_one_says_with_the_same_noise():
     """web_caption(scene, rng, "ru") draws the same numbers as the English one: the same wrong colour, the
-    same parts left out, the same junk. So both parse to the same attributes, except the count where the
-    English says "some" (Russian "несколько")."""
+    same parts left out, the same junk. So both parse to the same attributes, the count included: where
+    the English says "some", the Russian says "несколько", and neither states a count."""
     for index in range(300):
         scene = toyworld.sample_scene(np.random.default_rng([5, index]), photogenic=False)
         en = toyworld.web_caption(scene, np.random.default_rng([6, index]), "en")

@@ -113,12 +113,20 @@ def caption(scene, language="en"):
         return (f"{COUNT_WORDS[scene.count]} {scene.color} {noun} {POSITION_PHRASES[scene.position]}"
                 f" on a {scene.background} background")
     if language == "ru":
-        case = 0 if scene.count == 1 else 1  # nominative singular alone, genitive after два and три
-        subject = f"{COLORS_RU[scene.color][case]} {SHAPES_RU[scene.shape][case]}"
-        if scene.count > 1:
-            subject = f"{COUNT_WORDS_RU[scene.count]} {subject}"
-        return f"{subject} {POSITION_PHRASES_RU[scene.position]} {BACKGROUND_PHRASES_RU[scene.background]}"
+        return (f"{russian_subject(scene.shape, scene.color, scene.count)} {POSITION_PHRASES_RU[scene.position]}"
+                f" {BACKGROUND_PHRASES_RU[scene.background]}")
     raise ValueError(f"caption: language {language!r} is not one of {LANGUAGES}")
+
+
+def russian_subject(shape, color, count, exact=True):
+    """The objects in Russian: the nominative singular alone for one ("красный круг"); after два and три
+    the adjective in the genitive plural and the noun in the genitive singular ("два красных круга"); a
+    group not counted (`exact` False: несколько, some) takes the genitive plural of both."""
+    if count == 1:
+        return f"{COLORS_RU[color][0]} {SHAPES_RU[shape][0]}"
+    if exact:
+        return f"{COUNT_WORDS_RU[count]} {COLORS_RU[color][1]} {SHAPES_RU[shape][1]}"
+    return f"несколько {COLORS_RU[color][1]} {SHAPES_RU[shape][2]}"
 
 
 WEB_PREFIXES = ("", "", "", "photo of ", "stock image: ", "img ", "picture of ", "cheap ")
@@ -147,13 +155,7 @@ def web_caption(scene, rng, language="en"):
         parts += [f"on a {scene.background} background"] if background else []
         return WEB_PREFIXES[prefix] + " ".join(parts) + junk
     if language == "ru":
-        if scene.count == 1:
-            subject = f"{COLORS_RU[color][0]} {SHAPES_RU[scene.shape][0]}"
-        elif exact:
-            subject = f"{COUNT_WORDS_RU[scene.count]} {COLORS_RU[color][1]} {SHAPES_RU[scene.shape][1]}"
-        else:
-            subject = f"несколько {COLORS_RU[color][1]} {SHAPES_RU[scene.shape][2]}"
-        parts = [subject]
+        parts = [russian_subject(scene.shape, color, scene.count, exact)]
         parts += [POSITION_PHRASES_RU[scene.position]] if position else []
         parts += [BACKGROUND_PHRASES_RU[scene.background]] if background else []
         return WEB_PREFIXES_RU[prefix] + " ".join(parts) + junk
