@@ -114,7 +114,8 @@ def test_a_person_uses_every_mode_of_the_editor_and_a_restart_loses_nothing(kand
             for _ in range(3):
                 b.click("#generate")
             b.wait_for("document.getElementById('jobs').children.length === 3")
-            assert "ahead of it" in b.evaluate("document.getElementById('jobs').textContent")
+            # each queued job says how many are ahead once its first poll has answered
+            b.wait_for("document.getElementById('jobs').textContent.includes('ahead of it')")
             first = fused + 1  # the queued jobs take the next numbers
             b.wait_for(f"state.current.id === {first} && document.getElementById('jobs').children.length === 2", 120)
             finished = (folder / f"{first:04d}.png").read_bytes()

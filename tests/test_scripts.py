@@ -141,15 +141,26 @@ def resume_from_copy(checkpoint, out):
 def test_two_ranks_train_and_resume_bitwise(world, tmp_path, engine):
     """torchrun, 2 processes over gloo on tar shards: resuming from the step-3 checkpoint and going on to
     step 6 equals 6 steps in one go (model, EMA and each rank's data position). DDP: the replicas agree at the end. FSDP: each rank
-    saves its pieces into ckpt-<step>/ directories, and the whole weights are exported as ckpt.pt."""
+    saves its pieces into ckpt-<step>/ directories, and the whole weights are exported as ckpt.pt; it trains in aspect
+    buckets (--buckets), each rank batching its own shards' samples by bucket, and the checkpoint it resumes from
+    holds samples still waiting in a bucket."""
     w, frozen = world
-    pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=12)
-    common = ["--data", str(tmp_path / "shards"), "--bs", "8", "--save-every", "3", "--shuffle-buffer", "4",
-              "--sample-every", "0", *frozen, *(["--fsdp"] if engine == "fsdp" else [])]
+    if engine == "fsdp":
+        pack_folder(mixed_folder(w, tmp_path / "mixed"), tmp_path / "shards", samples_per_shard=5)
+        data = ["--buckets", "--bs", "4", "--fsdp"]
+    else:
+        pack_folder(f"{w}/haystack", tmp_path / "shards", samples_per_shard=12)
+        data = ["--bs", "8"]
+    common = ["--data", str(tmp_path / "shards"), *data, "--save-every", "3", "--shuffle-buffer", "4",
+              "--sample-every", "0", *frozen]
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "pretrain.py"]
     out = run(*launch, *common, "--out", f"{tmp_path}/straight", "--steps", "6")
     assert "2 rank(s)" in out and ("the replicas' weights agree" in out) == (engine == "ddp")
     suffix = ".pt" if engine == "ddp" else ""
+    if engine == "fsdp":
+        assert "4 tar shards in aspect buckets" in out
+        halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000003")["data_position"]
+        assert any(where["waiting"] for rank in halfway for where in rank["consumed"].values())
     resume_from_copy(f"{tmp_path}/straight/ckpt-000000003{suffix}", f"{tmp_path}/split")  # as if stopped at step 3
     run(*launch, *common, "--out", f"{tmp_path}/split", "--steps", "6", "--resume", "auto")
     newest = "ckpt-000000006" + suffix
@@ -541,36 +552,32 @@ def test_pretrain_on_aspect_buckets_resumes_bitwise_and_qtune_takes_them_too(wor
         "error: --buckets is for the latent models (--arch ldm, kandinsky); --arch pixel trains on squares"
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path, ranks):
-    """--buckets on tar shards of images at five aspect ratios, in one process and in two under FSDP (torchrun
-    over gloo, each rank its own shards): each stream batches its samples by bucket. The checkpoint after 2
-    steps holds samples still waiting in a bucket; resuming from it to step 4 equals 4 steps in one go, bit
-    for bit, with the same data positions; and qtune.py tunes on the same shards."""
+def test_pretrain_on_bucketed_tar_shards_resumes_bitwise_and_qtune_takes_them_too(world, tmp_path):
+    """--buckets on tar shards of images at five aspect ratios: the stream batches its samples by bucket. The
+    checkpoint after 2 steps holds samples still waiting in a bucket; resuming from it to step 4 equals 4 steps
+    in one go, bit for bit, with the same data positions; and qtune.py tunes on the same shards. (Two ranks
+    under FSDP on such shards: test_two_ranks_train_and_resume_bitwise.)"""
     w, frozen = world
     shards = tmp_path / "shards"
     pack_folder(mixed_folder(w, tmp_path / "mixed"), shards, samples_per_shard=5)
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if ranks == 2 else []
-    common = [*launch, "pretrain.py", "--data", str(shards), "--buckets", "--bs", "4", "--shuffle-buffer", "4",
-              "--save-every", "2", "--sample-every", "0", *frozen, *(["--fsdp"] if ranks == 2 else [])]
+    common = ["pretrain.py", "--data", str(shards), "--buckets", "--bs", "4", "--shuffle-buffer", "4",
+              "--save-every", "2", "--sample-every", "0", *frozen]
     out = run(*common, "--steps", "4", "--out", f"{tmp_path}/straight")
-    assert f"{ranks} rank(s)" in out and ("4 tar shards in aspect buckets (9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, "
-                                          "16:9 40x24), read and encoded batch by batch") in out
-    suffix = "" if ranks == 2 else ".pt"  # FSDP saves each rank's pieces in a directory
-    halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000002{suffix}")["data_position"]
-    assert len(halfway) == ranks and any(where["waiting"] for rank in halfway for where in rank["consumed"].values())
-    resume_from_copy(f"{tmp_path}/straight/ckpt-000000002{suffix}", f"{tmp_path}/split")  # as if stopped at step 2
+    assert "1 rank(s)" in out and ("4 tar shards in aspect buckets (9:16 24x40, 2:3 24x40, 1:1 32x32, 3:2 40x24, "
+                                   "16:9 40x24), read and encoded batch by batch") in out
+    halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000002.pt")["data_position"]
+    assert len(halfway) == 1 and any(where["waiting"] for where in halfway[0]["consumed"].values())
+    resume_from_copy(f"{tmp_path}/straight/ckpt-000000002.pt", f"{tmp_path}/split")  # as if stopped at step 2
     run(*common, "--steps", "4", "--out", f"{tmp_path}/split", "--resume", "auto")
-    a, b = (read_training_checkpoint(f"{tmp_path}/{name}/ckpt-000000004{suffix}") for name in ("straight", "split"))
+    a, b = (read_training_checkpoint(f"{tmp_path}/{name}/ckpt-000000004.pt") for name in ("straight", "split"))
     assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    if ranks == 1:  # qtune.py opens its data as pretrain.py does: once is enough
-        out = run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", str(shards), "--curate-top", "0",
-                  "--caption-field", "", "--buckets", "--holdout", "4", "--bs", "4", "--iters", "2", "--eval-every", "2",
-                  "--out", f"{tmp_path}/qt")
-        assert "training data: 4 tar shards in aspect buckets" in out
-        assert torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 2
+    out = run("qtune.py", "--pretrained", f"{tmp_path}/straight/ckpt.pt", "--data", str(shards), "--curate-top", "0",
+              "--caption-field", "", "--buckets", "--holdout", "4", "--bs", "4", "--iters", "2", "--eval-every", "2",
+              "--out", f"{tmp_path}/qt")
+    assert "training data: 4 tar shards in aspect buckets" in out
+    assert torch.load(f"{tmp_path}/qt/ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_sample_outpaints_a_window_slid_off_the_image_and_refuses_windows_it_cannot_draw(world, kandinsky_world, tmp_path):

@@ -3,6 +3,8 @@ span corruption, the multilingual XLM-R as a language model (span corruption too
 distillation from CLIP (emu/text/pretraining.py). A pretrained toy CLIP reads the toy world; a random one
 does not. A distilled XLM-R puts a Russian caption where CLIP puts the English one; a random one does not,
 and rehearsing its language through the distillation keeps it."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,11 +12,12 @@ import torch
 from emu.datasets import toyworld
 from emu.datasets.folders import from_uint8
 from emu.evaluation.accuracy import clip_zero_shot, every_caption, mclip_retrieval
-from emu.text.clip import load_clip_text
+from emu.text.clip import (CLIP_PRESETS, CLIP_VISION_PRESETS, CLIPTextModel, CLIPVisionModel, build_toy_clip_tokenizer,
+                           load_clip_text, save_clip)
 from emu.text.encoder import make_toy_towers
 from emu.text.hf import tokenize
-from emu.text.pretraining import (clip_text_embeddings, contrastive_loss, span_corruption, train_mclip, train_t5, train_xlmr,
-                                  xlmr_span_corruption)
+from emu.text.pretraining import (clip_text_embeddings, contrastive_loss, span_corruption, train_clip, train_mclip, train_t5,
+                                  train_xlmr, xlmr_span_corruption)
 from emu.text.t5 import T5_PRESETS, TOY_SENTINELS, T5Encoder, build_toy_t5_tokenizer, sentinel_ids
 from emu.text.xlmr import XLMR_UNK, load_xlmr, save_xlmr
 
@@ -73,22 +76,26 @@ def test_span_corruption_training_learns_to_fill_the_cut_words():
 
 @pytest.mark.slow
 def test_pretrained_toy_clip_reads_backgrounds_zero_shot_and_a_random_one_does_not(tmp_path):
+    """CLIP's two towers trained contrastively (150 steps of 64) on 800 toy images and their web captions
+    read the background of 200 new images zero-shot (against every toy caption); the same towers untrained
+    do not. (What the XLM-R distilled from such a CLIP learns: the M-CLIP tests below.)"""
     examples = toyworld.make_haystack(800, seed=0)
     captions = [text for _, text, _ in examples]
     images = from_uint8([im for im, _, _ in examples])
     held_out = toyworld.make_haystack(200, seed=1)
     new_images, truth = np.stack([im for im, _, _ in held_out]), [m["attributes"] for _, _, m in held_out]
-    translated = list(zip([c for c, _ in every_caption("en")], [c for c, _ in every_caption("ru")]))
-    trained, _, trained_xlmr = make_toy_towers(captions, tmp_path / "trained", images=images, steps=100, batch_size=64,
-                                               lr=3e-3, translated=translated)
-    random, _, random_xlmr = make_toy_towers(captions, tmp_path / "random", translated=translated)
-    trained_accuracy, random_accuracy = clip_zero_shot(trained, new_images, truth), clip_zero_shot(random, new_images, truth)
-    assert trained_accuracy["background"] >= 0.7, trained_accuracy  # 0.83 measured; chance is 0.2
-    assert random_accuracy["background"] <= 0.5, random_accuracy
-    # what the toy CLIP knows, its backgrounds, the XLM-R distilled from it knows in Russian too
-    distilled, undistilled = mclip_retrieval(trained_xlmr, trained), mclip_retrieval(random_xlmr, trained)
-    assert distilled["ru"]["background"] >= 0.9, distilled  # 1.0 measured; chance is 0.2
-    assert undistilled["ru"]["background"] <= 0.5, undistilled
+    tokenizer = build_toy_clip_tokenizer(captions)
+    accuracy = {}
+    for name, steps in (("random", 0), ("trained", 150)):
+        torch.manual_seed(0)
+        text = CLIPTextModel(replace(CLIP_PRESETS["toy"], vocab_size=tokenizer.get_vocab_size()))
+        vision = CLIPVisionModel(CLIP_VISION_PRESETS["toy"])
+        if steps:
+            train_clip(text, vision, tokenizer, images, captions, steps, batch_size=64, lr=3e-3)
+        save_clip(tmp_path / name, tokenizer, text=text, vision=vision)
+        accuracy[name] = clip_zero_shot(tmp_path / name, new_images, truth)
+    assert accuracy["trained"]["background"] >= 0.7, accuracy  # 0.81 measured (0.64 after 100 steps); chance is 0.2
+    assert accuracy["random"]["background"] <= 0.5, accuracy
 
 
 def test_every_caption_covers_each_scene_once():
