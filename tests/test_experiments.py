@@ -432,3 +432,40 @@ def test_aspect_grid_draws_one_prompt_at_the_five_ratios_as_sample_draws_them(to
     run("sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--aspect", "16:9", "--n", "1", "--out", tmp_path / "wide")
     wide = np.asarray(Image.open(tmp_path / "wide" / "0000.png"))
     assert np.array_equal(grid[:24, -40:], wide) and (grid[24:, -40:] == 255).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# word_swap.py: does a model read each word of its prompt
+
+import word_swap  # noqa: E402
+
+
+def test_word_swap_asks_for_one_other_value_and_redraws_with_the_caption_it_is_given(toy_world):
+    from emu.datasets import toyworld
+    from emu.pipeline import TextToImage
+    scene = toyworld.Scene("triangle", "purple", 3, "center", "pink")
+    for attribute in toyworld.ATTRIBUTES:
+        asked = word_swap.swapped(scene, attribute)
+        before, after = parse_caption(toyworld.caption(scene)), parse_caption(toyworld.caption(asked))
+        assert [a for a in toyworld.ATTRIBUTES if before[a] != after[a]] == [attribute]
+    assert word_swap.swapped(scene, "count").count == 1 and word_swap.swapped(scene, "shape").shape == "diamond"
+
+    model = TextToImage.from_checkpoint(f"{toy_world[0]}/pre/ckpt.pt")
+    images = from_uint8([toyworld.make_example(i, 5, 32, photogenic=True)[0] for i in range(2)])
+    red, blue = ["a red circle in the center on a white background"] * 2, ["a blue square on the left on a black background"] * 2
+    # no noise: the autoencoder alone, whatever the caption
+    assert torch.equal(word_swap.redraw(model, images, red, -1, 40, 5.0), model.ae.decode(model.ae.encode(images)).clamp(-1, 1))
+    assert torch.equal(word_swap.redraw(model, images, red, -1, 40, 5.0), word_swap.redraw(model, images, blue, -1, 40, 5.0))
+    # from step 300: the same noise each time, and the caption reaches the model
+    once, again = (word_swap.redraw(model, images, red, 300, 100, 5.0) for _ in range(2))
+    assert torch.equal(once, again) and not torch.equal(once, word_swap.redraw(model, images, blue, 300, 100, 5.0))
+
+
+def test_word_swap_prints_a_row_per_attribute_and_step(toy_world, capsys):
+    w, _ = toy_world
+    word_swap.main(word_swap.parse_args(["--ckpt", f"{w}/pre/ckpt.pt", "--classifier", f"{w}/judge.pt", "--n", "3",
+                                         "--attributes", "shape,count", "--t=-1,100", "--steps-per", "50"]))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shape") or line.startswith("| count")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| shape", "-1"], ["| shape", "100"], ["| count", "-1"], ["| count", "100"]]
+    own, swapped_own = rows[0].split(" | ")[2:4]
+    assert own == swapped_own  # no noise: the caption cannot change the image
