@@ -77,7 +77,13 @@ def shows(classifier, images, scenes, attribute):
 
 
 def main(args):
+    attributes, steps = args.attributes.split(","), [int(t) for t in args.t.split(",")]
+    unknown = [a for a in attributes if a not in VALUES]
+    if unknown:
+        raise SystemExit(f"error: --attributes {','.join(unknown)}: choose from {','.join(VALUES)}")
     model = TextToImage.from_checkpoint(args.ckpt)
+    if any(not -1 <= t < model.objective.num_timesteps for t in steps):
+        raise SystemExit(f"error: --t {args.t}: each step must lie in -1 .. {model.objective.num_timesteps - 1}")
     if model.arch.name != "ldm":
         raise SystemExit(f"error: {args.ckpt} is an --arch {model.arch.name} model; this measure is for --arch ldm")
     classifier = load_classifier(args.classifier)
@@ -86,9 +92,9 @@ def main(args):
     scenes = [toyworld.Scene(**{a: meta["attributes"][a] for a in toyworld.ATTRIBUTES}) for _, _, meta in examples]
     print(f"{args.ckpt}: {args.n} photogenic toy images (world seed {args.seed}), guidance {args.cfg}")
     print("| attribute | t | own caption: own | swapped caption: own | swapped caption: asked |\n|---|---|---|---|---|")
-    for attribute in args.attributes.split(","):
+    for attribute in attributes:
         asked = [swapped(s, attribute) for s in scenes]
-        for t0 in [int(t) for t in args.t.split(",")]:
+        for t0 in steps:
             own = redraw(model, images, [toyworld.caption(s) for s in scenes], t0, args.steps_per, args.cfg)
             other = redraw(model, images, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg)
             rates = [shows(classifier, own, scenes, attribute).mean(), shows(classifier, other, scenes, attribute).mean(),
