@@ -185,20 +185,23 @@ class GaussianDiffusion:
             x_s = x_s + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return x_s
 
-    def timesteps(self, steps):
-        """`steps` evenly spaced timesteps from T-1 down, then -1 (the clean image): down to 0
-        ("linspace"), or at every T/steps-th step counted back from T, ending at T/steps - 1
+    def timesteps(self, steps, start=None):
+        """`steps` evenly spaced timesteps from `start` (default T-1) down, then -1 (the clean image): down to 0
+        ("linspace"), or at every (start+1)/steps-th step counted back from start+1, ending at (start+1)/steps - 1
         ("trailing": Lin et al. 2024, and how diffusers' schedulers space them with that setting)."""
+        start = self.num_timesteps - 1 if start is None else start
         if self.spacing == "trailing":
-            ts = torch.arange(self.num_timesteps, 0, -self.num_timesteps / steps, dtype=torch.float64).round().long() - 1
+            ts = torch.arange(start + 1, 0, -(start + 1) / steps, dtype=torch.float64).round().long() - 1
         else:
-            ts = torch.linspace(self.num_timesteps - 1, 0, steps).round().long()
+            ts = torch.linspace(start, 0, steps).round().long()
         return torch.cat([ts, torch.tensor([-1])])
 
     @torch.no_grad()
     def sample(self, model_fn, noise, steps=50, sampler="ddim", eta=0.0, generator=None, clip_x0=None,
-               threshold_percentile=None, callback=None):
-        """Run the reverse process from `noise` (B, C, H, W) and return the final x_0.
+               threshold_percentile=None, callback=None, start=None):
+        """Run the reverse process from `noise` (B, C, H, W) and return the final x_0. With `start`, `noise`
+        is a sample already at that step (x_start, as SDEdit makes from an image with q_sample), and the
+        reverse process runs from there.
 
         :param model_fn: called as model_fn(x_t, t) -> model output (guidance already applied).
         :param sampler: "ddim" (with `eta`) or "ddpm" (ancestral).
@@ -211,7 +214,7 @@ class GaussianDiffusion:
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r} (choose ddim or ddpm)")
         x = noise
-        ts = self.timesteps(steps).to(noise.device)
+        ts = self.timesteps(steps, start).to(noise.device)
         for i, (t_now, t_next) in enumerate(zip(ts[:-1], ts[1:])):
             t = t_now.expand(x.shape[0])
             s = t_next.expand(x.shape[0])

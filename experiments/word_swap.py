@@ -15,8 +15,8 @@ For each attribute and t it prints: with the own caption, the share of results s
 the swapped caption, the shares showing the own value and the asked one.
 """
 import argparse
+import dataclasses
 
-import numpy as np
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path)
@@ -24,11 +24,8 @@ from emu.datasets import toyworld
 from emu.datasets.folders import from_uint8, to_uint8
 from emu.diffusion import classifier_free_guidance
 from emu.evaluation.accuracy import prompt_hits
-from emu.evaluation.faithfulness import load_classifier
+from emu.evaluation.faithfulness import CLASSES, load_classifier
 from emu.pipeline import TextToImage
-
-VALUES = {"shape": toyworld.SHAPES, "color": tuple(toyworld.COLORS), "position": tuple(toyworld.POSITIONS),
-          "background": tuple(toyworld.BACKGROUNDS), "count": (1, 2, 3)}
 
 
 def parse_args(argv=None):
@@ -46,10 +43,8 @@ def parse_args(argv=None):
 
 def swapped(scene, attribute):
     """The scene with `attribute` moved on to the next value in its list: the caption to ask for."""
-    values = VALUES[attribute]
-    fields = {a: getattr(scene, a) for a in toyworld.ATTRIBUTES}
-    fields[attribute] = values[(values.index(fields[attribute]) + 1) % len(values)]
-    return toyworld.Scene(**fields)
+    values = CLASSES[attribute]
+    return dataclasses.replace(scene, **{attribute: values[(values.index(getattr(scene, attribute)) + 1) % len(values)]})
 
 
 @torch.no_grad()
@@ -57,17 +52,14 @@ def redraw(model, images, captions, t0, steps_per, cfg, seed=0):
     """SDEdit: encode `images` ((N, 3, H, W) in [-1, 1]), noise the latents to step t0 (the same noise for
     every call with the same seed), and run DDIM down to the clean image with `captions`. t0 = -1 returns
     the images through the autoencoder alone."""
-    z0 = model.ae.encode(images)
-    diffusion, n = model.objective, len(images)
-    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
-    x = diffusion.q_sample(z0, torch.full((n,), t0), noise)
-    text, uncond = model.text_encoder.encode(captions), model.text_encoder.encode([""] * n)
-    ts = torch.cat([torch.linspace(t0, 0, max(2, t0 // steps_per + 1)).round().long(), torch.tensor([-1])]) if t0 >= 0 \
-        else torch.tensor([], dtype=torch.long)
-    for a, b in zip(ts[:-1], ts[1:]):
-        t, s = a.expand(n), b.expand(n)
-        x0, eps = diffusion.predict_x0_eps(classifier_free_guidance(model.model, x, t, text, uncond, cfg), x, t)
-        x = diffusion.ddim_step(x0, eps, x, t, s)
+    x = model.ae.encode(images)
+    if t0 >= 0:
+        diffusion, n = model.objective, len(images)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        text, uncond = model.text_encoder.encode(captions), model.text_encoder.encode([""] * n)
+        guided = lambda x_t, t: classifier_free_guidance(model.model, x_t, t, text, uncond, cfg)
+        x = diffusion.sample(guided, diffusion.q_sample(x, torch.full((n,), t0), noise), steps=max(2, t0 // steps_per + 1),
+                             start=t0)
     return model.ae.decode(x).clamp(-1, 1)
 
 
@@ -78,9 +70,9 @@ def shows(classifier, images, scenes, attribute):
 
 def main(args):
     attributes, steps = args.attributes.split(","), [int(t) for t in args.t.split(",")]
-    unknown = [a for a in attributes if a not in VALUES]
+    unknown = [a for a in attributes if a not in CLASSES]
     if unknown:
-        raise SystemExit(f"error: --attributes {','.join(unknown)}: choose from {','.join(VALUES)}")
+        raise SystemExit(f"error: --attributes {','.join(unknown)}: choose from {','.join(CLASSES)}")
     model = TextToImage.from_checkpoint(args.ckpt)
     if any(not -1 <= t < model.objective.num_timesteps for t in steps):
         raise SystemExit(f"error: --t {args.t}: each step must lie in -1 .. {model.objective.num_timesteps - 1}")
@@ -89,13 +81,14 @@ def main(args):
     classifier = load_classifier(args.classifier)
     examples = [toyworld.make_example(i, args.seed, model.image_size, photogenic=True) for i in range(args.n)]
     images = from_uint8([image for image, _, _ in examples])
-    scenes = [toyworld.Scene(**{a: meta["attributes"][a] for a in toyworld.ATTRIBUTES}) for _, _, meta in examples]
+    scenes = [toyworld.scene_from_attributes(meta["attributes"]) for _, _, meta in examples]
+    own_captions = [toyworld.caption(s) for s in scenes]
     print(f"{args.ckpt}: {args.n} photogenic toy images (world seed {args.seed}), guidance {args.cfg}")
     print("| attribute | t | own caption: own | swapped caption: own | swapped caption: asked |\n|---|---|---|---|---|")
     for attribute in attributes:
         asked = [swapped(s, attribute) for s in scenes]
         for t0 in steps:
-            own = redraw(model, images, [toyworld.caption(s) for s in scenes], t0, args.steps_per, args.cfg)
+            own = redraw(model, images, own_captions, t0, args.steps_per, args.cfg)
             other = redraw(model, images, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg)
             rates = [shows(classifier, own, scenes, attribute).mean(), shows(classifier, other, scenes, attribute).mean(),
                      shows(classifier, other, asked, attribute).mean()]

@@ -153,6 +153,28 @@ def test_sampling_without_thresholding_is_bitwise_the_plain_loop(sampler):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_sampling_from_a_start_step_runs_the_schedule_counted_from_there(spacing):
+    """sample(start=t0): SDEdit's reverse process from a sample already at step t0. Its timesteps are the
+    schedule counted from t0 instead of T-1 (start T-1 is the default exactly), and it is the plain loop
+    over them."""
+    d = GaussianDiffusion("scaled_linear", 1000, "eps", spacing=spacing)
+    assert torch.equal(d.timesteps(25, start=999), d.timesteps(25))
+    ts = d.timesteps(5, start=400)
+    assert ts[-1] == -1 and len(ts) == 6 and (ts[:-1].diff() < 0).all()
+    assert ts.tolist() == ([400, 300, 200, 100, 0, -1] if spacing == "linspace" else [400, 320, 240, 159, 79, -1])
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    model_fn = lambda x, t: torch.tanh(x @ w) * (1 + t[:, None] / 1000)
+    x_start = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    out = d.sample(model_fn, x_start, steps=5, start=400)
+    x = x_start
+    for t_now, t_next in zip(ts[:-1], ts[1:]):
+        t, s = t_now.expand(len(x)), t_next.expand(len(x))
+        x0, eps = d.predict_x0_eps(model_fn(x, t), x, t)
+        x = d.ddim_step(x0, eps, x, t, s)
+    assert torch.equal(out, x)
+
+
 def test_the_sampling_callback_sees_every_step_changes_nothing_and_can_stop_it():
     d = GaussianDiffusion("scaled_linear", 1000, "eps")
     w = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))

@@ -469,7 +469,7 @@ def test_word_swap_prints_a_row_per_attribute_and_step(toy_world, capsys):
     assert [row.split(" | ")[:2] for row in rows] == [["| shape", "-1"], ["| shape", "100"], ["| count", "-1"], ["| count", "100"]]
     own, swapped_own = rows[0].split(" | ")[2:4]
     assert own == swapped_own  # no noise: the caption cannot change the image
-    for flags, problem in [(["--attributes", "shape,size"], "error: --attributes size: choose from shape,color,position,background,count"),
+    for flags, problem in [(["--attributes", "shape,size"], "error: --attributes size: choose from shape,color,count,position,background"),
                            (["--t", "1000"], "error: --t 1000: each step must lie in -1 .. 999")]:
         with pytest.raises(SystemExit, match=problem):
             word_swap.main(word_swap.parse_args(["--ckpt", f"{w}/pre/ckpt.pt", "--classifier", f"{w}/judge.pt", *flags]))
