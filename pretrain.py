@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
     p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse; "
                                                    "kandinsky: kandinsky, and toy-inpaint, kandinsky-inpaint)")
-    p.add_argument("--steps", type=int, default=1400, help="training steps (without --stages)")
+    p.add_argument("--steps", type=int, default=1600, help="training steps (without --stages)")
     p.add_argument("--stages", default=None,
                    help="progressive resolution, e.g. 256:100000:2048,512:50000:1024,1024:20000:256 (SIZE:STEPS[:BS[:NOISE_OFFSET]]"
                         " per stage; BS defaults to --bs, the noise offset to 0 but --noise-offset in the final stage)")

@@ -23,7 +23,7 @@ if [ "${1:-}" = "editor" ]; then
   exec "$py" sample.py serve --ckpt runs/kandinsky/editor/ckpt.pt
 fi
 start=$SECONDS
-step data/make_toy.py
+step data/make_toy.py --no-xlmr
 step train_ae.py
 step pretrain.py
 step data/curate.py train-aesthetic

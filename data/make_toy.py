@@ -51,6 +51,9 @@ def parse_args(argv=None):
                         "captions, the XLM-R span corruption on them and their Russian versions, then its distillation "
                         "from CLIP four times as many, an eighth the size); 0 leaves "
                         "them random")
+    p.add_argument("--no-xlmr", action="store_true",
+                   help="make CLIP and T5 only, not the toy XLM-R (Kandinsky 2.1's multilingual tower, which toy.sh's "
+                        "models do not read; about 45 s of the towers' time)")
     p.add_argument("--ratings", type=int, default=1000,
                    help="images of the haystack given a simulated human aesthetic rating (ratings.csv), for the curation funnel")
     return p.parse_args(argv)
@@ -97,15 +100,15 @@ def main(args):
     translated = [(toyworld.caption(s, "en"), toyworld.caption(s, "ru")) for s in toyworld.every_scene()]
     clip_dir, t5_dir, xlmr_dir = make_toy_towers(captions, args.towers, seed=args.seed, images=images,
                                                  steps=args.tower_steps, log=print, translated=translated,
-                                                 multilingual=russian)
-    print(f"wrote toy text towers to {clip_dir}, {t5_dir} and {xlmr_dir}")
+                                                 multilingual=russian, xlmr=not args.no_xlmr)
+    print(f"wrote toy text towers to {clip_dir}, {t5_dir}" + (f" and {xlmr_dir}" if xlmr_dir else ""))
     if args.tower_steps:  # on images CLIP never saw: a new world seed
         held_out = toyworld.make_haystack(min(500, args.n), seed=args.seed + 1, size=args.size, needle_fraction=args.needles)
         accuracy = clip_zero_shot(clip_dir, np.stack([image for image, _, _ in held_out]),
                                   [m["attributes"] for _, _, m in held_out])
         print(f"the toy CLIP's zero-shot accuracy on {len(held_out)} new images: "
               + ", ".join(f"{a} {100 * v:.0f}%" for a, v in accuracy.items()))
-        for language, rates in mclip_retrieval(xlmr_dir, clip_dir).items():
+        for language, rates in (mclip_retrieval(xlmr_dir, clip_dir) if xlmr_dir else {}).items():
             print(f"the toy XLM-R's {language} captions of every scene land nearest the toy CLIP's English caption "
                   f"of the same scene {100 * rates['scene']:.1f}% of the time (chance 0.06%), of the same "
                   + ", ".join(f"{a} {100 * rates[a]:.0f}%" for a in toyworld.ATTRIBUTES))

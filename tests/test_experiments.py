@@ -384,8 +384,9 @@ def test_kandinsky_priors_compares_both_priors_and_the_variations(tuning_world, 
 
 def test_inpainting_hole_stands_around_the_prompts_objects():
     import inpainting
-    assert inpainting.hole_box("two red circles on the left on a teal background", 0.5) == pytest.approx((0.05, 0.25, 0.55, 0.75))
-    assert inpainting.hole_box("a blue square at the bottom on a white background", 0.5) == pytest.approx((0.25, 0.45, 0.75, 0.95))
+    assert inpainting.hole_box("two red circles on the left on a teal background", 0.4) == pytest.approx((0.05, 0.3, 0.45, 0.7))
+    assert inpainting.hole_box("two red circles on the left on a teal background", 0.5) == pytest.approx((0.0, 0.25, 0.5, 0.75))
+    assert inpainting.hole_box("a blue square at the bottom on a white background", 0.5) == pytest.approx((0.25, 0.5, 0.75, 1.0))
     assert inpainting.hole_box("a blue square on a white background", 0.8) == pytest.approx((0.1, 0.1, 0.9, 0.9))  # centred, inside
 
 

@@ -420,6 +420,12 @@ def test_make_toy_towers_is_deterministic_and_leaves_global_rng_alone(tmp_path):
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
             assert (a[i] / name).read_bytes() == (b[i] / name).read_bytes()
         assert (a[i] / "model.safetensors").read_bytes() != (c[i] / "model.safetensors").read_bytes()
+    # without Kandinsky's XLM-R (make_toy.py --no-xlmr, as toy.sh runs it), CLIP and T5 are the same files
+    d = make_toy_towers(CAPTIONS, tmp_path / "d", seed=0, xlmr=False)
+    assert d[2] is None and not (tmp_path / "d" / "xlmr").exists()
+    for i in range(2):
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            assert (a[i] / name).read_bytes() == (d[i] / name).read_bytes()
 
 
 def test_clip_preprocess_resizes_short_side_crops_centre_and_normalises():

@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 import os
 
@@ -119,10 +120,10 @@ def test_the_russian_toy_prompts_are_the_english_ones_translated():
 
 def test_a_scene_keeps_its_layout_and_round_shapes_at_other_aspect_ratios():
     """render at (width, height): positions are fractions of the frame, sizes of its geometric mean side,
-    so "on the left" stays at 30% of the width and a circle stays round; a square size is the old render."""
+    so "on the left" stays at 25% of the width and a circle stays round; a square size is the old render."""
     perfect = dict.fromkeys(toyworld.QUALITIES, 1.0)
-    for position, (w, h), axis, expected in [("left", (43, 24), 0, 0.30), ("top", (24, 43), 1, 0.30),
-                                             ("right", (39, 26), 0, 0.70), ("bottom", (26, 39), 1, 0.70)]:
+    for position, (w, h), axis, expected in [("left", (43, 24), 0, 0.25), ("top", (24, 43), 1, 0.25),
+                                             ("right", (39, 26), 0, 0.75), ("bottom", (26, 39), 1, 0.75)]:
         scene = toyworld.Scene("circle", "red", 1, position, "white", qualities=perfect)
         image = toyworld.render(scene, (w, h), np.random.default_rng(0)).astype(int)
         assert image.shape == (h, w, 3)
@@ -134,6 +135,28 @@ def test_a_scene_keeps_its_layout_and_round_shapes_at_other_aspect_ratios():
     scene = toyworld.sample_scene(np.random.default_rng(3), photogenic=False)
     assert np.array_equal(toyworld.render(scene, 32, np.random.default_rng(1)),
                           toyworld.render(scene, (32, 32), np.random.default_rng(1)))
+
+
+def test_a_well_composed_group_is_whole_large_and_on_its_side_of_the_frame():
+    """Every scene with perfect qualities, at 32 px: the group keeps 1/16 of the frame (2 px) from every edge,
+    a single object is at least 10 px across (a square, the narrowest, 11), and the group's centre is on its position's side, 15% of the
+    frame or more from the centre (the anchor moves inwards only as far as the margin needs)."""
+    perfect = dict.fromkeys(toyworld.QUALITIES, 1.0)
+    for shape, count, position in itertools.product(toyworld.SHAPES, (1, 2, 3), toyworld.POSITIONS):
+        scene = toyworld.Scene(shape, "red", count, position, "white", qualities=perfect)
+        image = toyworld.render(scene, 32, np.random.default_rng(0)).astype(int)
+        ys, xs = np.nonzero((image[..., 0] > 120) & (image[..., 1] < 150))
+        margin = min(xs.min(), ys.min(), 31 - xs.max(), 31 - ys.max())
+        assert margin >= 2, (shape, count, position, margin)
+        if count == 1:
+            assert min(xs.max() - xs.min(), ys.max() - ys.min()) + 1 >= 10, (shape, position)
+        centre = np.array([xs.mean(), ys.mean()]) + 0.5 - 16
+        ax, ay = toyworld.POSITIONS[position]
+        side = np.array([ax - 0.5, ay - 0.5])
+        if position == "center":
+            assert np.abs(centre).max() < 2.5, (shape, count, centre)
+        else:
+            assert centre @ side / np.abs(side).sum() > 0.15 * 32, (shape, count, position, centre)
 
 
 def test_a_share_of_the_haystack_at_other_ratios_keeps_its_scenes():

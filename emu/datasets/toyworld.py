@@ -44,13 +44,18 @@ BACKGROUNDS = {
     "teal": (0.08, 0.45, 0.46),
     "pink": (0.95, 0.70, 0.76),
 }
-POSITIONS = {  # anchor of the subject group, as fractions of (x, y)
-    "left": (0.30, 0.50),
-    "right": (0.70, 0.50),
-    "top": (0.50, 0.30),
-    "bottom": (0.50, 0.70),
+POSITIONS = {  # anchor of the subject group, as fractions of (x, y); a group too large to keep its margin
+    "left": (0.25, 0.50),  # there moves inwards (render)
+    "right": (0.75, 0.50),
+    "top": (0.50, 0.25),
+    "bottom": (0.50, 0.75),
     "center": (0.50, 0.50),
 }
+# Each object's 'radius', as a fraction of the frame's side, by the number of objects. At 32 px a single
+# object is 13 px across, 3 to 4 cells of the 8x8 latent grid; two and three objects stand in a line along
+# the free axis. Objects two thirds this size (the world's first sizes) are one or two latent cells: the
+# toy U-Net then never learned their shape, and groups that filled more of the frame blurred the positions.
+OBJECT_RADIUS = {1: 0.21, 2: 0.16, 3: 0.125}
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top",
                     "bottom": "at the bottom", "center": "in the center"}
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
@@ -247,16 +252,17 @@ def _shape_mask(shape, xs, ys, cx, cy, r):
 
 
 def _group_offsets(count, position, r):
-    """Where the `count` objects sit relative to the group anchor (side by side, or a triangle)."""
-    gap = 2.3 * r
+    """Where the `count` objects sit relative to the group anchor: in a line along the free axis (a
+    column for left and right, a row for top and bottom), or a triangle in the center. The group is
+    centred on its anchor and stays narrow across the axis its position is on."""
+    gap = 2.3 * r  # centre to centre, so that neighbouring diamonds (1.1 r to their points) do not touch
     if count == 1:
         return [(0.0, 0.0)]
-    vertical = position in ("left", "right")  # stack along the free axis so the group stays put
-    if count == 2:
-        return [(0.0, -gap / 2), (0.0, gap / 2)] if vertical else [(-gap / 2, 0.0), (gap / 2, 0.0)]
-    if vertical:
-        return [(-gap / 2.2, -gap), (gap / 2.2, 0.0), (-gap / 2.2, gap)]
-    return [(-gap, gap / 2.2), (0.0, -gap / 2.2), (gap, gap / 2.2)]
+    if position == "center" and count == 3:
+        h = gap * np.sqrt(3) / 4  # half the triangle's height
+        return [(0.0, -h), (-gap / 2, h), (gap / 2, h)]
+    along = [(k - (count - 1) / 2) * gap for k in range(count)]
+    return [(0.0, a) for a in along] if position in ("left", "right") else [(a, 0.0) for a in along]
 
 
 def _gaussian_blur(img, sigma):
@@ -296,13 +302,19 @@ def render(scene, size, rng, supersample=4):
         img[mask] = rng.uniform(0.1, 0.95, size=3)
     # the subject: composition moves the group towards the frame edge and shrinks it
     bad = 1.0 - q["composition"]
-    r = S * {1: 0.15, 2: 0.11, 3: 0.09}[scene.count] * (1.0 - 0.35 * bad)
+    r = S * OBJECT_RADIUS[scene.count] * (1.0 - 0.14 * bad)
+    offsets = np.array(_group_offsets(scene.count, scene.position, r))
+    # the anchor, moved inwards where the group would come closer than 1/16 of the frame to its edge
+    # (1.1 r reaches a diamond's points)
+    half = np.abs(offsets).max(axis=0) + 1.1 * r
+    room = S / 16 + half
     ax, ay = POSITIONS[scene.position]
+    anchor = np.clip(np.array([ax * Sw, ay * Sh]), room, np.maximum(room, (Sw, Sh) - room))
     out = np.array([ax - 0.5, ay - 0.5])
     out = out / np.linalg.norm(out) if np.linalg.norm(out) > 0 else rng.normal(size=2) / np.sqrt(2)
-    cx, cy = (np.array([ax, ay]) + out * 0.25 * bad + rng.normal(0, 0.02, size=2)) * (Sw, Sh)
+    cx, cy = anchor + (out * 0.1 * bad + rng.normal(0, 0.008, size=2)) * (Sw, Sh)
     color = np.array(COLORS[scene.color], dtype=np.float32)
-    for ox, oy in _group_offsets(scene.count, scene.position, r):
+    for ox, oy in offsets:
         mask = _shape_mask(scene.shape, xs, ys, cx + ox, cy + oy, r)
         img[mask] = color
     img = img.reshape(H, supersample, W, supersample, 3).mean(axis=(1, 3))  # antialias

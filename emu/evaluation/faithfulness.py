@@ -113,11 +113,11 @@ def flip_left_right(x, labels, flip):
     return x, labels
 
 
-def train_attribute_classifier(n_images=4000, steps=800, seed=0, size=32, batch_size=128, lr=3e-3, verbose=True):
+def train_attribute_classifier(n_images=4000, steps=400, seed=0, size=32, batch_size=128, lr=3e-3, verbose=True):
     """Train an AttributeClassifier on freshly rendered, labelled toy-world images.
 
-    The defaults take about 80 s on one CPU core (12 s of it rendering) and reach 97% mean
-    held-out accuracy on web-like toy images (shape, the hardest, 87%).
+    The defaults take about 30 s on two CPU cores (12 s of it rendering) and read 1000 new web-like toy
+    images right 99.5% of the time (shape, the hardest, 97.6%; 800 steps: 99.9% and 99.5%).
 
     The labels come from the renderer of the training images; the judge later sees only the
     pixels of generated images, which have no labels.

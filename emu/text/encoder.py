@@ -207,7 +207,7 @@ class MultilingualTextEncoder(nn.Module):
 
 
 def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=256, lr=2e-3, log=None, translated=(),
-                    multilingual=()):
+                    multilingual=(), xlmr=True):
     """Train toy tokenizers on `captions`, build seeded toy towers, save them in the HF layout.
 
     Beside Emu's two towers, a toy XLM-R (Kandinsky 2.1's multilingual tower, emu/text/xlmr.py) whose
@@ -225,10 +225,10 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
     the same cost. Meanwhile it rehearses its language task, as many captions a step, at equal weight
     (train_mclip's `rehearse`): distilled alone, its token states, which Kandinsky's decoder reads, fall
     to what the toy CLIP's vector says, the background.
-    With `steps` 0 they stay random.
+    With `steps` 0 they stay random. `xlmr` False leaves the XLM-R out (CLIP and T5 come out the same).
     The CLIP directory is a whole CLIPModel (text and vision towers), as the published one is.
     :return: (out_dir/"clip", out_dir/"t5", out_dir/"xlmr") as Paths; the first two are what
-             TextEncoder.load reads, the third is what load_xlmr reads.
+             TextEncoder.load reads, the third is what load_xlmr reads (None without `xlmr`).
     """
     captions = list(captions)
     english, other = ([e for e, _ in translated], [o for _, o in translated]) if translated else (captions, [])
@@ -249,17 +249,20 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
                 raise ValueError("make_toy_towers: pretraining the towers (steps > 0) needs the captions' images")
             train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, lr, seed, log)
             train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
-        xlmr = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
-        if steps:
-            language = xlmr_span_corruption(xlmr, xlmr_tokenizer, text, seed)
-            train_xlmr(xlmr, language, steps, batch_size, lr, seed, log)
-            teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
-            # both languages of a caption have the same target, the English caption's
-            small = max(1, batch_size // 8)
-            train_mclip(xlmr, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 4 * steps,
-                        small, lr, seed, log, rehearse=language, rehearse_batch=small, rehearse_weight=1.0)
+        if xlmr:
+            xlmr_model = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
+            if steps:
+                language = xlmr_span_corruption(xlmr_model, xlmr_tokenizer, text, seed)
+                train_xlmr(xlmr_model, language, steps, batch_size, lr, seed, log)
+                teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
+                # both languages of a caption have the same target, the English caption's
+                small = max(1, batch_size // 8)
+                train_mclip(xlmr_model, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 4 * steps,
+                            small, lr, seed, log, rehearse=language, rehearse_batch=small, rehearse_weight=1.0)
     clip_dir, t5_dir, xlmr_dir = Path(out_dir) / "clip", Path(out_dir) / "t5", Path(out_dir) / "xlmr"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)
-    save_xlmr(xlmr, xlmr_tokenizer, xlmr_dir)
+    if not xlmr:
+        return clip_dir, t5_dir, None
+    save_xlmr(xlmr_model, xlmr_tokenizer, xlmr_dir)
     return clip_dir, t5_dir, xlmr_dir
