@@ -48,13 +48,13 @@ def swapped(scene, attribute):
 
 
 @torch.no_grad()
-def redraw(model, images, captions, t0, steps_per, cfg, seed=0):
-    """SDEdit: encode `images` ((N, 3, H, W) in [-1, 1]), noise the latents to step t0 (the same noise for
-    every call with the same seed), and run DDIM down to the clean image with `captions`. t0 = -1 returns
+def redraw(model, latents, captions, t0, steps_per, cfg, seed=0):
+    """SDEdit: noise the clean `latents` (model.ae.encode of the images) to step t0 (the same noise for every
+    call with the same seed), run DDIM down to the clean image with `captions`, and decode. t0 = -1 returns
     the images through the autoencoder alone."""
-    x = model.ae.encode(images)
+    x = latents
     if t0 >= 0:
-        diffusion, n = model.objective, len(images)
+        diffusion, n = model.objective, len(latents)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         text, uncond = model.text_encoder.encode(captions), model.text_encoder.encode([""] * n)
         guided = lambda x_t, t: classifier_free_guidance(model.model, x_t, t, text, uncond, cfg)
@@ -80,7 +80,8 @@ def main(args):
         raise SystemExit(f"error: {args.ckpt} is an --arch {model.arch.name} model; this measure is for --arch ldm")
     classifier = load_classifier(args.classifier)
     examples = [toyworld.make_example(i, args.seed, model.image_size, photogenic=True) for i in range(args.n)]
-    images = from_uint8([image for image, _, _ in examples])
+    with torch.no_grad():
+        latents = model.ae.encode(from_uint8([image for image, _, _ in examples]))  # once: every redraw starts here
     scenes = [toyworld.scene_from_attributes(meta["attributes"]) for _, _, meta in examples]
     own_captions = [toyworld.caption(s) for s in scenes]
     print(f"{args.ckpt}: {args.n} photogenic toy images (world seed {args.seed}), guidance {args.cfg}")
@@ -88,8 +89,8 @@ def main(args):
     for attribute in attributes:
         asked = [swapped(s, attribute) for s in scenes]
         for t0 in steps:
-            own = redraw(model, images, own_captions, t0, args.steps_per, args.cfg)
-            other = redraw(model, images, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg)
+            own = redraw(model, latents, own_captions, t0, args.steps_per, args.cfg)
+            other = redraw(model, latents, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg)
             rates = [shows(classifier, own, scenes, attribute).mean(), shows(classifier, other, scenes, attribute).mean(),
                      shows(classifier, other, asked, attribute).mean()]
             print(f"| {attribute} | {t0} | " + " | ".join(f"{100 * r:.0f}%" for r in rates) + " |")

@@ -231,15 +231,10 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
              TextEncoder.load reads, the third is what load_xlmr reads (None without `xlmr`).
     """
     captions = list(captions)
-    english, other = ([e for e, _ in translated], [o for _, o in translated]) if translated else (captions, [])
     clip_tokenizer = build_toy_clip_tokenizer(captions)
     t5_tokenizer = build_toy_t5_tokenizer(captions)
-    text = captions + list(multilingual)  # what the XLM-R reads as a language model
-    xlmr_tokenizer = build_toy_xlmr_tokenizer(text + [c for pair in translated for c in pair])
     clip_config = replace(CLIP_PRESETS["toy"], vocab_size=clip_tokenizer.get_vocab_size())
     t5_config = replace(T5_PRESETS["toy"], vocab_size=t5_tokenizer.get_vocab_size())
-    xlmr_config = replace(XLMR_PRESETS["toy"], vocab_size=xlmr_tokenizer.get_vocab_size(),
-                          numDims=clip_config.projection_dim)  # it lands in CLIP's text space
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         clip, t5 = CLIPTextModel(clip_config), T5Encoder(t5_config)
@@ -249,20 +244,33 @@ def make_toy_towers(captions, out_dir, seed=0, images=None, steps=0, batch_size=
                 raise ValueError("make_toy_towers: pretraining the towers (steps > 0) needs the captions' images")
             train_clip(clip, vision, clip_tokenizer, images, captions[:len(images)], steps, batch_size, lr, seed, log)
             train_t5(t5, t5_tokenizer, captions, steps, batch_size, lr, seed, log)
-        if xlmr:
-            xlmr_model = XLMRTextModel(xlmr_config)  # built last, so that CLIP's and T5's random draws do not depend on it
-            if steps:
-                language = xlmr_span_corruption(xlmr_model, xlmr_tokenizer, text, seed)
-                train_xlmr(xlmr_model, language, steps, batch_size, lr, seed, log)
-                teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
-                # both languages of a caption have the same target, the English caption's
-                small = max(1, batch_size // 8)
-                train_mclip(xlmr_model, xlmr_tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 4 * steps,
-                            small, lr, seed, log, rehearse=language, rehearse_batch=small, rehearse_weight=1.0)
+        # built last, so that CLIP's and T5's random draws do not depend on it
+        xlmr_tower = (_make_toy_xlmr(clip, clip_tokenizer, captions, multilingual, translated, steps, batch_size, lr, seed, log)
+                      if xlmr else None)
     clip_dir, t5_dir, xlmr_dir = Path(out_dir) / "clip", Path(out_dir) / "t5", Path(out_dir) / "xlmr"
     save_clip(clip_dir, clip_tokenizer, text=clip, vision=vision)
     save_t5_encoder(t5, t5_tokenizer, t5_dir)
-    if not xlmr:
+    if xlmr_tower is None:
         return clip_dir, t5_dir, None
-    save_xlmr(xlmr_model, xlmr_tokenizer, xlmr_dir)
+    save_xlmr(*xlmr_tower, xlmr_dir)
     return clip_dir, t5_dir, xlmr_dir
+
+
+def _make_toy_xlmr(clip, clip_tokenizer, captions, multilingual, translated, steps, batch_size, lr, seed, log):
+    """make_toy_towers' XLM-R: (model, tokenizer). It reads `captions` and `multilingual` as a language
+    model, then is distilled from the (trained) `clip` on both sides of `translated`, or on `captions`."""
+    text = captions + list(multilingual)
+    english, other = ([e for e, _ in translated], [o for _, o in translated]) if translated else (captions, [])
+    tokenizer = build_toy_xlmr_tokenizer(text + [c for pair in translated for c in pair])
+    config = replace(XLMR_PRESETS["toy"], vocab_size=tokenizer.get_vocab_size(),
+                     numDims=clip.config.projection_dim)  # it lands in CLIP's text space
+    model = XLMRTextModel(config)
+    if steps:
+        language = xlmr_span_corruption(model, tokenizer, text, seed)
+        train_xlmr(model, language, steps, batch_size, lr, seed, log)
+        teacher = clip_text_embeddings(clip, clip_tokenizer, english)  # the frozen teacher's targets, once
+        # both languages of a caption have the same target, the English caption's
+        small = max(1, batch_size // 8)
+        train_mclip(model, tokenizer, torch.cat([teacher] * (2 if other else 1)), english + other, 4 * steps,
+                    small, lr, seed, log, rehearse=language, rehearse_batch=small, rehearse_weight=1.0)
+    return model, tokenizer
