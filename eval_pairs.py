@@ -62,6 +62,9 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     g.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i by both models")
     g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale for both models")
+    g.add_argument("--cfg-rescale", type=float, default=None, metavar="PHI",
+                   help="guidance rescale (Lin et al. 2024) for both models, 0 = plain guidance; default: model A's own "
+                        "(sample.py --cfg-rescale)")
     g.add_argument("--steps", type=int, default=25, help="sampling steps")
     g.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="sampler")
     g.add_argument("--judges", default="toy", choices=["toy", "none"],
@@ -103,22 +106,27 @@ def generate(args):
     texts, categories = [p for p, _ in prompts], [c or "(none)" for _, c in prompts]
     seeds = [args.seed + i for i in range(len(prompts))]
 
-    # the study first: it refuses to replace one that people have voted in, before any image is touched
+    # model A first: unless told, its own guidance rescale is both models'
+    model = TextToImage.load(args.a, device=args.device, arch=args.arch)
+    if args.cfg_rescale is None:
+        args.cfg_rescale = model.cfg_rescale
+    # the study next: it refuses to replace one that people have voted in, before any image is touched
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
     create_study(args.out, [{"prompt": t, "category": c, "seed": s, "image_a": f"images/{i:04d}-a.png",
                              "image_b": f"images/{i:04d}-b.png"} for i, (t, c, s) in enumerate(zip(texts, categories, seeds))],
                  {"name_a": args.name_a, "name_b": args.name_b, "a": args.a, "b": args.b, "prompts": args.prompts,
-                  "cfg": args.cfg, "steps": args.steps, "sampler": args.sampler})
+                  "cfg": args.cfg, "cfg_rescale": args.cfg_rescale, "steps": args.steps, "sampler": args.sampler})
 
-    # both sides from the same prompts and seeds
+    # both sides from the same prompts, seeds and guidance
     images = {}
     for side, path in (("a", args.a), ("b", args.b)):
-        model = TextToImage.load(path, device=args.device, arch=args.arch)
+        model = model if side == "a" else TextToImage.load(path, device=args.device, arch=args.arch)
         print(f"generating {len(texts)} images with {path}")
-        images[side] = to_uint8(model.generate(texts, seeds, args.cfg, args.steps, args.sampler))
+        images[side] = to_uint8(model.generate(texts, seeds, args.cfg, args.steps, args.sampler, cfg_rescale=args.cfg_rescale))
         for i, image in enumerate(images[side]):
             save_png(os.path.join(args.out, "images", f"{i:04d}-{side}.png"), image,
-                     {"prompt": texts[i], "seed": seeds[i], "checkpoint": path, "cfg": args.cfg, "steps": args.steps})
+                     {"prompt": texts[i], "seed": seeds[i], "checkpoint": path, "cfg": args.cfg,
+                      "cfg_rescale": args.cfg_rescale, "steps": args.steps})
         del model
 
     if args.judges == "toy":
@@ -195,7 +203,7 @@ def report_markdown(reports, info, partial):
     sections = [f"# {name_a} (A) vs {name_b} (B)"]
     if "a" in info:
         sections.append(f"{info['a']} vs {info['b']}, prompts {info['prompts']}, {info['sampler']} {info['steps']} steps, "
-                        f"guidance {info['cfg']}")
+                        f"guidance {info['cfg']}" + (f", rescaled {info['cfg_rescale']}" if float(info.get("cfg_rescale", 0)) else ""))
     for kind, r in reports.items():
         sections.append(f"## Rated by {who[kind]}: {r['raters']} rater{'s' * (r['raters'] != 1)}, {r['votes']} votes")
         agreement = "; ".join(f"{task}: Fleiss' kappa {'undefined' if a['kappa'] is None else format(a['kappa'], '.2f')}, "

@@ -1,6 +1,6 @@
 """Generate images from prompts with a trained model.
 
-Each image is written as a PNG whose metadata records the prompt, seed, guidance scale, sampler
+Each image is written as a PNG whose metadata records the prompt, seed, guidance scale and rescale, sampler
 and checkpoint, so any image can be regenerated; a grid of all of them is written beside.
 
     python sample.py --prompt "two red circles on the left on a teal background"
@@ -46,6 +46,7 @@ from emu.arch import ARCHS, LATENT_ARCHS, image_multiple
 from emu.datasets.buckets import RATIOS, bucket_by_name, fit_to_bucket, make_buckets
 from emu.datasets.folders import BadFile, from_pil, load_image, make_grid, open_rgb, read_prompts, save_png, to_uint8
 from emu.demo.editor import EditorServer, read_styles
+from emu.diffusion import GUIDANCE_RESCALE
 from emu.evaluation.accuracy import accuracy_markdown, accuracy_table, prompt_hits
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.metrics import seed_variety
@@ -77,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=4, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-rescale", type=float, default=None, metavar="PHI",
+                   help="guidance rescale (Lin et al. 2024) in [0, 1], 0 = plain guidance; default: the model's own, "
+                        f"{GUIDANCE_RESCALE} for emu's latent models, 0 for a published Stable Diffusion U-Net (as "
+                        "diffusers samples it), the pixel cascade and Muse")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (diffusion) or decoding steps (MaskGIT)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (deterministic at eta 0) or DDPM ancestral")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 ~ DDPM)")
@@ -121,6 +126,7 @@ def parse_serve_args(argv=None):
 def main(args):
     classifier = load_classifier(args.accuracy) if args.accuracy else None  # a wrong file fails before sampling
     model = load_model(args)
+    args.cfg_rescale = model.cfg_rescale if args.cfg_rescale is None else args.cfg_rescale  # recorded in each PNG
     size = image_size(args, model)
     if classifier is not None and size and min(size) < classifier.size // 2:
         raise EmuError(f"--size {size[0]}x{size[1]}: the attribute classifier reads sides of at least {classifier.size // 2}")
@@ -167,7 +173,7 @@ def draw(args, model, callback=None):
     images = model.generate([p for p, _ in jobs], [s for _, s in jobs], args.cfg, args.steps, args.sampler, args.eta,
                             image_embeds=None if image_embeds is None else image_embeds[rows],
                             inpaint=None if inpaint is None else (inpaint[0][rows], inpaint[1][rows]), size=size,
-                            callback=callback)
+                            callback=callback, cfg_rescale=args.cfg_rescale)
     if outpaint is not None:  # the drawn window goes back on the grown canvas
         canvas, window = outpaint
         images = place_window(canvas.expand(len(images), -1, -1, -1), images, window)
@@ -176,7 +182,7 @@ def draw(args, model, callback=None):
 
 def image_metadata(args, prompt, seed):
     """What a PNG records of how it was drawn (PNG text chunks)."""
-    meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "steps": args.steps, "sampler": args.sampler,
+    meta = {"prompt": prompt, "seed": seed, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale, "steps": args.steps, "sampler": args.sampler,
             "eta": args.eta, "checkpoint": args.ckpt, "weights": args.weights, "mode": args.mode}
     meta.update({k: str(getattr(args, k)) for k in ("image", "mix", "box", "mask", "extend", "window", "size", "aspect")
                  if getattr(args, k)})

@@ -22,7 +22,9 @@ differs is four things, each a method here:
   * build / from_config: the trained model from a preset, or from the config a checkpoint recorded;
   * objective: what train_step optimises (training_noise and training_loss, see emu/training/loop.py),
     and check_loss, the fixed-draw loss qtune's early stopping watches;
-  * generate: text embeddings and seeds -> images;
+  * generate: text embeddings and seeds -> images (and `cfg_rescale`, the guidance rescale its
+    samples get unless told otherwise: emu.diffusion.GUIDANCE_RESCALE for the latent models, none for
+    the cascade, which has Imagen's dynamic thresholding instead, or for MaskGIT's logits);
   * the frozen first stage (the --ae directory): an autoencoder, none (PixelSpace), or a VQ tokenizer
     (for Kandinsky, MoVQ used for its continuous latents: emu.pipeline.load_frozen_parts).
 """
@@ -31,7 +33,7 @@ import dataclasses
 from emu import EmuError
 from emu.checkpoint import config_from_dict, config_to_dict
 from emu.datasets.buckets import make_buckets
-from emu.diffusion import GaussianDiffusion, guided_images
+from emu.diffusion import GUIDANCE_RESCALE, GaussianDiffusion, guided_images
 from emu.models.unet import PRESETS, UNet, UNetConfig
 from emu.variants.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
 from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig,
@@ -43,6 +45,7 @@ from emu.variants.pixel import (BASE_PRESETS, CascadeDiffusion, build_cascade, c
 class LatentDiffusion:
     """Emu itself: a U-Net denoising autoencoder latents, conditioned on CLIP and T5."""
     name, presets, default_ae = "ldm", tuple(sorted(PRESETS)), "runs/ae"
+    cfg_rescale = GUIDANCE_RESCALE
 
     def build(self, preset, ae, text_encoder):
         """A U-Net from a preset, its in/out width set by the autoencoder's latent channels and its
@@ -69,16 +72,19 @@ class LatentDiffusion:
         toy model follow its prompts")."""
         return ("scaled_linear", "v", 5.0) if preset == "toy" else ("scaled_linear", "eps", 0.0)
 
-    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, callback=None):
-        """Images of `image_size`: one side (a square), or (height, width). `callback` is guided_images'."""
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, callback=None,
+                 cfg_rescale=0.0):
+        """Images of `image_size`: one side (a square), or (height, width). `callback` and `cfg_rescale` are
+        guided_images'."""
         return guided_images(model, ae, objective, text, uncond, seeds, hw(image_size), cfg_scale, steps, sampler, eta,
-                             callback=callback)
+                             callback=callback, cfg_rescale=cfg_rescale)
 
 
 class PixelDiffusion(LatentDiffusion):
     """Imagen-like: a base U-Net on pixels at 1/factor of the image size, conditioned on T5 alone,
     and a diffusion upsampler to the full size, trained together (emu.variants.pixel.PixelCascade)."""
     name, presets, default_ae = "pixel", tuple(sorted(BASE_PRESETS)), None
+    cfg_rescale = 0.0  # Imagen's own answer to over-saturated guidance is dynamic thresholding
 
     def build(self, preset, ae, text_encoder):
         return build_cascade(preset, text_encoder.t5_dim)
@@ -96,8 +102,9 @@ class PixelDiffusion(LatentDiffusion):
         """The preset's own schedule and prediction (the toy cascade learns to upsample only predicting v)."""
         return BASE_PRESETS[preset].schedule, BASE_PRESETS[preset].prediction, 0.0
 
-    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
+    def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, cfg_rescale=0.0):
         square_only(image_size, "the cascade makes its base image and the upsampler's input at one side (cascade_generate)")
+        no_rescale(cfg_rescale, "the cascade thresholds its guided samples dynamically instead (Imagen)")
         return cascade_generate(model, objective.diffusion, text, uncond, seeds, hw(image_size)[0], steps, cfg_scale,
                                 sampler, eta)
 
@@ -106,6 +113,7 @@ class MaskedGenerative:
     """Muse-like: a bidirectional transformer over VQ token ids, trained to fill in masked tokens and
     sampled by MaskGIT's parallel decoding (emu/variants/muse.py). No diffusion: no schedule, no sampler."""
     name, presets, default_ae = "muse", tuple(sorted(TRANSFORMER_PRESETS)), "runs/vq"
+    cfg_rescale = 0.0  # MaskGIT guides logits, not a prediction with a spread to keep
 
     def build(self, preset, tokenizer, text_encoder):
         if getattr(tokenizer, "kind", None) != "vq":
@@ -126,8 +134,10 @@ class MaskedGenerative:
     def diffusion_defaults(self, preset):
         return None, None, None  # no diffusion
 
-    def generate(self, model, tokenizer, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta):
+    def generate(self, model, tokenizer, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta,
+                 cfg_rescale=0.0):
         square_only(image_size, "MaskGIT decodes a square grid of tokens (muse_generate)")
+        no_rescale(cfg_rescale, "MaskGIT guides the tokens' logits (muse_generate)")
         return muse_generate(model, tokenizer, text, uncond, seeds, hw(image_size)[0], steps, cfg_scale)
 
 
@@ -158,11 +168,11 @@ class KandinskyDecoder(LatentDiffusion):
         return super().diffusion_defaults(preset.removesuffix(INPAINT))
 
     def generate(self, model, ae, objective, text, uncond, seeds, image_size, cfg_scale, steps, sampler, eta, inpaint=None,
-                 callback=None):
+                 callback=None, cfg_rescale=0.0):
         size = tuple(inpaint[0].shape[-2:]) if inpaint is not None else hw(image_size)
         diffusion = getattr(objective, "diffusion", objective)
         return decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint,
-                                callback)
+                                callback, cfg_rescale)
 
 
 LATENT_ARCHS = ("ldm", "kandinsky")  # convolutional U-Nets on latents: they draw, and train on, any size they can halve
@@ -192,6 +202,12 @@ def square_only(image_size, why):
     height, width = hw(image_size)
     if height != width:
         raise EmuError(f"{width}x{height}: this architecture draws square images only: {why}")
+
+
+def no_rescale(cfg_rescale, why):
+    """A one-line EmuError for a guidance rescale asked of an architecture that has none."""
+    if cfg_rescale:
+        raise EmuError(f"guidance rescale {cfg_rescale}: this architecture has none: {why}")
 
 
 ARCHS = {arch.name: arch for arch in (LatentDiffusion(), PixelDiffusion(), MaskedGenerative(), KandinskyDecoder())}

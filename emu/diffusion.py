@@ -232,26 +232,47 @@ class GaussianDiffusion:
         return x
 
 
-def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None):
+# Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+# section 3.4): a large guidance scale inflates the spread of the guided prediction far beyond what the
+# model predicts for any one caption, and the images come out over-exposed and over-saturated. Rescaling
+# the guided output to the conditional output's standard deviation undoes that; blending a fraction phi of
+# the rescaled output with the rest of the plain one keeps the images from turning flat. phi = 0.7 is the
+# paper's value. In the toy world, at guidance 5, the pretrained model's exposure measure (the judges')
+# is 0.83 without it and 0.68 with it, against 0.28 for the haystack it learned from and 0.31 unguided,
+# while its prompt accuracy stays the same (README, "Guidance rescale").
+GUIDANCE_RESCALE = 0.7
+
+
+def classifier_free_guidance(model, x, t, text, uncond, scale, model_kwargs=None, rescale=0.0):
     """Guided model output: out_uncond + scale * (out_cond - out_uncond), in one batched call.
 
     :param text: the prompts' TextEmbedding (B rows); uncond: the empty prompt's (B rows).
     :param scale: 1.0 is plain conditional sampling; larger trades diversity for faithfulness.
     :param model_kwargs: other inputs of the model, each with B rows and the same in both halves
         (a super-resolution model's low-resolution image and its augmentation level).
+    :param rescale: guidance rescale's phi in [0, 1] (GUIDANCE_RESCALE): each row of the guided output is
+        blended, phi to 1 - phi, with itself scaled to the conditional output's standard deviation.
+        0 is plain guidance.
     """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     model_kwargs = model_kwargs or {}
     if scale == 1.0:
         return model(x, t, text, **model_kwargs)
     both = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
     out = model(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([text, uncond]), **both)
     cond, unc = out.chunk(2)
-    return unc + scale * (cond - unc)
+    guided = unc + scale * (cond - unc)
+    if rescale == 0.0:
+        return guided
+    dims = tuple(range(1, guided.dim()))  # one standard deviation per row
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp(min=1e-12))
+    return rescale * rescaled + (1.0 - rescale) * guided
 
 
 @torch.no_grad()
 def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta,
-                  model_kwargs=None, callback=None):
+                  model_kwargs=None, callback=None, cfg_rescale=0.0):
     """Images from a latent model: one noise tensor per seed (drawn on the CPU from that seed alone, so
     the same seed gives the same start in any model and on any device), sampled with classifier-free
     guidance, then decoded by the first stage.
@@ -260,13 +281,14 @@ def guided_images(model, first_stage, diffusion, text, uncond, seeds, size, cfg_
     :param model_kwargs: other inputs of the model (classifier_free_guidance's).
     :param callback: GaussianDiffusion.sample's, given the latents' clean estimate and the first stage,
         as callback(step, steps, x0, first_stage), so that it can decode a preview.
+    :param cfg_rescale: guidance rescale's phi (classifier_free_guidance's `rescale`).
     :return: (B, 3, H, W).
     """
     f, device = first_stage.downsample_factor, text.pooled.device
     shape = (model.cfg.in_channels, size[0] // f, size[1] // f)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     gen = torch.Generator(device).manual_seed(int(seeds[0]))
-    model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale, model_kwargs)
+    model_fn = lambda x, t: classifier_free_guidance(model, x, t, text, uncond, cfg_scale, model_kwargs, cfg_rescale)
     each_step = None if callback is None else (lambda i, n, x0: callback(i, n, x0, first_stage))
     latents = diffusion.sample(model_fn, noise.to(device), steps=steps, sampler=sampler, eta=eta, generator=gen,
                                callback=each_step)

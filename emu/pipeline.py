@@ -88,11 +88,16 @@ def model_from_checkpoint(ckpt, path, weights="ema"):
 
 
 class TextToImage:
-    """A trained model of any architecture, ready to sample."""
+    """A trained model of any architecture, ready to sample.
 
-    def __init__(self, arch, model, ae, text_encoder, objective, image_size, name=""):
+    `cfg_rescale` is the guidance rescale its samples get unless generate() is told otherwise: by default
+    its architecture's (emu.diffusion.GUIDANCE_RESCALE for our latent models); a published Stable
+    Diffusion U-Net, quality-tuned or not, gets none, as diffusers' pipelines sample it by default."""
+
+    def __init__(self, arch, model, ae, text_encoder, objective, image_size, name="", cfg_rescale=None):
         self.arch, self.model, self.ae, self.text_encoder, self.objective = arch, model, ae, text_encoder, objective
         self.image_size, self.name = image_size, name
+        self.cfg_rescale = arch.cfg_rescale if cfg_rescale is None else cfg_rescale
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights="ema", arch=None, prior=None):
@@ -107,7 +112,7 @@ class TextToImage:
         model = model.to(device)
         if args.get("base"):  # a quality-tuned Stable Diffusion U-Net: the rest is the published folder's
             _, vae, text_encoder, diffusion, _ = load_base(args["base"], device, unet=False)
-            return cls(arch, model, vae, text_encoder, diffusion, args["image_size"], name=str(path))
+            return cls(arch, model, vae, text_encoder, diffusion, args["image_size"], name=str(path), cfg_rescale=0.0)
         # Checkpoints from before --text-dtype ran their towers in float32.
         ae, text_encoder = load_frozen_parts(args["ae"], args["clip"], args["t5"], device, args.get("text_dtype", "float32"),
                                              arch=arch.name, prior=prior or args.get("prior"), xlmr=args.get("xlmr"))
@@ -129,7 +134,8 @@ class TextToImage:
         scheduler/) in our own modules (emu/variants/stable_diffusion.py), at the resolution it was trained
         at: the U-Net's sample_size latents."""
         unet, vae, text_encoder, diffusion, image_size = load_base(folder, device)
-        return cls(get_arch("ldm"), unet.eval().requires_grad_(False), vae, text_encoder, diffusion, image_size, name=str(folder))
+        return cls(get_arch("ldm"), unet.eval().requires_grad_(False), vae, text_encoder, diffusion, image_size, name=str(folder),
+                   cfg_rescale=0.0)
 
     @property
     def device(self):
@@ -137,7 +143,7 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, prompts, seeds, cfg_scale=5.0, steps=25, sampler="ddim", eta=0.0, batch_size=64,
-                 image_embeds=None, inpaint=None, size=None, callback=None):
+                 image_embeds=None, inpaint=None, size=None, callback=None, cfg_rescale=None):
         """Images for `prompts` (one per prompt, seeded by `seeds`) as (B, 3, H, W) in [-1, 1], at the
         training resolution or at `size`, (width, height) (the latent models; the others draw squares).
         `sampler` and `eta` are the diffusion sampler's; MaskGIT decoding takes `steps` alone.
@@ -147,7 +153,8 @@ class TextToImage:
         (B, 3, H, W), masks (B, 1, H, W)) for an inpainting decoder: the holes are filled, the rest kept.
 
         `callback(step, steps, x0, first_stage)` is called after every sampling step of the latent models
-        (emu.diffusion.guided_images); an exception it raises stops the generation."""
+        (emu.diffusion.guided_images); an exception it raises stops the generation. `cfg_rescale` is guidance
+        rescale's phi (emu.diffusion.classifier_free_guidance), None for the model's own (self.cfg_rescale)."""
         if (image_embeds is not None or inpaint is not None) and self.arch.name != "kandinsky":
             raise EmuError(f"image embeddings and inpainting are for Kandinsky's decoder, not --arch {self.arch.name}")
         out = []
@@ -156,7 +163,9 @@ class TextToImage:
             given = {} if image_embeds is None else {"image_embeds": image_embeds[rows]}
             text = self.text_encoder.encode(list(chunk), **given).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
-            extra = {} if inpaint is None else {"inpaint": (inpaint[0][rows], inpaint[1][rows])}
+            extra = {"cfg_rescale": self.cfg_rescale if cfg_rescale is None else cfg_rescale}
+            if inpaint is not None:
+                extra["inpaint"] = (inpaint[0][rows], inpaint[1][rows])
             if callback is not None:
                 if self.arch.name not in LATENT_ARCHS:
                     raise EmuError(f"step-by-step progress is for the latent models (--arch ldm, kandinsky), not --arch {self.arch.name}")

@@ -256,3 +256,29 @@ def test_weighted_loss_is_the_per_sample_mse_times_the_weight_and_gamma_zero_is_
     expected = (per_sample * weighted.loss_weight(t)).mean().item()
     assert weighted.training_loss(model, x0, None, t=t, noise=noise).item() == pytest.approx(expected, rel=1e-6)
     assert expected != pytest.approx(per_sample.mean().item(), rel=1e-2)
+
+
+def test_guidance_rescale_brings_each_rows_spread_back_to_the_conditional_outputs():
+    torch.manual_seed(0)
+    pattern, other = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def model(x, t, text):  # caption value 1: `pattern`; the empty caption's 0.1: a tenth of it plus `other`
+        value = text.pooled[:, :1, None, None]
+        return pattern.repeat(len(x) // 2, 1, 1, 1) * value + other.repeat(len(x) // 2, 1, 1, 1) * (value < 0.5)
+
+    x, t = torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    cond, uncond = _text(2, 1.0), _text(2, 0.1)
+    plain = classifier_free_guidance(model, x, t, cond, uncond, scale=5.0)
+    assert torch.allclose(plain, 0.1 * pattern + other + 5.0 * (0.9 * pattern - other))
+    assert torch.equal(classifier_free_guidance(model, x, t, cond, uncond, scale=5.0, rescale=0.0), plain)
+    full = classifier_free_guidance(model, x, t, cond, uncond, scale=5.0, rescale=1.0)
+    # every row is the guided output scaled to the conditional output's standard deviation
+    row_std = lambda v: v.flatten(1).std(dim=1)
+    assert torch.allclose(row_std(full), row_std(pattern))
+    assert torch.allclose(full, plain * (row_std(pattern) / row_std(plain)).view(2, 1, 1, 1))
+    # phi blends the two
+    assert torch.allclose(classifier_free_guidance(model, x, t, cond, uncond, scale=5.0, rescale=0.7), 0.7 * full + 0.3 * plain)
+    # no guidance, nothing to rescale
+    assert torch.equal(classifier_free_guidance(model, x, t, cond, uncond, scale=1.0, rescale=0.7), pattern)
+    with pytest.raises(ValueError, match=r"guidance rescale must be in \[0, 1\], got 1.5"):
+        classifier_free_guidance(model, x, t, cond, uncond, scale=5.0, rescale=1.5)

@@ -13,6 +13,7 @@ from PIL import Image
 from emu import EmuError
 from emu.arch import get_arch
 from emu.checkpoint import read_metrics
+from emu.diffusion import GUIDANCE_RESCALE
 from emu.evaluation.metrics import seed_variety
 from emu.pipeline import TextToImage, read_training_checkpoint
 from emu.datasets import toyworld
@@ -55,7 +56,7 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
     png = Image.open(f"{tmp_path}/samples/0001.png")
     assert png.size == (32, 32)
     assert png.text["prompt"] == "a red circle in the center on a white background" and png.text["seed"] == "1"
-    assert png.text["cfg"] == "5.0" and png.text["checkpoint"].endswith("best.pt")
+    assert png.text["cfg"] == "5.0" and png.text["cfg_rescale"] == str(GUIDANCE_RESCALE) and png.text["checkpoint"].endswith("best.pt")
     assert Image.open(f"{tmp_path}/samples/grid.png").size == (64, 32)
 
     prompts = tmp_path / "prompts.tsv"
@@ -72,6 +73,7 @@ def test_pretrain_qtune_sample_eval_end_to_end(world, tmp_path):
     assert "## Prompt accuracy (toy world)" in open(f"{tmp_path}/eval/results.md").read()
     assert "training the faithfulness judge's attribute classifier" in out and os.path.exists(f"{tmp_path}/judge.pt")
     assert results["study"]["a"] == f"{tmp_path}/qt/best.pt" and results["study"]["steps"] == "2"
+    assert results["study"]["cfg_rescale"] == str(GUIDANCE_RESCALE) and f"guidance 5.0, rescaled {GUIDANCE_RESCALE}" in open(f"{tmp_path}/eval/results.md").read()
     for task in ("visual appeal", "text faithfulness"):
         rates = results["judge"]["summary"]["all"][task]
         assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(100.0) and rates["n"] == 6
@@ -508,6 +510,21 @@ def test_sample_draws_other_aspect_ratios_and_refuses_sizes_the_model_cannot_dra
     for name, why in (("pixel", "cascade_generate"), ("muse", "muse_generate")):
         with pytest.raises(EmuError, match=f"40x24: this architecture draws square images only: .*{why}"):
             get_arch(name).generate(None, None, None, None, None, [0], (24, 40), 5.0, 2, "ddim", 0.0)
+
+
+def test_latent_models_sample_with_guidance_rescale_unless_told_otherwise(world):
+    w, _ = world
+    model = TextToImage.from_checkpoint(f"{w}/pre/ckpt.pt")
+    assert model.cfg_rescale == GUIDANCE_RESCALE == 0.7
+    prompts, seeds = ["two red circles on the left on a teal background"] * 2, [0, 1]
+    draw = lambda **kw: model.generate(prompts, seeds, 5.0, 3, **kw)
+    default, plain = draw(), draw(cfg_rescale=0.0)
+    assert torch.equal(default, draw(cfg_rescale=GUIDANCE_RESCALE))
+    assert not torch.equal(default, plain)  # (slightly: the 6-step model barely reads its caption)
+    for name, why in (("pixel", "dynamically"), ("muse", "logits")):
+        assert get_arch(name).cfg_rescale == 0.0
+        with pytest.raises(EmuError, match=f"guidance rescale 0.7: this architecture has none: .*{why}"):
+            get_arch(name).generate(None, None, None, None, None, [0], 24, 5.0, 2, "ddim", 0.0, cfg_rescale=0.7)
 
 
 def mixed_folder(w, folder):

@@ -223,14 +223,14 @@ class InpaintingDiffusion:
 
 @torch.no_grad()
 def decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, inpaint=None,
-                     callback=None):
+                     callback=None, cfg_rescale=0.0):
     """Images from the decoder U-Net for the conditioning in `text` (a TextImageEmbedding).
 
     :param size: the image's (height, width) in pixels.
     :param inpaint: for an inpainting U-Net, (images (B, 3, H, W) in [-1, 1], masks (B, 1, H, W), 1 in the
         hole): the model fills the holes, and the images are kept outside them (emu.variants.inpaint.paste_known).
         An inpainting U-Net without it draws the whole image (a mask of all ones).
-    :param callback: guided_images'.
+    :param callback, cfg_rescale: guided_images'.
     :return: (B, 3, H, W).
     """
     kwargs = {}
@@ -240,7 +240,8 @@ def decoder_generate(model, ae, diffusion, text, uncond, seeds, size, cfg_scale,
         kwargs["cond"] = inpaint_condition(ae.encode(images * (1 - masks)), latent_mask(masks, ae.downsample_factor))
     elif inpaint is not None:
         raise EmuError("inpainting and outpainting need an inpainting decoder (pretrain.py --arch kandinsky --preset toy-inpaint)")
-    out = guided_images(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, kwargs, callback)
+    out = guided_images(model, ae, diffusion, text, uncond, seeds, size, cfg_scale, steps, sampler, eta, kwargs, callback,
+                        cfg_rescale)
     return out if inpaint is None else paste_known(out.clamp(-1, 1), images, masks)
 
 
