@@ -6,10 +6,12 @@ the pretrained model. Steps, each through the project's own scripts:
   1. data/curate.py: the aesthetic head from the simulated ratings; the automatic stages; simulated
      generalists, specialists and caption writers -> runs/exp-curation/funnel/curated
   2. the same number of haystack images drawn at random, with the same kind of accurate captions
-  3. qtune.py on each set, the same recipe and seed
+  3. qtune.py on each set, the same recipe and seed: each stops early on its own check images and keeps
+     its best check's model (best.pt); --no-early-stopping tunes both for the full iterations and keeps the last
   4. eval_pairs.py: funnel-tuned vs random-tuned, and each against the pretrained model
 
     python experiments/curation.py        # about 10 minutes on 2 CPU cores
+    python experiments/curation.py --no-early-stopping --out runs/exp-curation-full
 Writes runs/exp-curation/results.md.
 """
 import argparse
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", default="runs/pretrain/ckpt.pt", help="the pretrained model")
     p.add_argument("--out", default="runs/exp-curation", help="everything goes here")
     p.add_argument("--seed", type=int, default=0, help="seed of the random subset, the funnel and quality-tuning")
+    p.add_argument("--no-early-stopping", action="store_true",
+                   help="tune both sets for qtune.py's full iterations and keep the last model (by default each "
+                        "stops early on its own check images, and the random set's may keep the pretrained weights)")
     return p.parse_args(argv)
 
 
@@ -76,10 +81,12 @@ def main(args):
     holdout = str(max(4, n // 8))
     for name, data in (("funnel", curated), ("random", subset)):
         run("qtune.py", "--pretrained", args.pretrained, "--data", data, "--curate-top", "0", "--caption-field", "",
-            "--holdout", holdout, "--out", os.path.join(args.out, f"qtune-{name}"), "--seed", str(args.seed))
+            "--holdout", holdout, "--out", os.path.join(args.out, f"qtune-{name}"), "--seed", str(args.seed),
+            *(["--patience", "1000000000"] if args.no_early_stopping else []))
     results = {}
     for a, b in (("funnel", "random"), ("funnel", "pretrained"), ("random", "pretrained")):
-        ckpt = {"funnel": f"{args.out}/qtune-funnel/best.pt", "random": f"{args.out}/qtune-random/best.pt",
+        kept = "ckpt.pt" if args.no_early_stopping else "best.pt"  # the last iteration's model, or the best check's
+        ckpt = {"funnel": f"{args.out}/qtune-funnel/{kept}", "random": f"{args.out}/qtune-random/{kept}",
                 "pretrained": args.pretrained}
         run("eval_pairs.py", "--a", ckpt[a], "--b", ckpt[b], "--name-a", f"tuned on {a}", "--name-b",
             b if b == "pretrained" else f"tuned on {b}", "--out", f"{args.out}/eval-{a}-vs-{b}")
