@@ -157,13 +157,16 @@ class TextToImage:
         rescale's phi (emu.diffusion.classifier_free_guidance), None for the model's own (self.cfg_rescale)."""
         if (image_embeds is not None or inpaint is not None) and self.arch.name != "kandinsky":
             raise EmuError(f"image embeddings and inpainting are for Kandinsky's decoder, not --arch {self.arch.name}")
+        rescale = self.cfg_rescale if cfg_rescale is None else cfg_rescale
+        if not 0.0 <= rescale <= 1.0:
+            raise EmuError(f"guidance rescale {rescale}: must be in [0, 1] (0 is plain guidance)")
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds, rows = prompts[i:i + batch_size], seeds[i:i + batch_size], slice(i, i + batch_size)
             given = {} if image_embeds is None else {"image_embeds": image_embeds[rows]}
             text = self.text_encoder.encode(list(chunk), **given).to(self.device)
             uncond = self.text_encoder.encode([""] * len(chunk)).to(self.device)
-            extra = {"cfg_rescale": self.cfg_rescale if cfg_rescale is None else cfg_rescale}
+            extra = {"cfg_rescale": rescale}
             if inpaint is not None:
                 extra["inpaint"] = (inpaint[0][rows], inpaint[1][rows])
             if callback is not None:

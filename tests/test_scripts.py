@@ -521,6 +521,8 @@ def test_latent_models_sample_with_guidance_rescale_unless_told_otherwise(world)
     default, plain = draw(), draw(cfg_rescale=0.0)
     assert torch.equal(default, draw(cfg_rescale=GUIDANCE_RESCALE))
     assert not torch.equal(default, plain)  # (slightly: the 6-step model barely reads its caption)
+    with pytest.raises(EmuError, match=r"guidance rescale 1.5: must be in \[0, 1\] \(0 is plain guidance\)"):
+        draw(cfg_rescale=1.5)
     for name, why in (("pixel", "dynamically"), ("muse", "logits")):
         assert get_arch(name).cfg_rescale == 0.0
         with pytest.raises(EmuError, match=f"guidance rescale 0.7: this architecture has none: .*{why}"):
