@@ -83,11 +83,11 @@ def main(args):
         run("qtune.py", "--pretrained", args.pretrained, "--data", data, "--curate-top", "0", "--caption-field", "",
             "--holdout", holdout, "--out", os.path.join(args.out, f"qtune-{name}"), "--seed", str(args.seed),
             *(["--patience", "1000000000"] if args.no_early_stopping else []))
+    kept = "ckpt.pt" if args.no_early_stopping else "best.pt"  # the last iteration's model, or the best check's
+    ckpt = {"funnel": f"{args.out}/qtune-funnel/{kept}", "random": f"{args.out}/qtune-random/{kept}",
+            "pretrained": args.pretrained}
     results = {}
     for a, b in (("funnel", "random"), ("funnel", "pretrained"), ("random", "pretrained")):
-        kept = "ckpt.pt" if args.no_early_stopping else "best.pt"  # the last iteration's model, or the best check's
-        ckpt = {"funnel": f"{args.out}/qtune-funnel/{kept}", "random": f"{args.out}/qtune-random/{kept}",
-                "pretrained": args.pretrained}
         run("eval_pairs.py", "--a", ckpt[a], "--b", ckpt[b], "--name-a", f"tuned on {a}", "--name-b",
             b if b == "pretrained" else f"tuned on {b}", "--out", f"{args.out}/eval-{a}-vs-{b}")
         results[(a, b)] = json.load(open(f"{args.out}/eval-{a}-vs-{b}/results.json"))["judge"]["summary"]["all"]
