@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout-data", default=None,
                    help="a folder of image + caption pairs to check early stopping on instead: every image of --data is "
                         "then trained on and --holdout is not used (experiments comparing training sets keep one check set)")
-    p.add_argument("--iters", type=int, default=150, help="hard cap on fine-tuning iterations (paper: at most 15K)")
+    p.add_argument("--iters", type=int, default=200, help="hard cap on fine-tuning iterations (paper: at most 15K)")
     p.add_argument("--noise-offset", type=float, default=0.1,
                    help="noise offset while quality-tuning; the paper's text drops the number, its published value is 0.1")
     p.add_argument("--eval-every", type=int, default=25, help="held-out check every N iterations")
@@ -82,7 +82,9 @@ def parse_args(argv=None):
                         "the prompt accuracy of its samples of the held-out captions (emu/evaluation/accuracy.py)")
     add_training_flags(p)
     # paper: batch size 64. It gives no learning rate; in 150 iterations on the toy world, appeal wins
-    # over the pretrained model were 67% at 1e-4, 78% at 2e-4 and 81% at 4e-4.
+    # over the pretrained model were 67% at 1e-4, 78% at 2e-4 and 81% at 4e-4. The toy cap of 200: on
+    # toy.sh's pretrained model the held-out loss still fell at 150 and was lowest at 200 (of 300);
+    # appeal wins over 4 seeds 76.5% against 73.5% at 150.
     p.set_defaults(bs=64, lr=4e-4, warmup=20, ema_decay=0.98)
     return p.parse_args(argv)
 

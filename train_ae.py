@@ -32,7 +32,7 @@ from emu.datasets.folders import EpochBatches, ImageCaptionFolder, SkipLog, coll
 from emu.evaluation.metrics import psnr, ssim
 from emu.models.vq import VQ_PRESETS, VQTokenizer, codebook_usage, vq_training_losses
 from emu.models.perceptual import PerceptualLoss
-from emu.training.loop import resume_path
+from emu.training.loop import learning_rate_factor, resume_path
 
 
 OUT_DIRS = {"ldm": "runs/ae", "muse": "runs/vq", "kandinsky": "runs/movq"}  # where --arch's first stage goes by default
@@ -100,12 +100,8 @@ def build_parser():
 
 def learning_rate(step, args):
     """Linear warm-up to --lr over --warmup steps, constant, and with --cooldown a linear decay to 0 over
-    the last --cooldown steps ("warm-up, stable, decay": a run to more steps can be continued from a
-    checkpoint of the stable part)."""
-    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-    if args.cooldown:  # main() has replaced the default None by its value
-        lr *= min(1.0, (args.steps - step) / args.cooldown)
-    return lr
+    the last --cooldown steps (main() has replaced the default None by its value)."""
+    return args.lr * learning_rate_factor(step, args.warmup, args.steps, args.cooldown)
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=777, help="world seed of the images (not the training world's)")
     p.add_argument("--steps-per", type=int, default=40, help="one DDIM step per this many diffusion steps")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-rescale", type=float, default=None, metavar="PHI",
+                   help="guidance rescale in [0, 1], 0 = plain guidance (default: the model's own, as sample.py)")
     return p.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def swapped(scene, attribute):
 
 
 @torch.no_grad()
-def redraw(model, latents, captions, t0, steps_per, cfg, seed=0):
+def redraw(model, latents, captions, t0, steps_per, cfg, rescale, seed=0):
     """SDEdit: noise the clean `latents` (model.ae.encode of the images) to step t0 (the same noise for every
     call with the same seed), run DDIM down to the clean image with `captions`, and decode. t0 = -1 returns
     the images through the autoencoder alone."""
@@ -57,7 +59,7 @@ def redraw(model, latents, captions, t0, steps_per, cfg, seed=0):
         diffusion, n = model.objective, len(latents)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         text, uncond = model.text_encoder.encode(captions), model.text_encoder.encode([""] * n)
-        guided = lambda x_t, t: classifier_free_guidance(model.model, x_t, t, text, uncond, cfg)
+        guided = lambda x_t, t: classifier_free_guidance(model.model, x_t, t, text, uncond, cfg, rescale=rescale)
         x = diffusion.sample(guided, diffusion.q_sample(x, torch.full((n,), t0), noise), steps=max(2, t0 // steps_per + 1),
                              start=t0)
     return model.ae.decode(x).clamp(-1, 1)
@@ -78,19 +80,22 @@ def main(args):
         raise SystemExit(f"error: --t {args.t}: each step must lie in -1 .. {model.objective.num_timesteps - 1}")
     if model.arch.name != "ldm":
         raise SystemExit(f"error: {args.ckpt} is an --arch {model.arch.name} model; this measure is for --arch ldm")
+    rescale = model.cfg_rescale if args.cfg_rescale is None else args.cfg_rescale
+    if not 0.0 <= rescale <= 1.0:
+        raise SystemExit(f"error: --cfg-rescale {rescale}: must lie in 0 .. 1")
     classifier = load_classifier(args.classifier)
     examples = [toyworld.make_example(i, args.seed, model.image_size, photogenic=True) for i in range(args.n)]
     with torch.no_grad():
         latents = model.ae.encode(from_uint8([image for image, _, _ in examples]))  # once: every redraw starts here
     scenes = [toyworld.scene_from_attributes(meta["attributes"]) for _, _, meta in examples]
     own_captions = [toyworld.caption(s) for s in scenes]
-    print(f"{args.ckpt}: {args.n} photogenic toy images (world seed {args.seed}), guidance {args.cfg}")
+    print(f"{args.ckpt}: {args.n} photogenic toy images (world seed {args.seed}), guidance {args.cfg}, rescaled {rescale}")
     print("| attribute | t | own caption: own | swapped caption: own | swapped caption: asked |\n|---|---|---|---|---|")
     for attribute in attributes:
         asked = [swapped(s, attribute) for s in scenes]
         for t0 in steps:
-            own = redraw(model, latents, own_captions, t0, args.steps_per, args.cfg)
-            other = redraw(model, latents, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg)
+            own = redraw(model, latents, own_captions, t0, args.steps_per, args.cfg, rescale)
+            other = redraw(model, latents, [toyworld.caption(s) for s in asked], t0, args.steps_per, args.cfg, rescale)
             rates = [shows(classifier, own, scenes, attribute).mean(), shows(classifier, other, scenes, attribute).mean(),
                      shows(classifier, other, asked, attribute).mean()]
             print(f"| {attribute} | {t0} | " + " | ".join(f"{100 * r:.0f}%" for r in rates) + " |")

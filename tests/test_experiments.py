@@ -457,22 +457,27 @@ def test_word_swap_asks_for_one_other_value_and_redraws_with_the_caption_it_is_g
         latents = model.ae.encode(images)
     red, blue = ["a red circle in the center on a white background"] * 2, ["a blue square on the left on a black background"] * 2
     # no noise: the autoencoder alone, whatever the caption
-    assert torch.equal(word_swap.redraw(model, latents, red, -1, 40, 5.0), model.ae.decode(model.ae.encode(images)).clamp(-1, 1))
-    assert torch.equal(word_swap.redraw(model, latents, red, -1, 40, 5.0), word_swap.redraw(model, latents, blue, -1, 40, 5.0))
+    assert torch.equal(word_swap.redraw(model, latents, red, -1, 40, 5.0, 0.7), model.ae.decode(model.ae.encode(images)).clamp(-1, 1))
+    assert torch.equal(word_swap.redraw(model, latents, red, -1, 40, 5.0, 0.7), word_swap.redraw(model, latents, blue, -1, 40, 5.0, 0.7))
     # from step 300: the same noise each time, and the caption reaches the model
-    once, again = (word_swap.redraw(model, latents, red, 300, 100, 5.0) for _ in range(2))
-    assert torch.equal(once, again) and not torch.equal(once, word_swap.redraw(model, latents, blue, 300, 100, 5.0))
+    once, again = (word_swap.redraw(model, latents, red, 300, 100, 5.0, 0.7) for _ in range(2))
+    assert torch.equal(once, again) and not torch.equal(once, word_swap.redraw(model, latents, blue, 300, 100, 5.0, 0.7))
+    # the guidance rescale reaches the sampler: plain guidance redraws differently
+    assert not torch.equal(once, word_swap.redraw(model, latents, red, 300, 100, 5.0, 0.0))
 
 
 def test_word_swap_prints_a_row_per_attribute_and_step(toy_world, capsys):
     w, _ = toy_world
     word_swap.main(word_swap.parse_args(["--ckpt", f"{w}/pre/ckpt.pt", "--classifier", f"{w}/judge.pt", "--n", "3",
                                          "--attributes", "shape,count", "--t=-1,100", "--steps-per", "50"]))
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shape") or line.startswith("| count")]
+    out = capsys.readouterr().out
+    assert "guidance 5.0, rescaled 0.7" in out  # the toy model's own rescale by default
+    rows = [line for line in out.splitlines() if line.startswith("| shape") or line.startswith("| count")]
     assert [row.split(" | ")[:2] for row in rows] == [["| shape", "-1"], ["| shape", "100"], ["| count", "-1"], ["| count", "100"]]
     own, swapped_own = rows[0].split(" | ")[2:4]
     assert own == swapped_own  # no noise: the caption cannot change the image
     for flags, problem in [(["--attributes", "shape,size"], "error: --attributes size: choose from shape,color,count,position,background"),
-                           (["--t", "1000"], "error: --t 1000: each step must lie in -1 .. 999")]:
+                           (["--t", "1000"], "error: --t 1000: each step must lie in -1 .. 999"),
+                           (["--cfg-rescale", "1.5"], "error: --cfg-rescale 1.5: must lie in 0 .. 1")]:
         with pytest.raises(SystemExit, match=problem):
             word_swap.main(word_swap.parse_args(["--ckpt", f"{w}/pre/ckpt.pt", "--classifier", f"{w}/judge.pt", *flags]))

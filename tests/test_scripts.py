@@ -132,11 +132,36 @@ def test_pretrain_on_tar_shards_resumes_where_the_streams_stopped(world, tmp_pat
 def resume_from_copy(checkpoint, out):
     """A run folder `out` holding only a copy of another run's rolling checkpoint (a file, or FSDP's
     directory): what a run stopped right after writing it leaves, for `--resume auto` to continue.
-    A run's checkpoint at step s does not depend on how many steps it was asked for (a constant rate
-    after warmup, the same data order), so continuing it must give the unbroken run's later steps."""
+    Asked for the same steps (the same learning-rate schedule, the same data order), continuing it must
+    give the unbroken run's later steps."""
     os.makedirs(out)
     target = os.path.join(out, os.path.basename(checkpoint))
     (shutil.copytree if os.path.isdir(checkpoint) else shutil.copy)(checkpoint, target)
+
+
+def test_pretrain_cools_the_learning_rate_down_and_resumes_inside_the_cooldown(world, tmp_path):
+    """--cooldown 4 of 6 steps: the rate falls linearly to 0 at the end, and a run stopped inside the
+    cooldown (at step 3) continues to the unbroken run's weights. By default an eighth of the steps cool down."""
+    w, frozen = world
+    common = ["--data", f"{w}/haystack", "--bs", "8", "--save-every", "3", "--sample-every", "0", "--warmup", "1",
+              "--steps", "6", *frozen]
+    run("pretrain.py", *common, "--out", f"{tmp_path}/straight", "--cooldown", "4")
+    resume_from_copy(f"{tmp_path}/straight/ckpt-000000003.pt", f"{tmp_path}/split")  # as if stopped at step 3
+    run("pretrain.py", *common, "--out", f"{tmp_path}/split", "--cooldown", "4", "--resume", "auto")
+    a, b = (read_training_checkpoint(f"{tmp_path}/{r}/ckpt-000000006.pt") for r in ("straight", "split"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000003.pt")
+    assert halfway["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 4)  # step 3 of 6, 3 steps left of 4
+    assert a["opt"]["param_groups"][0]["lr"] == 0.0 and a["args"]["cooldown"] == 4
+    # the default: a quarter of the steps, recorded in the checkpoint; a cooldown longer than the run is refused
+    run("pretrain.py", *common, "--out", f"{tmp_path}/default", "--steps", "16", "--save-every", "16")
+    default = read_training_checkpoint(f"{tmp_path}/default/ckpt-000000016.pt")
+    assert default["args"]["cooldown"] == 2 and default["args"]["ema_decay"] == 0.98
+    assert default["opt"]["param_groups"][0]["lr"] == 0.0
+    proc = script("pretrain.py", *common, "--out", f"{tmp_path}/bad", "--cooldown", "7")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --cooldown 7: must lie in 0 .. 6, the steps of the whole run")
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

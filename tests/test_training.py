@@ -115,6 +115,25 @@ def test_batches_keep_their_skipped_list_through_pickling():
     assert again.skipped == [Skipped("x.png", "empty file")] and again[1] == ["a", "b"]
 
 
+def test_learning_rate_warms_up_holds_and_cools_down_to_zero():
+    """Warm-up, stable, decay: the schedule pretrain.py runs (and train_ae.py's learning rate)."""
+    from emu.training.loop import learning_rate_factor, warmup_schedule
+    factors = [learning_rate_factor(step, 10, 100, 40) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0
+    assert factors[10:61] == [1.0] * 51  # stable until 40 steps are left
+    assert factors[80] == pytest.approx(0.5) and factors[99] == pytest.approx(1 / 40) and factors[100] == 0.0
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert learning_rate_factor(99, 10, 100, 0) == 1.0 and learning_rate_factor(5, 10) == pytest.approx(0.6)
+    # the scheduler sets the optimiser's rate to the peak times the factor at every step
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = warmup_schedule(opt, 10, 100, 40)
+    for step in range(100):
+        assert opt.param_groups[0]["lr"] == pytest.approx(2e-3 * factors[step])
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
 def test_a_nan_loss_skips_the_update_and_is_counted():
     """A NaN injected into the loss: the weights and the optimiser state stay as they were, the step is
     reported as skipped and counted; a finite loss then trains again and resets the run of bad steps."""

@@ -42,9 +42,21 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
 
-def warmup_schedule(optimizer, warmup_steps):
-    """Linear warm-up from 0 to the base learning rate over `warmup_steps`, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+def learning_rate_factor(step, warmup_steps, total_steps=0, cooldown_steps=0):
+    """The learning rate at `step` as a share of the peak: a linear warm-up over `warmup_steps`, then
+    constant, and with `cooldown_steps` a linear decay to 0 over the last that many of `total_steps`
+    ("warm-up, stable, decay": a longer run can be continued from a checkpoint of the stable part)."""
+    factor = min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown_steps:
+        factor *= max(0.0, min(1.0, (total_steps - step) / cooldown_steps))
+    return factor
+
+
+def warmup_schedule(optimizer, warmup_steps, total_steps=0, cooldown_steps=0):
+    """Linear warm-up from 0 to the base learning rate over `warmup_steps`, then constant, and with
+    `cooldown_steps` down to 0 at `total_steps` (learning_rate_factor)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, warmup_steps, total_steps, cooldown_steps))
 
 
 def train_step(model, objective, latents, text, empty, opt, sched, gen, args, noise_offset=None):
