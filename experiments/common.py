@@ -120,7 +120,7 @@ def add_flags(p, out):
     p.add_argument("--haystack", default="runs/toy/haystack", help="the pretraining haystack: held-out prompts avoid its scenes")
     p.add_argument("--heldout", type=int, default=11, help="curated images held out to check early stopping")
     p.add_argument("--prompts", type=int, default=100, help="held-out prompts to evaluate on")
-    p.add_argument("--iters", type=int, default=150, help="quality-tuning iteration cap (qtune.py's toy default)")
+    p.add_argument("--iters", type=int, default=200, help="quality-tuning iteration cap (qtune.py's toy default)")
     p.add_argument("--bs", type=int, default=64, help="quality-tuning batch size (the paper's 64)")
     p.add_argument("--eval-every", type=int, default=25, help="quality-tuning: held-out check every N iterations")
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the pairwise evaluation")

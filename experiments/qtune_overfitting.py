@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, "runs/exp-qtune-overfitting")
     p.add_argument("--milestones", default="150,300,600,1200",
-                   help="iterations at which the model is kept and evaluated (the toy cap is 150)")
+                   help="iterations at which the model is kept and evaluated (qtune.py's toy cap is 200)")
     p.add_argument("--patience", type=int, default=4, help="the early-stopping rule to report: checks without improvement")
     p.add_argument("--train-size", type=int, default=None,
                    help="tune on only this many of the curated training images (default: all; few overfit sooner)")
