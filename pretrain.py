@@ -38,6 +38,7 @@ from emu.pipeline import load_frozen_parts, sample_grid
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.plot import plot_metrics
+from emu.variants.kandinsky import INPAINT_WHOLE
 from emu.training.loop import (add_training_flags, check_data_path, count_bad_step, make_optimizer, open_training_data,
                                parse_stages, rank_entry, resume_path, resume_training_state, stage_at,
                                too_many_bad_steps, train_step, training_batches, training_extra, update_ema,
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--xlmr", default=None,
                    help="--arch kandinsky: Kandinsky 2.1's multilingual tower (XLM-R with M-CLIP's head; the toy one is "
                         "runs/towers/xlmr), read by the decoder in place of the CLIP and T5 tokens; the prior still reads CLIP")
+    p.add_argument("--whole-masks", type=float, default=INPAINT_WHOLE,
+                   help="an inpainting preset (-inpaint): the share of its training masks that are the whole image, "
+                        "where it draws from the text alone; the rest are holes and borders (default: one in eight)")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
     p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse; "
                                                    "kandinsky: kandinsky, and toy-inpaint, kandinsky-inpaint)")
@@ -118,6 +122,8 @@ def main(args):
     args.cooldown = args.steps // 8 if args.cooldown is None else args.cooldown
     if not 0 <= args.cooldown <= args.steps:
         raise EmuError(f"--cooldown {args.cooldown}: must lie in 0 .. {args.steps}, the steps of the whole run")
+    if not 0.0 <= args.whole_masks <= 1.0:
+        raise EmuError(f"--whole-masks {args.whole_masks}: a share, must lie in 0 .. 1")
 
     check_data_path(args.data)  # opened stage by stage below; a wrong path fails now
     arch = resolve_arch_flags(args)  # the defaults of --ae, --schedule, --prediction that depend on --arch

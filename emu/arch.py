@@ -35,7 +35,8 @@ from emu.checkpoint import config_from_dict, config_to_dict
 from emu.datasets.buckets import make_buckets
 from emu.diffusion import GUIDANCE_RESCALE, GaussianDiffusion, guided_images
 from emu.models.unet import PRESETS, UNet, UNetConfig
-from emu.variants.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
+from emu.variants.kandinsky import (INPAINT, INPAINT_WHOLE, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config,
+                                    decoder_generate)
 from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig,
                                muse_generate)
 from emu.variants.pixel import (BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config,
@@ -156,7 +157,10 @@ class KandinskyDecoder(LatentDiffusion):
 
     def objective(self, model, args):
         diffusion = diffusion_from_args(args)
-        return InpaintingDiffusion(diffusion) if model.cfg.cond_channels else diffusion
+        if not model.cfg.cond_channels:
+            return diffusion
+        values = args if isinstance(args, dict) else vars(args)
+        return InpaintingDiffusion(diffusion, values.get("whole_masks", INPAINT_WHOLE))  # runs from before the flag: 1/8
 
     def diffusion_defaults(self, preset):
         """Kandinsky 2.2's decoder predicts the noise on a schedule linear in beta from 0.00085 to

@@ -16,6 +16,19 @@ def test_training_masks_are_binary_seeded_and_varied():
     assert (fractions > 0).all()  # every image has something to paint
 
 
+def test_the_share_of_whole_image_masks_is_set_by_whole():
+    """One in eight by default; 1 gives only whole images, 0 none; the rest keep borders to holes at 1 : 6."""
+    draw = lambda **k: hole_fraction(random_masks(4000, 16, 16, torch.Generator().manual_seed(1), **k))
+    default = draw()
+    assert torch.equal(default, draw(whole=1 / 8))
+    assert abs((default == 1).float().mean().item() - 1 / 8) < 0.02
+    assert (draw(whole=1.0) == 1).all()
+    none = draw(whole=0.0)
+    assert (none < 1).all()  # no hole, stroke or border covers everything
+    half = draw(whole=0.5)
+    assert abs((half == 1).float().mean().item() - 0.5) < 0.03
+
+
 def test_a_stroke_is_the_pixels_near_its_segment():
     ys, xs = torch.meshgrid(torch.arange(9.0), torch.arange(9.0), indexing="ij")
     d = segment_distance(ys, xs, 4, 1, 4, 7)  # a horizontal segment on row 4, columns 1 to 7

@@ -197,6 +197,9 @@ def test_inpainting_trains_on_random_masks_with_the_hole_blanked_in_its_input():
     a = objective.check_loss(model, latents, None)
     cond_a = seen["cond"]
     assert objective.check_loss(model, latents, None) == a and torch.equal(seen["cond"], cond_a)  # fixed draws
+    # --whole-masks: every mask the whole image, so the model reads nothing of the latents
+    whole = InpaintingDiffusion(GaussianDiffusion("linear", 1000, "eps"), whole=1.0)
+    assert (whole.training_noise(latents, 0.0, torch.Generator().manual_seed(0))["mask"] == 1).all()
 
 
 def test_inpainting_keeps_the_known_region_and_outpainting_extends_the_canvas():

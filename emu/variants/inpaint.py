@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 
-def random_masks(batch, height, width, generator=None, device="cpu"):
+def random_masks(batch, height, width, generator=None, device="cpu", whole=1 / 8):
     """Training masks: for each image a random mix of rectangles and thick brush strokes, or
-    (one time in eight) the whole image, so the model also learns to draw from nothing, or (one in
-    eight) a border to outpaint. The proportions are ours; the paper gives none.
+    (a `whole` share of the time, one in eight by default) the whole image, so the model also learns to
+    draw from nothing, or a border to outpaint (one in seven of the rest: one in eight by default). The
+    proportions are ours; the paper gives none.
 
     :return: (B, 1, H, W) float, 1 in the hole.
     """
@@ -26,9 +27,9 @@ def random_masks(batch, height, width, generator=None, device="cpu"):
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
     for i in range(batch):
         kind = rand(1).item()
-        if kind < 1 / 8:  # everything: plain text to image
+        if kind < whole:  # everything: plain text to image
             masks[i] = 1
-        elif kind < 2 / 8:  # a border: outpainting
+        elif kind < whole + (1 - whole) / 7:  # a border: outpainting
             masks[i] = 1 - border_free(height, width, *(0.1 + 0.3 * rand(4)).tolist(), device=device)
         else:
             for _ in range(1 + int(3 * rand(1).item())):
