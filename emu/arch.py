@@ -159,8 +159,8 @@ class KandinskyDecoder(LatentDiffusion):
         diffusion = diffusion_from_args(args)
         if not model.cfg.cond_channels:
             return diffusion
-        values = args if isinstance(args, dict) else vars(args)
-        return InpaintingDiffusion(diffusion, values.get("whole_masks", INPAINT_WHOLE))  # runs from before the flag: 1/8
+        # runs from before --whole-masks drew one whole-image mask in eight
+        return InpaintingDiffusion(diffusion, flag_values(args).get("whole_masks", INPAINT_WHOLE))
 
     def diffusion_defaults(self, preset):
         """Kandinsky 2.2's decoder predicts the noise on a schedule linear in beta from 0.00085 to
@@ -249,8 +249,13 @@ def resolve_arch_flags(args):
     return arch
 
 
+def flag_values(args):
+    """A script's flags (an argparse Namespace) or a checkpoint's saved args dict, as a dict."""
+    return args if isinstance(args, dict) else vars(args)
+
+
 def diffusion_from_args(args):
     """The GaussianDiffusion described by a script's flags (or a checkpoint's saved args dict)."""
-    values = args if isinstance(args, dict) else vars(args)
+    values = flag_values(args)
     return GaussianDiffusion(values["schedule"], values["timesteps"], values["prediction"],
                              values.get("min_snr_gamma") or 0.0)  # runs from before the weighting: unweighted

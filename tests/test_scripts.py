@@ -154,7 +154,7 @@ def test_pretrain_cools_the_learning_rate_down_and_resumes_inside_the_cooldown(w
     halfway = read_training_checkpoint(f"{tmp_path}/straight/ckpt-000000003.pt")
     assert halfway["opt"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 3 / 4)  # step 3 of 6, 3 steps left of 4
     assert a["opt"]["param_groups"][0]["lr"] == 0.0 and a["args"]["cooldown"] == 4
-    # the default: a quarter of the steps, recorded in the checkpoint; a cooldown longer than the run is refused
+    # the default: an eighth of the steps, recorded in the checkpoint; a cooldown longer than the run is refused
     run("pretrain.py", *common, "--out", f"{tmp_path}/default", "--steps", "16", "--save-every", "16")
     default = read_training_checkpoint(f"{tmp_path}/default/ckpt-000000016.pt")
     assert default["args"]["cooldown"] == 2 and default["args"]["ema_decay"] == 0.98
