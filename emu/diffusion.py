@@ -156,11 +156,16 @@ class GaussianDiffusion:
             x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
         elif self.prediction == "x0":
             x0 = model_out
-            eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            eps = self.eps_from_x0(x0, x_t, t)
         else:
             x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * model_out
             eps = (1 - ab).sqrt() * x_t + ab.sqrt() * model_out
         return x0, eps
+
+    def eps_from_x0(self, x0, x_t, t):
+        """The noise that x_t holds besides the clean estimate x0: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps."""
+        ab = self._ab(t, x_t)
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def ddpm_step(self, x0, x_t, t, s, generator=None):
         """One ancestral step x_t -> x_s (s < t) sampling the posterior q(x_s | x_t, x0).
@@ -219,10 +224,16 @@ class GaussianDiffusion:
             t = t_now.expand(x.shape[0])
             s = t_next.expand(x.shape[0])
             x0, eps = self.predict_x0_eps(model_fn(x, t), x, t)
-            if clip_x0 is not None:
-                x0 = x0.clamp(-clip_x0, clip_x0)
-            if threshold_percentile is not None:
-                x0 = dynamic_threshold(x0, threshold_percentile)
+            if clip_x0 is not None or threshold_percentile is not None:
+                if clip_x0 is not None:
+                    x0 = x0.clamp(-clip_x0, clip_x0)
+                if threshold_percentile is not None:
+                    x0 = dynamic_threshold(x0, threshold_percentile)
+                # The step must head for the x0 it keeps: the noise is re-read from x_t and that x0, as the
+                # DDPM posterior (which takes x0 and x_t alone, as Imagen samples) does implicitly. A DDIM step
+                # that kept the model's own eps would pair a pulled-back x0 with the noise of the overshooting
+                # one: the pixel cascade's guided samples then lost their prompts (README, three architectures).
+                eps = self.eps_from_x0(x0, x, t)
             if sampler == "ddpm":
                 x = self.ddpm_step(x0, x, t, s, generator)
             else:

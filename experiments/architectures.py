@@ -17,7 +17,7 @@ the project's own scripts, for each of --arch ldm, pixel and muse:
 then the win / tie / lose rates of each architecture, pooled over the seeds, with 95% bootstrap
 intervals over prompts.
 
-    python experiments/architectures.py    # after `bash toy.sh`; 86 minutes on 2 CPU cores shared with other work
+    python experiments/architectures.py    # after `bash toy.sh`; 65 minutes on 2 CPU cores
 Writes OUT/results.md and OUT/win_rates.png.
 """
 import argparse
@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=1600, help="pretraining steps of the pixel and Muse-like models "
                                                                     "(pretrain.py's toy default, as the latent model had)")
     p.add_argument("--vq-steps", type=int, default=600, help="VQ tokenizer training steps (the README's run)")
+    p.add_argument("--pretrained-from", default=None, metavar="DIR",
+                   help="an earlier run's --out: its pixel and Muse-like models (DIR/ARCH/pretrain/ckpt.pt) are tuned "
+                        "instead of pretraining them again, e.g. after a change to sampling or quality-tuning alone")
     p.add_argument("--pretrain-flags", default="", help="extra flags for pretrain.py (tests: a tiny world)")
     p.add_argument("--vq-flags", default="", help="extra flags for train_ae.py --arch muse (tests: a tiny world)")
     return p.parse_args(argv)
@@ -51,9 +54,15 @@ def parse_args(argv=None):
 
 def pretrain(args, arch, out):
     """The pretrained checkpoint of `arch`: the latent model is given (--pretrained); the others are
-    trained here on the toy haystack, the Muse-like model on a VQ tokenizer trained first."""
+    trained here on the toy haystack, the Muse-like model on a VQ tokenizer trained first, or taken
+    from an earlier run (--pretrained-from)."""
     if arch == "ldm":
         return args.pretrained
+    if args.pretrained_from:
+        path = os.path.join(args.pretrained_from, arch, "pretrain", "ckpt.pt")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path}: no pretrained --arch {arch} model there (--pretrained-from)")
+        return path
     frozen = ["--clip", os.path.join(args.towers, "clip"), "--t5", os.path.join(args.towers, "t5")]
     if arch == "muse":
         run("train_ae.py", "--arch", "muse", "--data", args.haystack, "--out", os.path.join(out, "vq"),

@@ -216,6 +216,20 @@ def test_sampler_thresholds_dynamically_only_when_estimates_leave_the_range(samp
     assert thresholded.abs().max() <= 1 + 1e-4
 
 
+@pytest.mark.parametrize("limit", [{"threshold_percentile": 0.995}, {"clip_x0": 1.0}])
+def test_ddim_heads_for_the_clipped_estimate_as_ddpm_does(limit):
+    """DDIM with eta 1 is the DDPM posterior given x0 and x_t; with the x0 estimate pulled back into
+    [-1, 1] it must stay so, or its step pairs the kept x0 with the noise of the overshooting one."""
+    d = GaussianDiffusion("cosine", 1000, "v")
+    overshooting = lambda x, t: 3.0 * x + 0.5  # a model whose x0 estimates leave [-1, 1] at every step
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = lambda sampler, eta: d.sample(overshooting, noise, steps=10, sampler=sampler, eta=eta,
+                                        generator=torch.Generator().manual_seed(1), **limit)
+    ddpm, ddim = run("ddpm", 0.0), run("ddim", 1.0)
+    assert torch.allclose(ddim, ddpm, atol=1e-4)
+    assert not torch.allclose(run("ddim", 0.0), ddpm, atol=1e-2)  # eta 0 is another sampler: the check can tell
+
+
 def test_classifier_free_guidance_passes_model_kwargs_to_both_halves():
     seen = []
 

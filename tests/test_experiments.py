@@ -13,6 +13,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import architectures  # noqa: E402
 import common  # noqa: E402
 import qtune_overfitting  # noqa: E402
 import table1_autoencoder  # noqa: E402
@@ -349,6 +350,14 @@ def test_architectures_tunes_and_judges_each_architecture_on_the_same_splits(tun
         s = summarize_outcomes(common.judge_outcomes(out / arch / "seed-0/eval")["visual appeal"][:, None], n_boot=50)
         assert f"| {name} | visual appeal | {s['win']:.1f}% [{s['ci']['win'][0]:.1f}, {s['ci']['win'][1]:.1f}] |" in table
     assert Image.open(out / "win_rates.png").size[0] == 640
+    # a second run takes this run's pixel and Muse-like models instead of pretraining them again
+    again = architectures.parse_args(["--pretrained-from", str(out), "--out", str(tmp_path / "again")])
+    for arch in ("pixel", "muse"):
+        assert architectures.pretrain(again, arch, tmp_path / "again" / arch) == os.path.join(out, arch, "pretrain", "ckpt.pt")
+    assert not (tmp_path / "again").exists()
+    again.pretrained_from = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"nowhere/pixel/pretrain/ckpt.pt: no pretrained --arch pixel model there"):
+        architectures.pretrain(again, "pixel", tmp_path / "again" / "pixel")
 
 
 @pytest.mark.slow
