@@ -38,7 +38,7 @@ from emu.pipeline import load_frozen_parts, sample_grid
 from emu.evaluation.accuracy import accuracy_record
 from emu.evaluation.faithfulness import load_classifier
 from emu.evaluation.plot import plot_metrics
-from emu.variants.kandinsky import INPAINT_WHOLE
+from emu.variants.inpaint import INPAINT_WHOLE
 from emu.training.loop import (add_training_flags, check_data_path, count_bad_step, make_optimizer, open_training_data,
                                parse_stages, rank_entry, resume_path, resume_training_state, stage_at,
                                too_many_bad_steps, train_step, training_batches, training_extra, update_ema,
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         "runs/towers/xlmr), read by the decoder in place of the CLIP and T5 tokens; the prior still reads CLIP")
     p.add_argument("--whole-masks", type=float, default=INPAINT_WHOLE,
                    help="an inpainting preset (-inpaint): the share of its training masks that are the whole image, "
-                        "where it draws from the text alone; the rest are holes and borders (default: one in eight)")
+                        "where it draws from the text alone; the rest are holes and borders (default: a half)")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (without --stages)")
     p.add_argument("--preset", default="toy", help="model size: toy, or the real one (ldm: emu; pixel: imagen; muse: muse; "
                                                    "kandinsky: kandinsky, and toy-inpaint, kandinsky-inpaint)")

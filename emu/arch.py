@@ -35,8 +35,8 @@ from emu.checkpoint import config_from_dict, config_to_dict
 from emu.datasets.buckets import make_buckets
 from emu.diffusion import GUIDANCE_RESCALE, GaussianDiffusion, guided_images
 from emu.models.unet import PRESETS, UNet, UNetConfig
-from emu.variants.kandinsky import (INPAINT, INPAINT_WHOLE, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config,
-                                    decoder_generate)
+from emu.variants.inpaint import INPAINT_WHOLE_BEFORE
+from emu.variants.kandinsky import INPAINT, KANDINSKY_PRESETS, InpaintingDiffusion, decoder_config, decoder_generate
 from emu.variants.muse import (TRANSFORMER_PRESETS, MaskedTokens, MaskedTransformer, MaskedTransformerConfig,
                                muse_generate)
 from emu.variants.pixel import (BASE_PRESETS, CascadeDiffusion, build_cascade, cascade_config_dict, cascade_from_config,
@@ -159,8 +159,7 @@ class KandinskyDecoder(LatentDiffusion):
         diffusion = diffusion_from_args(args)
         if not model.cfg.cond_channels:
             return diffusion
-        # runs from before --whole-masks drew one whole-image mask in eight
-        return InpaintingDiffusion(diffusion, flag_values(args).get("whole_masks", INPAINT_WHOLE))
+        return InpaintingDiffusion(diffusion, flag_values(args).get("whole_masks", INPAINT_WHOLE_BEFORE))
 
     def diffusion_defaults(self, preset):
         """Kandinsky 2.2's decoder predicts the noise on a schedule linear in beta from 0.00085 to

@@ -243,3 +243,14 @@ def test_each_architecture_fills_in_its_own_defaults():
         resolve_arch_flags(args)
         assert (args.ae, args.schedule, args.prediction, args.min_snr_gamma) == expected
         assert args.prior == ("runs/prior/prior.pt" if arch == "kandinsky" else None)
+
+
+def test_an_inpainting_objective_draws_the_share_of_whole_masks_its_run_was_trained_with():
+    """The flag, from a script's arguments or a checkpoint's; a checkpoint from before the flag drew one
+    whole-image mask in eight, which is not today's default of a half."""
+    model = build("kandinsky-inpaint")
+    objective = lambda args: ARCHS["kandinsky"].objective(model, args).whole
+    assert objective(training_args("kandinsky-inpaint", whole_masks=0.3)) == 0.3
+    assert objective(vars(training_args("kandinsky-inpaint", whole_masks=0.3))) == 0.3  # a checkpoint's args
+    assert objective(vars(training_args("kandinsky-inpaint"))) == 1 / 8
+    assert objective(argparse.Namespace(**vars(training_args("kandinsky-inpaint")))) == 1 / 8

@@ -32,7 +32,7 @@ from emu.diffusion import guided_images
 from emu.models.unet import UNetConfig
 from emu.text.clip import clip_preprocess, load_clip_vision
 from emu.text.encoder import MultilingualImageEmbedding, TextImageEmbedding
-from emu.variants.inpaint import inpaint_condition, latent_mask, paste_known, random_masks
+from emu.variants.inpaint import INPAINT_WHOLE, inpaint_condition, latent_mask, paste_known, random_masks
 from emu.variants.prior import load_prior
 
 KANDINSKY_PRESETS = {
@@ -48,10 +48,6 @@ KANDINSKY_PRESETS = {
                             pooled_dim=768, image_embed_dim=768, image_tokens=10),
 }
 INPAINT = "-inpaint"  # preset suffix: the U-Net also reads the masked image's latents and the mask
-# The share of an inpainting decoder's training masks that are the whole image (pretrain.py --whole-masks).
-# With one in eight the toy one places only a fifth of its groups where the text says; trained on
-# whole images alone it places 98% (README, "The demo's editor").
-INPAINT_WHOLE = 1 / 8
 
 
 def decoder_config(preset, latent_channels, text_encoder):
